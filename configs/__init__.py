@@ -1,0 +1,1 @@
+"""Experiment configs: ``get_config(arg)`` files for ``python -m experiments.train``."""

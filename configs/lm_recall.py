@@ -1,0 +1,24 @@
+"""Decoder-only LM on synthetic associative recall (embedded, no download).
+
+    python -m experiments.train --config configs/lm_recall.py --workdir runs/lm_recall
+
+For byte-level LM on any text file:
+    --config.data.name=text --config.data.path=README.md
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.base(
+        model=ml_collections.ConfigDict(dict(name="lm", d_model=128, num_heads=4, num_layers=2,
+                                             d_ff=512, activation="gelu", attention="dense",
+                                             ffn="dense")),
+        data=ml_collections.ConfigDict(dict(name="associative_recall", num_pairs=8,
+                                            num_keys=16, num_values=16, train_size=20000,
+                                            eval_size=1000, seed=0, path="", seq_len=128)))
+    c.num_steps = 3000
+    c.optimizer.learning_rate = 1e-3
+    return common.finalize(c, arg)

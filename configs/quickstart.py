@@ -1,0 +1,20 @@
+"""Quickstart: a 2-layer ReLU MLP on scikit-learn's embedded 8×8 digits, on CPU in seconds.
+
+    python -m experiments.train --config configs/quickstart.py --workdir runs/quickstart
+    python -m experiments.train --config configs/quickstart.py:tiny --workdir /tmp/qs
+
+Overrides: ``--config.num_steps=200 --config.model.hidden='(64,)'``.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.base(
+        model=ml_collections.ConfigDict(dict(name="mlp", hidden=(256, 256), activation="relu")),
+        data=ml_collections.ConfigDict(dict(name="digits", eval_size=360)))
+    c.num_steps = 1500
+    c.eval_every = 250
+    return common.finalize(c, arg)

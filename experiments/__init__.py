@@ -1,0 +1,1 @@
+"""Thin launchers: flags in, library calls out."""

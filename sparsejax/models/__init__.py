@@ -1,0 +1,97 @@
+"""Reference NNX models and ``build_model``, which makes one from a config and the data.
+
+Example::
+
+    info = DataInfo(task='classification', input_shape=(8, 8, 1), num_classes=10)
+    model = build_model(ml_collections.ConfigDict({'name': 'mlp', 'hidden': (64,)}),
+                        info, nnx.Rngs(0))
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from flax import nnx
+
+from sparsejax.models.layers import ACTIVATIONS, ATTENTIONS, FFNS, Activation, Attention, Block, FFN
+from sparsejax.models.lm import DecoderLM
+from sparsejax.models.mlp import MLP
+from sparsejax.models.resnet import ResNet
+from sparsejax.models.vit import ViT
+
+
+class DataInfo(NamedTuple):
+    """What a model needs to know about its data.
+
+    ``task`` is 'classification' (inputs ``[B, *input_shape]``, integer labels) or 'lm'
+    (token inputs ``[B, T]``, next-token targets); ``num_classes`` is the vocabulary
+    size for 'lm'.
+
+    Example::
+
+        DataInfo(task='lm', input_shape=(64,), num_classes=256)
+    """
+
+    task: str
+    input_shape: tuple
+    num_classes: int
+
+
+def _mlp(cfg, info, rngs):
+    in_features = 1
+    for d in info.input_shape:
+        in_features *= d
+    return MLP(in_features, tuple(cfg.get("hidden", (128, 128))), info.num_classes,
+               activation=cfg.get("activation", "relu"), rngs=rngs)
+
+
+def _resnet(cfg, info, rngs):
+    return ResNet(depth=cfg.get("depth", 20), width=cfg.get("width", 1),
+                  num_classes=info.num_classes, in_channels=info.input_shape[-1],
+                  activation=cfg.get("activation", "relu"), rngs=rngs)
+
+
+def _transformer_kwargs(cfg):
+    return dict(d_model=cfg.get("d_model", 64), num_heads=cfg.get("num_heads", 4),
+                num_layers=cfg.get("num_layers", 2), d_ff=cfg.get("d_ff", 256),
+                activation=cfg.get("activation", "gelu"),
+                attention=cfg.get("attention", "dense"), ffn=cfg.get("ffn", "dense"))
+
+
+def _vit(cfg, info, rngs):
+    h, w, c = info.input_shape
+    if h != w:
+        raise ValueError(f"ViT expects square images, got {h}x{w}")
+    return ViT(image_size=h, patch_size=cfg.get("patch_size", 4), in_channels=c,
+               num_classes=info.num_classes, rngs=rngs, **_transformer_kwargs(cfg))
+
+
+def _lm(cfg, info, rngs):
+    return DecoderLM(vocab_size=info.num_classes, max_len=info.input_shape[0], rngs=rngs,
+                     **_transformer_kwargs(cfg))
+
+
+MODELS = {"mlp": _mlp, "resnet": _resnet, "vit": _vit, "lm": _lm}
+_TASKS = {"mlp": "classification", "resnet": "classification", "vit": "classification",
+          "lm": "lm"}
+
+
+def build_model(cfg, info: DataInfo, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the reference model named ``cfg.name`` for data described by ``info``.
+
+    Example::
+
+        build_model(ConfigDict({'name': 'vit', 'patch_size': 2}),
+                    DataInfo('classification', (8, 8, 1), 10), nnx.Rngs(0))
+    """
+    name = cfg.name
+    if name not in MODELS:
+        raise ValueError(f"config.model.name: unknown model {name!r}; known: {sorted(MODELS)}")
+    if _TASKS[name] != info.task:
+        raise ValueError(f"config.model.name={name!r} is a {_TASKS[name]} model, but the "
+                         f"dataset is a {info.task!r} task")
+    return MODELS[name](cfg, info, rngs)
+
+
+__all__ = ["ACTIVATIONS", "ATTENTIONS", "FFNS", "Activation", "Attention", "Block",
+           "DataInfo", "DecoderLM", "FFN", "MLP", "MODELS", "ResNet", "ViT", "build_model"]

@@ -1,0 +1,139 @@
+"""Building blocks shared by the reference models: activation, FFN, attention, block.
+
+The FFN and attention are looked up by name in ``FFNS`` and ``ATTENTIONS``, so a later
+module (Spark FFN, block-sparse attention) registers itself and is selected from config
+without editing the models. The activation is a submodule (``.../mlp/act``) so surgery
+rules can replace it.
+
+Example::
+
+    block = Block(64, 4, 256, activation='gelu', causal=True, rngs=nnx.Rngs(0))
+    y = block(jnp.ones((2, 16, 64)))
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def _check_choice(kind: str, name: str, known) -> None:
+    if name not in known:
+        raise ValueError(f"unknown {kind} {name!r}; known: {sorted(known)}")
+
+
+class Activation(nnx.Module):
+    """A named elementwise activation as a module, so surgery can swap it by path.
+
+    Example::
+
+        act = Activation('relu'); act(jnp.array([-1.0, 2.0]))  # [0., 2.]
+    """
+
+    def __init__(self, name: str = "relu"):
+        _check_choice("activation", name, ACTIVATIONS)
+        self.name = name
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return ACTIVATIONS[self.name](x)
+
+
+class FFN(nnx.Module):
+    """Transformer feed-forward: ``down(act(up(x)))``.
+
+    Example::
+
+        ffn = FFN(32, 128, 'relu', rngs=nnx.Rngs(0)); ffn(jnp.ones((2, 5, 32))).shape
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", *, rngs: nnx.Rngs):
+        self.up = nnx.Linear(d_model, d_ff, rngs=rngs)
+        self.act = Activation(activation)
+        self.down = nnx.Linear(d_ff, d_model, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(self.act(self.up(x)))
+
+
+def dot_product_attention(q, k, v, *, causal: bool) -> jax.Array:
+    """Reference softmax attention on ``[batch, seq, heads, head_dim]`` arrays.
+
+    Example::
+
+        o = dot_product_attention(q, k, v, causal=True)  # same shape as q
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    if causal:
+        t_q, t_k = q.shape[1], k.shape[1]
+        keep = jnp.tril(jnp.ones((t_q, t_k), bool), k=t_k - t_q)
+        logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with separate q/k/v/o projections.
+
+    Example::
+
+        attn = Attention(64, 4, causal=True, rngs=nnx.Rngs(0))
+        attn(jnp.ones((2, 10, 64))).shape  # (2, 10, 64)
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, causal: bool, rngs: nnx.Rngs):
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.causal = causal
+        self.q = nnx.Linear(d_model, d_model, rngs=rngs)
+        self.k = nnx.Linear(d_model, d_model, rngs=rngs)
+        self.v = nnx.Linear(d_model, d_model, rngs=rngs)
+        self.o = nnx.Linear(d_model, d_model, rngs=rngs)
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        out = dot_product_attention(q, k, v, causal=self.causal)
+        return self.o(out.reshape(x.shape))
+
+
+FFNS: dict[str, type] = {"dense": FFN}
+ATTENTIONS: dict[str, type] = {"dense": Attention}
+
+
+class Block(nnx.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``.
+
+    ``attention`` and ``ffn`` name entries of ``ATTENTIONS`` and ``FFNS``.
+
+    Example::
+
+        Block(64, 4, 256, activation='relu', causal=False, rngs=nnx.Rngs(0))
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, *, activation: str,
+                 causal: bool, rngs: nnx.Rngs, attention: str = "dense", ffn: str = "dense"):
+        _check_choice("attention", attention, ATTENTIONS)
+        _check_choice("ffn", ffn, FFNS)
+        self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
+        self.attn = ATTENTIONS[attention](d_model, num_heads, causal=causal, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
+        self.mlp = FFNS[ffn](d_model, d_ff, activation, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))

@@ -1,0 +1,52 @@
+"""Decoder-only language model whose attention and FFN are replaceable modules.
+
+Example::
+
+    lm = DecoderLM(vocab_size=64, max_len=32, d_model=64, num_heads=4, num_layers=2,
+                   d_ff=256, rngs=nnx.Rngs(0))
+    logits = lm(jnp.zeros((2, 32), jnp.int32))   # [2, 32, 64]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.models.layers import Block
+
+
+class DecoderLM(nnx.Module):
+    """Token + learned position embeddings, causal pre-LN blocks, final LN, untied head.
+
+    ``attention`` and ``ffn`` name entries of ``layers.ATTENTIONS``/``layers.FFNS``; later
+    modules (sparse attention, Spark FFN) register there and are chosen from config.
+
+    Example::
+
+        DecoderLM(vocab_size=256, max_len=128, activation='relu', rngs=nnx.Rngs(0))
+    """
+
+    def __init__(self, *, vocab_size: int, max_len: int, d_model: int = 64,
+                 num_heads: int = 4, num_layers: int = 2, d_ff: int = 256,
+                 activation: str = "gelu", attention: str = "dense", ffn: str = "dense",
+                 rngs: nnx.Rngs):
+        self.max_len = max_len
+        self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)))
+        self.blocks = nnx.List([
+            Block(d_model, num_heads, d_ff, activation=activation, causal=True,
+                  attention=attention, ffn=ffn, rngs=rngs)
+            for _ in range(num_layers)
+        ])
+        self.ln = nnx.LayerNorm(d_model, rngs=rngs)
+        self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        t = tokens.shape[-1]
+        if t > self.max_len:
+            raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}")
+        x = self.embed(tokens) + self.pos[:t]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))

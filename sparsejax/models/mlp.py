@@ -1,0 +1,40 @@
+"""Multi-layer perceptron classifier.
+
+Example::
+
+    model = MLP(64, (128, 128), 10, rngs=nnx.Rngs(0))
+    logits = model(jnp.ones((4, 8, 8, 1)))   # inputs are flattened
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+from flax import nnx
+
+from sparsejax.models.layers import Activation
+
+
+class MLP(nnx.Module):
+    """``Linear → act`` repeated, then a linear head; the input is flattened.
+
+    Example::
+
+        MLP(64, (32,), 10, activation='relu', rngs=nnx.Rngs(0))(jnp.ones((2, 64))).shape
+    """
+
+    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, *,
+                 activation: str = "relu", rngs: nnx.Rngs):
+        widths = [in_features, *hidden]
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])]
+        )
+        self.act = Activation(activation)
+        self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], -1)
+        for layer in self.layers:
+            x = self.act(layer(x))
+        return self.head(x)

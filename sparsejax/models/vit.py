@@ -1,0 +1,53 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) with mean pooling and a selectable activation.
+
+Example::
+
+    model = ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10, d_model=64,
+                num_heads=4, num_layers=2, d_ff=128, activation='relu', rngs=nnx.Rngs(0))
+    logits = model(jnp.ones((2, 8, 8, 1)))
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.models.layers import Block
+
+
+class ViT(nnx.Module):
+    """Patch embedding, learned positions, pre-LN blocks, final LN, mean pool, head.
+
+    ``activation`` is the FFN activation ('relu' for the Lazy Neuron measurements,
+    'gelu' as in the original ViT); ``attention``/``ffn`` pick registered modules.
+
+    Example::
+
+        ViT(image_size=32, patch_size=4, in_channels=3, num_classes=10, rngs=nnx.Rngs(0))
+    """
+
+    def __init__(self, *, image_size: int, patch_size: int, in_channels: int,
+                 num_classes: int, d_model: int = 64, num_heads: int = 4,
+                 num_layers: int = 2, d_ff: int = 256, activation: str = "gelu",
+                 attention: str = "dense", ffn: str = "dense", rngs: nnx.Rngs):
+        if image_size % patch_size:
+            raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
+        num_patches = (image_size // patch_size) ** 2
+        self.embed = nnx.Conv(in_channels, d_model, (patch_size, patch_size),
+                              strides=patch_size, padding="VALID", rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_patches, d_model)))
+        self.blocks = nnx.List([
+            Block(d_model, num_heads, d_ff, activation=activation, causal=False,
+                  attention=attention, ffn=ffn, rngs=rngs)
+            for _ in range(num_layers)
+        ])
+        self.ln = nnx.LayerNorm(d_model, rngs=rngs)
+        self.head = nnx.Linear(d_model, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.embed(x)
+        x = x.reshape(x.shape[0], -1, x.shape[-1]) + self.pos[...]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(jnp.mean(self.ln(x), axis=1))

@@ -1,0 +1,89 @@
+"""Orbax checkpoints of the whole ``TrainState`` plus the data-iterator position.
+
+Example::
+
+    ckpt = Checkpointer(workdir / 'checkpoints', max_to_keep=3)
+    ckpt.save(step, state, data_position=step)
+    state, position = ckpt.restore(abstract_state)   # latest step
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be restored; nothing was deleted."""
+
+
+class Checkpointer:
+    """An orbax ``CheckpointManager`` holding ``state`` (pytree) and ``data`` (JSON).
+
+    Saving is asynchronous; ``wait()`` blocks until the last save is committed. Only
+    finished checkpoints are ever restored, so a run killed mid-save resumes from the one
+    before.
+
+    Example::
+
+        ckpt = Checkpointer('/tmp/run/checkpoints')
+        if ckpt.latest_step() is not None:
+            state, pos = ckpt.restore(jax.eval_shape(init, key))
+    """
+
+    def __init__(self, directory: str | Path, max_to_keep: int = 3):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+    def latest_step(self) -> int | None:
+        """The newest finished checkpoint's step, or None."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_position: int) -> None:
+        """Saves ``state`` and the iterator position under ``step`` (async)."""
+        self.manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"position": int(data_position)})))
+
+    def restore(self, abstract_state, step: int | None = None):
+        """Restores ``(state, data_position)``; ``abstract_state`` carries shapes, dtypes
+        and shardings (``jax.ShapeDtypeStruct`` leaves). Raises ``CheckpointError`` naming
+        the checkpoint if it is unreadable or does not fit the model."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        path = self.directory / str(step)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types; keep the cause
+            raise CheckpointError(
+                f"checkpoint {path} could not be restored ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). It was left in place; move it "
+                "away or use another --workdir to start fresh") from e
+        return out.state, int(out.data["position"])
+
+    def wait(self) -> None:
+        """Blocks until pending saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    """``ShapeDtypeStruct`` leaves with the given shardings, the target orbax restores into.
+
+    Example::
+
+        abstract_like(jax.eval_shape(init, key), state_shardings)
+    """
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)

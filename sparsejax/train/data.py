@@ -1,0 +1,359 @@
+"""Data: embedded datasets that need no download, tensorflow-datasets, and batching.
+
+Every dataset is a pair of ``Source`` objects (train, eval) with ``len`` and
+``get(indices) -> {'inputs', 'targets', 'weights'}``. Batches are a pure function of
+``(seed, step)``: the global batch of step ``i`` is a slice of a per-epoch permutation
+seeded by ``(seed, epoch)``. The iterator position is therefore the step count, a
+resumed run reads exactly the batches it would have read, and each process takes its
+own contiguous slice of the global batch (``process_index``).
+
+Embedded defaults: ``digits`` (scikit-learn's 8×8 handwritten digits, shipped with the
+package), ``associative_recall`` and ``copy`` (synthetic sequence tasks), and ``text``
+(bytes of any plain text file). Real datasets: ``tfds`` (``tfds.data_source``, so no
+TensorFlow is needed; prepare with ``--file_format=array_record``).
+
+Example::
+
+    ds = get_dataset(ConfigDict({'name': 'digits'}))
+    it = BatchIterator(ds.train, global_batch=32, seed=0)
+    batch = next(it)          # {'inputs': [32, 8, 8, 1], 'targets': [32], 'weights': [32]}
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Protocol
+
+import numpy as np
+
+from sparsejax.models import DataInfo
+
+Batch = dict[str, np.ndarray]
+
+
+class Source(Protocol):
+    """A random-access split: ``len(source)`` examples, ``source.get(indices)`` a batch."""
+
+    def __len__(self) -> int: ...
+
+    def get(self, indices: np.ndarray) -> Batch: ...
+
+
+class ArraySource:
+    """An in-memory split: a dict of equal-length arrays.
+
+    Example::
+
+        src = ArraySource({'inputs': x, 'targets': y, 'weights': np.ones(len(y))})
+        src.get(np.array([0, 5]))['inputs'].shape   # (2, ...)
+    """
+
+    def __init__(self, arrays: Batch):
+        lengths = {k: len(v) for k, v in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"arrays have different lengths: {lengths}")
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def get(self, indices: np.ndarray) -> Batch:
+        return {k: v[indices] for k, v in self.arrays.items()}
+
+
+class Dataset(NamedTuple):
+    """A train and an eval ``Source`` plus the ``DataInfo`` models are built from.
+
+    Example::
+
+        ds = get_dataset(ConfigDict({'name': 'copy', 'seq_len': 8}))
+        ds.info.task   # 'lm'
+    """
+
+    train: Source
+    eval: Source
+    info: DataInfo
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def batch_indices(num_examples: int, global_batch: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the global batch at ``step``: epoch ``step // steps_per_epoch`` is a
+    fresh permutation seeded by ``(seed, epoch)``; the last partial batch is dropped.
+
+    Example::
+
+        batch_indices(100, 10, seed=0, step=3)   # 10 distinct ints in [0, 100)
+    """
+    steps_per_epoch = num_examples // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"global batch size {global_batch} exceeds the split's "
+                         f"{num_examples} examples")
+    epoch, within = divmod(step, steps_per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return perm[within * global_batch:(within + 1) * global_batch]
+
+
+def local_slice(global_batch: int, process_index: int, process_count: int) -> slice:
+    """This process's contiguous share of a global batch.
+
+    Example::
+
+        local_slice(8, process_index=1, process_count=2)   # slice(4, 8)
+    """
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} is not divisible by "
+                         f"{process_count} processes")
+    per = global_batch // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+class BatchIterator:
+    """Deterministic, resumable iterator over a ``Source``; ``position`` is the next step.
+
+    Example::
+
+        it = BatchIterator(src, global_batch=64, seed=0, position=1000)  # resumes
+        batch = next(it); it.position   # 1001
+    """
+
+    def __init__(self, source: Source, global_batch: int, seed: int, position: int = 0,
+                 process_index: int = 0, process_count: int = 1):
+        self.source, self.global_batch, self.seed = source, global_batch, seed
+        self.position = position
+        self._slice = local_slice(global_batch, process_index, process_count)
+        batch_indices(len(source), global_batch, seed, 0)  # validates the sizes now
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        idx = batch_indices(len(self.source), self.global_batch, self.seed, self.position)
+        self.position += 1
+        return self.source.get(np.sort(idx[self._slice]))
+
+
+def eval_batches(source: Source, global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Batch]:
+    """Every eval example exactly once, in order; the last batch is padded with
+    weight-0 copies of example 0 so all batches have the same shape.
+
+    Example::
+
+        total = sum(b['weights'].sum() for b in eval_batches(src, 32))  # == len(src)
+    """
+    n = len(source)
+    sl = local_slice(global_batch, process_index, process_count)
+    for start in range(0, n, global_batch):
+        idx = np.arange(start, start + global_batch)[sl]
+        valid = idx < n
+        batch = source.get(np.where(valid, idx, 0))
+        w = batch["weights"]
+        batch["weights"] = (w * valid.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
+        yield batch
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def _classification(x: np.ndarray, y: np.ndarray) -> ArraySource:
+    return ArraySource({"inputs": x.astype(np.float32), "targets": y.astype(np.int32),
+                        "weights": np.ones(len(y), np.float32)})
+
+
+def digits(cfg) -> Dataset:
+    """scikit-learn's 1,797 8×8 digits (shipped with the package), pixels scaled to [0,1];
+    a fixed split keeps ``eval_size`` (default 360) examples for evaluation.
+
+    Example::
+
+        digits(ConfigDict({'name': 'digits'})).info.input_shape   # (8, 8, 1)
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0)[..., None]
+    perm = np.random.default_rng(0).permutation(len(x))
+    n_eval = cfg.get("eval_size", 360)
+    tr, ev = perm[n_eval:], perm[:n_eval]
+    info = DataInfo("classification", (8, 8, 1), 10)
+    return Dataset(_classification(x[tr], d.target[tr]), _classification(x[ev], d.target[ev]),
+                   info)
+
+
+def _lm_source(seqs: np.ndarray, weights: np.ndarray) -> ArraySource:
+    """Next-token pairs from full sequences: inputs ``s[:-1]``, targets ``s[1:]``."""
+    return ArraySource({"inputs": seqs[:, :-1].astype(np.int32),
+                        "targets": seqs[:, 1:].astype(np.int32),
+                        "weights": weights.astype(np.float32)})
+
+
+def associative_recall(cfg) -> Dataset:
+    """Associative recall: ``k1 v1 … kn vn SEP q`` → the value bound to key ``q``.
+
+    Keys are tokens ``[0, K)``, values ``[K, K+V)``, SEP is ``K+V``; keys in a sequence
+    are distinct; only the answer position carries loss weight.
+
+    Example::
+
+        ds = associative_recall(ConfigDict({'num_pairs': 8, 'num_keys': 16, 'num_values': 16}))
+        ds.info.input_shape   # (18,)
+    """
+    n_pairs, n_keys, n_vals = cfg.get("num_pairs", 8), cfg.get("num_keys", 16), cfg.get("num_values", 16)
+    if n_pairs > n_keys:
+        raise ValueError(f"config.data.num_pairs={n_pairs} exceeds num_keys={n_keys}")
+    sep = n_keys + n_vals
+
+    def make(n, seed):
+        rng = np.random.default_rng(seed)
+        keys = np.argsort(rng.random((n, n_keys)), axis=1)[:, :n_pairs]
+        vals = n_keys + rng.integers(0, n_vals, (n, n_pairs))
+        q = rng.integers(0, n_pairs, n)
+        pairs = np.stack([keys, vals], axis=2).reshape(n, 2 * n_pairs)
+        seqs = np.concatenate([pairs, np.full((n, 1), sep), keys[np.arange(n), q][:, None],
+                               vals[np.arange(n), q][:, None]], axis=1)
+        w = np.zeros((n, seqs.shape[1] - 1))
+        w[:, -1] = 1.0
+        return _lm_source(seqs, w)
+
+    seed = cfg.get("seed", 0)
+    info = DataInfo("lm", (2 * n_pairs + 2,), sep + 1)
+    return Dataset(make(cfg.get("train_size", 20000), [seed, 0]),
+                   make(cfg.get("eval_size", 1000), [seed, 1]), info)
+
+
+def copy_task(cfg) -> Dataset:
+    """Copy: ``x SEP x`` with ``x`` of ``seq_len`` random tokens from ``[0, vocab)``;
+    loss weight only on the copied half.
+
+    Example::
+
+        copy_task(ConfigDict({'seq_len': 8, 'vocab': 10})).info   # lm, (16,), 11
+    """
+    length, vocab = cfg.get("seq_len", 16), cfg.get("vocab", 16)
+
+    def make(n, seed):
+        x = np.random.default_rng(seed).integers(0, vocab, (n, length))
+        seqs = np.concatenate([x, np.full((n, 1), vocab), x], axis=1)
+        w = np.zeros((n, 2 * length))
+        w[:, length:] = 1.0
+        return _lm_source(seqs, w)
+
+    seed = cfg.get("seed", 0)
+    info = DataInfo("lm", (2 * length,), vocab + 1)
+    return Dataset(make(cfg.get("train_size", 20000), [seed, 0]),
+                   make(cfg.get("eval_size", 1000), [seed, 1]), info)
+
+
+def text_file(cfg) -> Dataset:
+    """Byte-level language modelling on any plain text file (vocabulary 256).
+
+    Windows of ``seq_len + 1`` bytes at stride ``seq_len``; the last 10% of the file is
+    the eval split.
+
+    Example::
+
+        text_file(ConfigDict({'path': 'README.md', 'seq_len': 64}))
+    """
+    path = cfg.get("path", "")
+    if not path:
+        raise ValueError("config.data.path must name a text file for the 'text' dataset")
+    try:
+        raw = np.frombuffer(open(path, "rb").read(), np.uint8)
+    except OSError as e:
+        raise FileNotFoundError(f"config.data.path: cannot read text file {path!r}: {e}") from e
+    t = cfg.get("seq_len", 128)
+    n_train = int(len(raw) * 0.9)
+
+    def windows(a):
+        n = (len(a) - 1) // t
+        if n < 1:
+            raise ValueError(f"text file {path!r} is too short for seq_len={t}")
+        idx = np.arange(n)[:, None] * t + np.arange(t + 1)[None]
+        return _lm_source(a[idx], np.ones((n, t)))
+
+    return Dataset(windows(raw[:n_train]), windows(raw[n_train:]), DataInfo("lm", (t,), 256))
+
+
+class TfdsSource:
+    """A tensorflow-datasets split read by random access (``tfds.data_source``).
+
+    Images become float32 in [0, 1]; ``image_key``/``label_key`` name the features.
+
+    Example::
+
+        src = TfdsSource(tfds.data_source('mnist', data_dir=d)['train'])
+    """
+
+    def __init__(self, source, image_key: str = "image", label_key: str = "label"):
+        self.source, self.image_key, self.label_key = source, image_key, label_key
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def get(self, indices: np.ndarray) -> Batch:
+        examples = self.source.__getitems__([int(i) for i in indices])
+        x = np.stack([np.asarray(e[self.image_key]) for e in examples])
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) / 255.0
+        y = np.asarray([e[self.label_key] for e in examples], np.int32)
+        return {"inputs": x.astype(np.float32), "targets": y,
+                "weights": np.ones(len(y), np.float32)}
+
+
+def tfds_dataset(cfg) -> Dataset:
+    """A prepared tensorflow-datasets image classification dataset (mnist, cifar10, …).
+
+    Config: ``tfds_name``, ``data_dir``, ``train_split`` ('train'), ``eval_split``
+    ('test'), ``image_key``, ``label_key``. Nothing is downloaded here: prepare the data
+    once with ``tfds build NAME --data_dir=DIR --file_format=array_record``.
+
+    Example::
+
+        tfds_dataset(ConfigDict({'name': 'tfds', 'tfds_name': 'mnist', 'data_dir': d}))
+    """
+    import tensorflow_datasets as tfds
+
+    name, data_dir = cfg.get("tfds_name", ""), cfg.get("data_dir", None) or None
+    if not name:
+        raise ValueError("config.data.tfds_name must name a tensorflow-datasets dataset")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError lists every dataset: keep the first line
+        raise FileNotFoundError(f"config.data.tfds_name: {str(e).splitlines()[0]}") from e
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"config.data: tfds dataset {name!r} is not prepared under data_dir="
+            f"{data_dir!r} (looked in {builder.data_dir}). Prepare it once with: tfds build "
+            f"{name} --data_dir=<dir> --file_format=array_record")
+    splits = {}
+    for which in ("train_split", "eval_split"):
+        split = cfg.get(which, "train" if which == "train_split" else "test")
+        try:
+            src = builder.as_data_source(split=split)
+        except NotImplementedError as e:
+            raise ValueError(f"config.data: {name!r} is stored as {builder.info.file_format}; "
+                             "random access needs array_record: rebuild with "
+                             "--file_format=array_record") from e
+        splits[which] = TfdsSource(src, cfg.get("image_key", "image"), cfg.get("label_key", "label"))
+    feat = builder.info.features
+    image_key, label_key = cfg.get("image_key", "image"), cfg.get("label_key", "label")
+    info = DataInfo("classification", tuple(feat[image_key].shape), feat[label_key].num_classes)
+    return Dataset(splits["train_split"], splits["eval_split"], info)
+
+
+DATASETS = {"digits": digits, "associative_recall": associative_recall, "copy": copy_task,
+            "text": text_file, "tfds": tfds_dataset}
+
+
+def get_dataset(cfg) -> Dataset:
+    """Builds the dataset named ``cfg.name`` (one of ``DATASETS``).
+
+    Example::
+
+        get_dataset(ConfigDict({'name': 'digits'}))
+    """
+    if cfg.name not in DATASETS:
+        raise ValueError(f"config.data.name: unknown dataset {cfg.name!r}; known: "
+                         f"{sorted(DATASETS)}")
+    return DATASETS[cfg.name](cfg)

@@ -1,0 +1,60 @@
+"""Metrics to JSONL (always) and TensorBoard event files, from process 0 only.
+
+Example::
+
+    w = MetricsWriter(workdir)
+    w.write(100, 'train', {'loss': 0.3, 'accuracy': 0.9})
+    w.close()
+    read_jsonl(workdir / 'metrics.jsonl')   # [{'step': 100, 'split': 'train', ...}]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+
+
+class MetricsWriter:
+    """Appends one JSON object per (step, split) to ``metrics.jsonl`` and mirrors scalars
+    to TensorBoard under ``tensorboard/`` as ``split/name``.
+
+    Example::
+
+        MetricsWriter('/tmp/run').write(1, 'eval', {'accuracy': 0.5})
+    """
+
+    def __init__(self, workdir: str | Path, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, split: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in metrics.items():
+            self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All rows of a metrics JSONL file.
+
+    Example::
+
+        [r['loss'] for r in read_jsonl('runs/quickstart/metrics.jsonl') if r['split'] == 'train']
+    """
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,82 @@
+"""Optimizer and sparsity transform from config.
+
+``config.optimizer`` picks an optax optimizer and learning-rate schedule;
+``config.sparsity.name`` picks a sparsity transform from ``SPARSITY`` that wraps it.
+Sparsity techniques register their factory in ``SPARSITY``.
+
+Example::
+
+    tx = make_transform(config)   # a sparsejax.SparseTransformation
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import optax
+
+from sparsejax.base import SparseTransformation, dense
+
+
+def make_schedule(cfg, num_steps: int) -> optax.Schedule:
+    """'constant' or 'cosine' (linear warm-up then cosine decay to 0).
+
+    Example::
+
+        make_schedule(ConfigDict({'learning_rate': 1e-3, 'schedule': 'cosine',
+                                  'warmup_steps': 10}), 100)(10)   # 1e-3
+    """
+    lr, name = cfg.learning_rate, cfg.get("schedule", "constant")
+    if name == "constant":
+        return optax.constant_schedule(lr)
+    if name == "cosine":
+        warmup = cfg.get("warmup_steps", 0)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_steps, warmup + 1))
+    raise ValueError(f"config.optimizer.schedule: unknown schedule {name!r}; known: "
+                     "['constant', 'cosine']")
+
+
+def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
+    """'sgd' (momentum, nesterov), 'adam' or 'adamw', with optional global-norm clipping.
+
+    Example::
+
+        make_optimizer(ConfigDict({'name': 'adamw', 'learning_rate': 1e-3}), 1000)
+    """
+    lr = make_schedule(cfg, num_steps)
+    name = cfg.name
+    if name == "sgd":
+        opt = optax.chain(optax.add_decayed_weights(cfg.get("weight_decay", 0.0)),
+                          optax.sgd(lr, momentum=cfg.get("momentum", 0.9) or None,
+                                    nesterov=cfg.get("nesterov", False)))
+    elif name == "adam":
+        opt = optax.adam(lr)
+    elif name == "adamw":
+        opt = optax.adamw(lr, weight_decay=cfg.get("weight_decay", 1e-4))
+    else:
+        raise ValueError(f"config.optimizer.name: unknown optimizer {name!r}; known: "
+                         "['adam', 'adamw', 'sgd']")
+    clip = cfg.get("grad_clip", 0.0)
+    return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
+
+
+SparsityFactory = Callable[[optax.GradientTransformation, object, int], SparseTransformation]
+
+SPARSITY: dict[str, SparsityFactory] = {
+    "dense": lambda inner, cfg, num_steps: dense(inner),
+}
+
+
+def make_transform(config) -> SparseTransformation:
+    """The sparsity transform named ``config.sparsity.name`` around the configured optimizer.
+
+    Example::
+
+        tx = make_transform(config); state = tx.init(params)
+    """
+    name = config.sparsity.name
+    if name not in SPARSITY:
+        raise ValueError(f"config.sparsity.name: unknown sparsity transform {name!r}; known: "
+                         f"{sorted(SPARSITY)}")
+    inner = make_optimizer(config.optimizer, config.num_steps)
+    return SPARSITY[name](inner, config.sparsity, config.num_steps)
