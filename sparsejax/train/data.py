@@ -8,7 +8,7 @@ resumed run reads exactly the batches it would have read, and each process takes
 own contiguous slice of the global batch (``process_index``).
 
 Embedded defaults: ``digits`` (scikit-learn's 8×8 handwritten digits, shipped with the
-package), ``associative_recall`` and ``copy`` (synthetic sequence tasks), and ``text``
+package), ``synthetic_images`` (random, for benchmarks), ``associative_recall`` and ``copy`` (synthetic sequence tasks), and ``text``
 (bytes of any plain text file). Real datasets: ``tfds`` (``tfds.data_source``, so no
 TensorFlow is needed; prepare with ``--file_format=array_record``).
 
@@ -181,6 +181,25 @@ def digits(cfg) -> Dataset:
                    info)
 
 
+def synthetic_images(cfg) -> Dataset:
+    """Random images with random labels, for benchmarks and shape tests (no signal to learn).
+
+    Example::
+
+        synthetic_images(ConfigDict({'image_shape': (32, 32, 3), 'num_classes': 10}))
+    """
+    shape, classes = tuple(cfg.get("image_shape", (32, 32, 3))), cfg.get("num_classes", 10)
+
+    def make(n, seed):
+        rng = np.random.default_rng(seed)
+        return _classification(rng.random((n, *shape), np.float32), rng.integers(0, classes, n))
+
+    seed = cfg.get("seed", 0)
+    return Dataset(make(cfg.get("train_size", 2048), [seed, 0]),
+                   make(cfg.get("eval_size", 256), [seed, 1]),
+                   DataInfo("classification", shape, classes))
+
+
 def _lm_source(seqs: np.ndarray, weights: np.ndarray) -> ArraySource:
     """Next-token pairs from full sequences: inputs ``s[:-1]``, targets ``s[1:]``."""
     return ArraySource({"inputs": seqs[:, :-1].astype(np.int32),
@@ -342,8 +361,9 @@ def tfds_dataset(cfg) -> Dataset:
     return Dataset(splits["train_split"], splits["eval_split"], info)
 
 
-DATASETS = {"digits": digits, "associative_recall": associative_recall, "copy": copy_task,
-            "text": text_file, "tfds": tfds_dataset}
+DATASETS = {"digits": digits, "synthetic_images": synthetic_images,
+            "associative_recall": associative_recall, "copy": copy_task, "text": text_file,
+            "tfds": tfds_dataset}
 
 
 def get_dataset(cfg) -> Dataset:

@@ -164,7 +164,7 @@ def make_trainer(config, tx: SparseTransformation | None = None) -> Trainer:
         (_, (stats, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        stats["grad_norm"] = optax.global_norm(grads)
+        stats["grad_norm"] = optax.tree.norm(grads)
         return TrainState(state.step + 1, params, rest, opt_state, state.rng), stats
 
     def eval_step(state: TrainState, batch: dict):
@@ -205,19 +205,18 @@ def train_and_evaluate(config, workdir: str | Path, *, hooks: Sequence[Hook] = (
     trainer = make_trainer(config, tx)
     workdir = Path(workdir)
     main = jax.process_index() == 0
-    if main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    ckpt = Checkpointer(workdir / "checkpoints", config.get("max_checkpoints", 3))
-    writer = MetricsWriter(workdir)
     t_start = time.time()
+    ckpt = Checkpointer(workdir / "checkpoints", config.get("max_checkpoints", 3))
     with jax.set_mesh(trainer.mesh):
         start = ckpt.latest_step()
         if start is None:
             state, position, start = trainer.init(jax.random.PRNGKey(config.seed)), 0, 0
-        else:
+        else:  # restore before writing anything, so a failed restore changes nothing
             state, position = ckpt.restore(abstract_like(trainer.abstract_state,
                                                          trainer.state_shardings))
+        if main:
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        writer = MetricsWriter(workdir)
         it = BatchIterator(trainer.dataset.train, config.batch_size, config.seed, position,
                            jax.process_index(), jax.process_count())
         num_steps = config.num_steps
