@@ -169,6 +169,8 @@ def trained_workdir(tmp_path):
     ({"mesh.shape": (3, 1)}, "needs 3 devices, but 8 are available"),
     ({"data.name": "tfds"}, "config.data.tfds_name must name"),
     ({"data.name": "cifar11"}, "unknown dataset 'cifar11'"),
+    ({"data.name": "tfds", "data.tfds_name": "mnist", "data.data_dir": "/nonexistent/tfds"},
+     "tfds dataset 'mnist' is not prepared"),
     ({"model.name": "lm"}, "is a lm model"),
     ({"sparsity.name": "magic"}, "unknown sparsity transform 'magic'"),
     ({"batch_size": 12}, "batch_size=12 is not divisible by the 8 data shards"),
@@ -181,9 +183,18 @@ def test_bad_config_is_clear_and_leaves_checkpoints_intact(trained_workdir, over
         for k, v in override.items():
             section, _, leaf = k.rpartition(".")
             (cfg[section] if section else cfg)[leaf] = v
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
         train_and_evaluate(cfg, trained_workdir, progress=False)
     assert tree_digest(trained_workdir) == before
+
+
+def test_plain_optax_transformation_trains(tmp_path):
+    import optax
+
+    cfg = quickstart.get_config("tiny")
+    summary = train_and_evaluate(cfg, tmp_path, tx=optax.sgd(0.5, momentum=0.9),
+                                 progress=False)
+    assert summary["eval_accuracy"] > 0.5
 
 
 def test_locked_config_rejects_unknown_keys(root, tmp_path):

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sparsejax.base import SparseTransformation
+from sparsejax.base import SparseTransformation, as_sparse_transformation
 from sparsejax.models import build_model
 from sparsejax.train.checkpoint import Checkpointer, abstract_like
 from sparsejax.train.data import BatchIterator, Dataset, eval_batches, get_dataset
@@ -107,11 +107,12 @@ def _check_config(config) -> None:
             raise ValueError(f"config.{key} must be >= 0, got {config[key]}")
 
 
-def make_trainer(config, tx: SparseTransformation | None = None) -> Trainer:
+def make_trainer(config, tx=None) -> Trainer:
     """Builds mesh, data, model, transform and the jitted init/step/eval functions.
 
     Everything that can fail on a bad config fails here, before a workdir is touched.
-    ``tx`` overrides the configured transform (any ``SparseTransformation``).
+    ``tx`` overrides the configured transform: a ``SparseTransformation`` or any plain
+    optax transformation (wrapped in ``sparsejax.dense``).
 
     Example::
 
@@ -122,7 +123,7 @@ def make_trainer(config, tx: SparseTransformation | None = None) -> Trainer:
     mesh = make_mesh(config.mesh.shape, config.mesh.axes,
                      jax.devices()[:n_dev] if n_dev else None)
     dataset = get_dataset(config.data)
-    tx = make_transform(config) if tx is None else tx
+    tx = make_transform(config) if tx is None else as_sparse_transformation(tx)
     data_axes = tuple(a for a in config.mesh.get("data_axes", ("data",)) if a in mesh.shape)
     b_sharding = batch_sharding(mesh, data_axes)
     n_shards = int(np.prod([mesh.shape[a] for a in data_axes]))
@@ -190,7 +191,7 @@ Hook = Callable[[int, TrainState], None]
 
 
 def train_and_evaluate(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
-                       tx: SparseTransformation | None = None, progress: bool = True) -> dict:
+                       tx=None, progress: bool = True) -> dict:
     """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
     Writes ``metrics.jsonl``, TensorBoard events, orbax checkpoints (state + data
