@@ -1,8 +1,10 @@
 """The shared shape of every config: all keys exist here, so a typo is an error.
 
 Each experiment config calls ``base(...)``, sets its fields and returns
-``finalize(config, arg)``, which applies the ``tiny`` variant (a few steps, used by CI and
-smoke tests) and locks the config.
+``finalize(config, arg)``. ``arg`` is a comma-separated list: a sparsity method
+(``dense``, ``static``, ``one_shot``, ``gradual``, ``set``, ``rigl``), a sparsity in
+[0, 1), and ``tiny`` (a few steps, used by CI and smoke tests), e.g. ``rigl,0.9,tiny``.
+The config is then locked, so a misspelt key is an error.
 
 Example::
 
@@ -24,7 +26,15 @@ def base(*, model: ml_collections.ConfigDict, data: ml_collections.ConfigDict):
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
         warmup_steps=50, momentum=0.9, nesterov=False, grad_clip=0.0))
-    c.sparsity = ml_collections.ConfigDict(dict(name="dense"))
+    # Weight sparsity (sparsejax.dst). rules: (regex over param path, 'sparse' | 'dense' |
+    # a sparsity) first match wins; () means every kernel is sparse. end_step < 0 means
+    # end_fraction of num_steps. skip_gradient_on_update None: the method's default.
+    c.sparsity = ml_collections.ConfigDict(dict(
+        name="dense", sparsity=0.9, distribution="erk", power_scale=1.0, rules=(),
+        mask_init="random", update_every=100, begin_step=0, end_step=-1, end_fraction=0.75,
+        drop_fraction=0.3, drop_fraction_anneal="cosine",
+        skip_gradient_on_update=ml_collections.config_dict.placeholder(bool),
+        initial_sparsity=0.0, scope="layer", selection="sort", drop_noise_std=1e-5, seed=0))
     # mesh.shape may hold one -1 (all remaining devices); batches split over data_axes.
     # num_devices=0 uses every device; a positive number uses the first n (tests, debugging).
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "model"),
@@ -40,14 +50,40 @@ def base(*, model: ml_collections.ConfigDict, data: ml_collections.ConfigDict):
     return c
 
 
-def finalize(c: ml_collections.ConfigDict, arg: str | None):
-    """Applies ``arg`` ('' or 'tiny') and locks the config against new keys."""
-    arg = arg or ""
-    if arg not in ("", "tiny"):
-        raise ValueError(f"unknown config argument {arg!r}; use '' or 'tiny'")
-    if arg == "tiny":
+SPARSITY_METHODS = ("dense", "static", "one_shot", "gradual", "set", "rigl")
+
+
+def parse_arg(arg: str | None, extra: tuple[str, ...] = ()) -> dict:
+    """``'rigl,0.9,tiny'`` → ``{'method': 'rigl', 'sparsity': 0.9, 'tiny': True}``."""
+    out = {"method": None, "sparsity": None, "tiny": False, "extra": set()}
+    for tok in filter(None, (t.strip() for t in (arg or "").split(","))):
+        if tok == "tiny":
+            out["tiny"] = True
+        elif tok in SPARSITY_METHODS:
+            out["method"] = tok
+        elif tok in extra:
+            out["extra"].add(tok)
+        else:
+            try:
+                out["sparsity"] = float(tok)
+            except ValueError:
+                raise ValueError(f"unknown config argument {tok!r}; use a sparsity method "
+                                 f"{SPARSITY_METHODS}, a sparsity in [0, 1), 'tiny'"
+                                 + (f" or one of {extra}" if extra else "")) from None
+    return out
+
+
+def finalize(c: ml_collections.ConfigDict, arg: str | None, extra: tuple[str, ...] = ()):
+    """Applies ``arg`` (method, sparsity, 'tiny') and locks the config against new keys."""
+    a = parse_arg(arg, extra)
+    if a["method"]:
+        c.sparsity.name = a["method"]
+    if a["sparsity"] is not None:
+        c.sparsity.sparsity = a["sparsity"]
+    if a["tiny"]:
         c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 5, 10, 10
         c.batch_size = min(c.batch_size, 32)
         c.optimizer.warmup_steps = 2
+        c.sparsity.update_every = min(c.sparsity.update_every, 5)
     c.lock()
     return c

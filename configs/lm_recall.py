@@ -1,6 +1,7 @@
 """Decoder-only LM on synthetic associative recall (embedded, no download).
 
     python -m experiments.train --config configs/lm_recall.py --workdir runs/lm_recall
+    python -m experiments.train --config configs/lm_recall.py:rigl,0.8 --workdir runs/lm_rigl
 
 For byte-level LM on any text file:
     --config.data.name=text --config.data.path=README.md
@@ -20,5 +21,6 @@ def get_config(arg=None):
                                             num_keys=16, num_values=16, train_size=20000,
                                             eval_size=1000, seed=0, path="", seq_len=128)))
     c.num_steps = 3000
+    c.sparsity.rules = ((r"head/kernel", "dense"), (r"blocks/.*kernel", "sparse"))
     c.optimizer.learning_rate = 1e-3
     return common.finalize(c, arg)

@@ -2,6 +2,7 @@
 
     python -m experiments.train --config configs/quickstart.py --workdir runs/quickstart
     python -m experiments.train --config configs/quickstart.py:tiny --workdir /tmp/qs
+    python -m experiments.train --config configs/quickstart.py:rigl,0.9 --workdir runs/qs_rigl
 
 Overrides: ``--config.num_steps=200 --config.model.hidden='(64,)'``.
 """
@@ -17,4 +18,5 @@ def get_config(arg=None):
         data=ml_collections.ConfigDict(dict(name="digits", eval_size=360)))
     c.num_steps = 1500
     c.eval_every = 250
+    c.sparsity.rules = ((r"head/kernel", "dense"), (r".*kernel", "sparse"))
     return common.finalize(c, arg)

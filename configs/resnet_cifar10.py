@@ -5,6 +5,7 @@ Prepare the data once (network needed):
 Then:
     python -m experiments.train --config configs/resnet_cifar10.py --workdir runs/resnet20 \
         --config.data.data_dir=$HOME/tensorflow_datasets
+RigL at 90% (ERK, the default distribution): add ``:rigl,0.9`` to the config path.
 """
 
 import ml_collections
@@ -21,6 +22,8 @@ def get_config(arg=None):
                                             image_key="image", label_key="label")))
     c.optimizer.update(name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True,
                        weight_decay=5e-4, warmup_steps=500)
+    # RigL's recipe keeps the first layer dense; Sparse-IFT also keeps the head dense.
+    c.sparsity.rules = ((r"stem", "dense"), (r"head/kernel", "dense"), (r".*kernel", "sparse"))
     c.batch_size = 128
     c.num_steps = 64000
     c.eval_every = 2000

@@ -1,6 +1,7 @@
-"""A small ViT (patch 2, ReLU FFN) on the embedded 8×8 digits; 'vit_digits.py:gelu' too.
+"""A small ViT (patch 2, ReLU FFN) on the embedded 8×8 digits; ':gelu' for a GELU FFN.
 
     python -m experiments.train --config configs/vit_digits.py --workdir runs/vit_digits
+    python -m experiments.train --config configs/vit_digits.py:rigl,0.9 --workdir runs/vit_rigl
 """
 
 import ml_collections
@@ -9,11 +10,13 @@ from configs import common
 
 
 def get_config(arg=None):
-    act = "gelu" if arg and "gelu" in arg else "relu"
+    act = "gelu" if "gelu" in common.parse_arg(arg, ("gelu",))["extra"] else "relu"
     c = common.base(
         model=ml_collections.ConfigDict(dict(name="vit", patch_size=2, d_model=64, num_heads=4,
                                              num_layers=2, d_ff=256, activation=act,
                                              attention="dense", ffn="dense")),
         data=ml_collections.ConfigDict(dict(name="digits", eval_size=360)))
     c.num_steps = 2000
-    return common.finalize(c, (arg or "").replace("gelu", "").strip(","))
+    c.sparsity.rules = ((r"embed/kernel", "dense"), (r"head/kernel", "dense"),
+                        (r".*kernel", "sparse"))
+    return common.finalize(c, arg, extra=("gelu",))

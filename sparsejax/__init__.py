@@ -7,11 +7,26 @@ Weight-sparsity transforms follow optax's ``(init, update)`` plus ``forward``; s
 Example::
 
     import optax, sparsejax
-    tx = sparsejax.dense(optax.adamw(1e-3))
+    tx = sparsejax.rigl(optax.adamw(3e-4), 0.9, distribution=sparsejax.erk(), end_step=7500)
 """
 
 from sparsejax.base import SparseTransformation, as_sparse_transformation, dense
+from sparsejax.distributions import (Distribution, er, erk, get_distribution, layer_counts,
+                                     layer_densities, uniform)
+from sparsejax.flops import (densities_from_masks, layer_flops, model_flops, sparse_flops,
+                             training_flops_per_step)
+from sparsejax.dst import (SparseState, gradual_magnitude, init_masks, one_shot_magnitude,
+                           rigl, set_, sparse_layer_counts, static_sparse)
+from sparsejax.masks import (apply_masks, global_sparsity, global_topk_masks, mask_counts,
+                             pack_masks, resolve_rules, topk_mask, unpack_masks)
 
 __version__ = "0.1.0"
 
-__all__ = ["SparseTransformation", "as_sparse_transformation", "dense"]
+__all__ = [
+    "Distribution", "SparseState", "SparseTransformation", "apply_masks",
+    "as_sparse_transformation", "densities_from_masks", "dense", "er", "erk", "get_distribution", "global_sparsity",
+    "global_topk_masks", "gradual_magnitude", "init_masks", "layer_counts", "layer_densities",
+    "layer_flops", "mask_counts", "model_flops", "one_shot_magnitude", "pack_masks", "resolve_rules", "rigl", "set_",
+    "sparse_flops", "sparse_layer_counts", "static_sparse", "topk_mask",
+    "training_flops_per_step", "uniform", "unpack_masks",
+]

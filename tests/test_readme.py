@@ -17,12 +17,21 @@ def _bash_lines(text: str) -> list[str]:
 
 def test_own_model_example_runs_and_learns(root):
     (code,) = _python_blocks((root / "README.md").read_text())
-    assert len(code.strip().splitlines()) <= 15
+    assert len([l for l in code.strip().splitlines() if l.strip()]) <= 18
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
-    final = float(ns["loss"](ns["params"]))
+    final = float(ns["loss"](ns["params"], ns["state"]))
     zero = float(np.mean(np.asarray(ns["y"]) ** 2))  # loss of predicting 0
     assert final < 0.25 * zero
+    import sparsejax
+
+    counts = sparsejax.mask_counts(ns["state"].masks)
+    # ERK closed form: p = (16+256)/(16·256) and (256+1)/256; ε·Σ p·N = 0.1·(4096+256)
+    eps = round(0.1 * 4352) / (272 + 257)
+    assert counts == {"layers/0/kernel": (round(eps * 272), 4096),
+                      "layers/2/kernel": (round(eps * 257), 256)}
+    w = np.asarray(ns["params"]["layers"][0]["kernel"])
+    assert np.count_nonzero(w) <= counts["layers/0/kernel"][0]  # stored weights are sparse
 
 
 def test_ci_runs_the_readme_test_command(root):

@@ -80,11 +80,12 @@ def test_sharded_training_equals_single_device():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
 
 
-def test_step_compiles_once():
-    t, state, _ = run_steps(tiny(), 1)
+@pytest.mark.parametrize("method", ["dense", "rigl"])
+def test_step_compiles_once(method):
+    t, state, _ = run_steps(tiny(**{"sparsity.name": method}), 1)  # tiny: masks update every 5
     with jax.set_mesh(t.mesh):
         it = BatchIterator(t.dataset.train, 32, 0, position=1)
-        for _ in range(3):
+        for _ in range(7):  # crosses the mask update at t=5
             state, _ = t.step(state, t.device_batch(next(it)))
     assert t.step._cache_size() == 1
 
@@ -108,9 +109,10 @@ def test_reference_models_train(make_cfg):
     assert int(state.step) == 3
 
 
-def test_checkpoint_round_trip_is_exact(tmp_path):
-    t, state, _ = run_steps(tiny(**{"mesh.shape": (4, 2),
-                                    "sharding_rules": ((r"layers/.*/kernel", (None, "model")),)}), 2)
+@pytest.mark.parametrize("method", ["dense", "rigl"])
+def test_checkpoint_round_trip_is_exact(tmp_path, method):
+    t, state, _ = run_steps(tiny(**{"mesh.shape": (4, 2), "sparsity.name": method,
+                                    "sharding_rules": ((r"layers/.*/kernel", (None, "model")),)}), 7)
     ckpt = Checkpointer(tmp_path)
     ckpt.save(2, state, data_position=2)
     ckpt.wait()
@@ -118,6 +120,10 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert pos == 2
     assert_trees_equal(restored, state)
     assert restored.params["layers"][0]["kernel"].sharding == state.params["layers"][0]["kernel"].sharding
+    if method == "rigl":  # masks are sharded like their params and come back exactly
+        m = restored.opt_state.masks["layers"][0]["kernel"]
+        assert m.dtype == bool and m.sharding.spec == P(None, "model")
+        assert restored.opt_state.masks["head"]["kernel"] is None
 
 
 KILL_SCRIPT = """
@@ -126,7 +132,7 @@ from pathlib import Path
 sys.path.insert(0, {root!r})
 from configs import quickstart
 from sparsejax.train import train_and_evaluate
-cfg = quickstart.get_config('tiny')
+cfg = quickstart.get_config({arg!r})
 done = Path({workdir!r}) / 'checkpoints' / '10' / '_CHECKPOINT_METADATA'
 def hook(step, state):
     if step == 13:  # checkpoint 10 is committed; steps 11-13 are about to be lost
@@ -139,13 +145,15 @@ train_and_evaluate(cfg, {workdir!r}, hooks=[hook], progress=False)
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_bit_identical(tmp_path, root):
+@pytest.mark.parametrize("arg", ["tiny", "rigl,0.9,tiny"])
+def test_killed_run_resumes_bit_identical(tmp_path, root, arg):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=str(root), workdir=str(killed))],
+    script = KILL_SCRIPT.format(root=str(root), workdir=str(killed), arg=arg)
+    proc = subprocess.run([sys.executable, "-c", script],
                           capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.isdigit()) == ["10"]
-    cfg = quickstart.get_config("tiny")
+    cfg = quickstart.get_config(arg)
     resumed = train_and_evaluate(cfg, killed, progress=False)
     assert resumed["resumed_from"] == 10
     baseline = train_and_evaluate(cfg, straight, progress=False)
@@ -173,6 +181,10 @@ def trained_workdir(tmp_path):
      "tfds dataset 'mnist' is not prepared"),
     ({"model.name": "lm"}, "is a lm model"),
     ({"sparsity.name": "magic"}, "unknown sparsity transform 'magic'"),
+    ({"sparsity.name": "rigl", "sparsity.sparsity": 1.0}, "sparsity 1.0 is outside"),
+    ({"sparsity.name": "rigl", "sparsity.distribution": "erx"}, "unknown distribution 'erx'"),
+    ({"sparsity.name": "static", "sparsity.rules": (("encoder/.*", "sparse"),)},
+     "rules match no parameter"),
     ({"batch_size": 12}, "batch_size=12 is not divisible by the 8 data shards"),
     ({"num_steps": 0}, "config.num_steps must be positive"),
 ])

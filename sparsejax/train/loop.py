@@ -166,6 +166,10 @@ def make_trainer(config, tx=None) -> Trainer:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         stats["grad_norm"] = optax.tree.norm(grads)
+        masks = [m for m in jax.tree.leaves(getattr(opt_state, "masks", None)) if m is not None]
+        if masks:  # weight sparsity over all masked leaves
+            stats["sparsity"] = 1.0 - sum(jnp.sum(m, dtype=jnp.float32) for m in masks) / sum(
+                m.size for m in masks)
         return TrainState(state.step + 1, params, rest, opt_state, state.rng), stats
 
     def eval_step(state: TrainState, batch: dict):
@@ -239,7 +243,8 @@ def train_and_evaluate(config, workdir: str | Path, *, hooks: Sequence[Hook] = (
                 dt = time.time() - t_window
                 last_train = {"loss": float(s["loss_sum"]) / w,
                               "accuracy": float(s["correct"]) / w,
-                              "grad_norm": float(s["grad_norm"]) / len(window),
+                              **{k: float(v) / len(window) for k, v in s.items()
+                                 if k not in ("loss_sum", "correct", "weight")},
                               "steps_per_sec": len(window) / dt,
                               "examples_per_sec": len(window) * config.batch_size / dt}
                 writer.write(step, "train", last_train)

@@ -15,7 +15,9 @@ from typing import Callable
 
 import optax
 
+from sparsejax import dst
 from sparsejax.base import SparseTransformation, dense
+from sparsejax.distributions import get_distribution
 
 
 def make_schedule(cfg, num_steps: int) -> optax.Schedule:
@@ -62,8 +64,48 @@ def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
 
 SparsityFactory = Callable[[optax.GradientTransformation, object, int], SparseTransformation]
 
+
+def _end_step(cfg, num_steps: int) -> int:
+    """``cfg.end_step`` if set (>= 0), else ``end_fraction`` of training (RigL: 0.75)."""
+    end = cfg.get("end_step", -1)
+    return int(end) if end is not None and end >= 0 else int(cfg.get("end_fraction", 0.75) * num_steps)
+
+
+def _common(cfg) -> dict:
+    return dict(distribution=get_distribution(cfg.get("distribution", "uniform"),
+                                              cfg.get("power_scale", 1.0)),
+                rules=tuple(tuple(r) for r in cfg.get("rules", ())) or None,
+                selection=cfg.get("selection", "sort"))
+
+
+def _dynamic(factory):
+    def make(inner, cfg, num_steps):
+        kw = dict(update_every=cfg.get("update_every", 100), begin_step=cfg.get("begin_step", 0),
+                  drop_fraction=cfg.get("drop_fraction", 0.3),
+                  drop_fraction_anneal=cfg.get("drop_fraction_anneal", "cosine"),
+                  mask_init=cfg.get("mask_init", "random"), seed=cfg.get("seed", 0),
+                  drop_noise_std=cfg.get("drop_noise_std", 1e-5))
+        if cfg.get("skip_gradient_on_update", None) is not None:
+            kw["skip_gradient_on_update"] = cfg.skip_gradient_on_update
+        return factory(inner, cfg.sparsity, end_step=_end_step(cfg, num_steps), **_common(cfg),
+                       **kw)
+
+    return make
+
+
 SPARSITY: dict[str, SparsityFactory] = {
     "dense": lambda inner, cfg, num_steps: dense(inner),
+    "static": lambda inner, cfg, num_steps: dst.static_sparse(
+        inner, cfg.sparsity, mask_init=cfg.get("mask_init", "random"), seed=cfg.get("seed", 0),
+        **_common(cfg)),
+    "one_shot": lambda inner, cfg, num_steps: dst.one_shot_magnitude(
+        inner, cfg.sparsity, scope=cfg.get("scope", "layer"), **_common(cfg)),
+    "gradual": lambda inner, cfg, num_steps: dst.gradual_magnitude(
+        inner, cfg.sparsity, begin_step=cfg.get("begin_step", 0),
+        end_step=_end_step(cfg, num_steps), update_every=cfg.get("update_every", 100),
+        initial_sparsity=cfg.get("initial_sparsity", 0.0), **_common(cfg)),
+    "set": _dynamic(dst.set_),
+    "rigl": _dynamic(dst.rigl),
 }
 
 

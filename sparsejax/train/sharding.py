@@ -22,36 +22,12 @@ from typing import Any, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sparsejax.masks import named_leaves, param_like_paths, path_str
+
+__all__ = ["Rules", "batch_sharding", "make_mesh", "named_leaves", "param_shardings",
+           "path_str", "shardings_like_params"]
+
 Rules = Sequence[tuple[str, Sequence[str | None] | None]]
-
-
-def path_str(path) -> str:
-    """'/'-joined key path of a pytree leaf, e.g. ``layers/0/kernel``.
-
-    Example::
-
-        [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({'a': {'b': 1}})[0]]
-        # ['a/b']
-    """
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def named_leaves(tree) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` pairs of a pytree, paths as in ``path_str``.
-
-    Example::
-
-        named_leaves({'w': 1, 'b': {'c': 2}})   # [('b/c', 2), ('w', 1)]
-    """
-    return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
@@ -134,21 +110,9 @@ def shardings_like_params(tree, params, shardings, mesh: Mesh):
         opt_shardings = shardings_like_params(jax.eval_shape(tx.init, params), params,
                                               param_shardings(params, rules, mesh), mesh)
     """
-    by_path = {path_str(p): (x.shape, s) for (p, x), s in zip(
-        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(shardings))}
+    by_path = {path: sh for (path, _), sh in zip(named_leaves(params), jax.tree.leaves(shardings))}
     replicated = NamedSharding(mesh, P())
-
-    def pick(path, leaf):
-        name = path_str(path)
-        shape = getattr(leaf, "shape", ())
-        parts = name.split("/")
-        for i in range(len(parts)):  # longest suffix first
-            hit = by_path.get("/".join(parts[i:]))
-            if hit is not None and tuple(hit[0]) == tuple(shape):
-                return hit[1]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
+    return jax.tree.map(lambda p: by_path.get(p, replicated), param_like_paths(tree, params))
 
 
 def batch_sharding(mesh: Mesh, data_axes: Sequence[str] = ("data",)) -> NamedSharding:

@@ -1,0 +1,389 @@
+"""Weight-sparsity transforms: static, one-shot magnitude, gradual magnitude, SET, RigL.
+
+Each factory wraps an optax optimizer and returns a ``SparseTransformation``
+(``init``, ``update``, ``forward``; see ``sparsejax.base``). Masks live in
+``SparseState``, a NamedTuple of arrays that jits, shards like the params and
+checkpoints with orbax unchanged. Masks change inside ``jit`` through ``lax.cond`` on
+the step counter, so a train step compiles once.
+
+What every transform guarantees:
+
+- the model sees ``W ⊙ m`` (``forward``); the gradient it returns is the dense
+  ``∂L/∂(W⊙m)``, and the inner optimizer sees it masked to active weights;
+- inactive weights are exactly 0 after every ``update`` (a weight that is already NaN or
+  inf when dropped cannot be zeroed through optax's additive ``params + updates``; the
+  model still sees exact zeros there, since ``forward`` selects rather than multiplies);
+- each sparse layer's nonzero count is exactly preserved by SET/RigL updates;
+- new connections start at 0, and their optimizer moments (any state leaf with the
+  parameter's path and shape, whatever the optimizer) are reset to 0.
+
+Drop/grow update (Evci et al. 2020, RigL, Alg. 1; Mocanu et al. 2018, SET), per layer
+at update steps ``t = begin, begin+ΔT, … ≤ T_end``:
+``n_drop = ⌊f_t · n_active⌋``; keep the ``n_active − n_drop`` largest ``|w| + N(0, σ²)``
+among active weights (σ = 1e-5, the reference's tie-breaking noise); grow ``n_drop``
+among the rest (a just-dropped weight may come back) by largest ``|∂L/∂(W⊙m)|`` (RigL)
+or at random (SET). RigL skips the gradient step on update steps as the reference code
+does; SET applies it first. Both are switchable (``skip_gradient_on_update``).
+
+Example::
+
+    tx = sparsejax.rigl(optax.adamw(3e-4), sparsity=0.9, distribution=sparsejax.erk(),
+                        update_every=100, end_step=7500, drop_fraction=0.3)
+    state = tx.init(params)
+    loss_grads = jax.grad(loss)(tx.forward(params, state))   # or grad through forward
+    updates, state = tx.update(grads, state, params)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax.base import SparseTransformation
+from sparsejax.distributions import Distribution, layer_counts, uniform
+from sparsejax.masks import (SELECTION_METHODS, global_topk_masks, magnitude_score,
+                             masked_with_dense_grad, named_leaves, path_str, random_score,
+                             resolve_rules, topk_mask, zero_where)
+from sparsejax.schedules import drop_fraction_schedule, gradual_sparsity, is_update_step
+
+_is_none = lambda x: x is None  # noqa: E731
+
+
+class SparseState(NamedTuple):
+    """State of a weight-sparsity transform.
+
+    ``inner``: the wrapped optimizer's state; ``masks``: bool arrays for sparse leaves,
+    ``None`` for dense ones; ``count``: updates applied so far (the step ``t``);
+    ``key``: PRNG key for random masks, SET growth and tie-breaking noise.
+
+    Example::
+
+        state = tx.init(params); sparsejax.mask_counts(state.masks)
+    """
+
+    inner: Any
+    masks: Any
+    count: jax.Array
+    key: jax.Array
+
+
+# A mask update: (t, weights, dense grads, masks, key) -> (new masks, new connections).
+MaskUpdate = Callable[..., tuple[Any, Any]]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_sparsity(sparsity: float) -> None:
+    _check(isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0,
+           f"sparsity {sparsity!r} is outside [0, 1)")
+
+
+def sparse_layer_counts(params, sparsity: float, distribution: Distribution,
+                        rules=None) -> dict[str, int]:
+    """Exact nonzero count of every sparse leaf, from path rules and a distribution.
+
+    Example::
+
+        sparse_layer_counts(params, 0.9, sparsejax.erk())   # {'layers/0/kernel': 2731, ...}
+    """
+    _check_sparsity(sparsity)
+    specs = resolve_rules(params, rules)
+    shapes = {p: tuple(x.shape) for p, x in named_leaves(params) if specs[p] != "dense"}
+    custom = {p: s for p, s in specs.items() if isinstance(s, float)}
+    return layer_counts(distribution, shapes, sparsity, custom)
+
+
+def _flat_masks(masks):
+    return jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
+
+
+def init_masks(params, counts: dict[str, int], how: str, key, selection: str = "sort"):
+    """Masks with exactly ``counts[path]`` nonzeros: 'random' or 'magnitude' (largest |w|).
+
+    Example::
+
+        masks = init_masks(params, {'w': 10}, 'magnitude', jax.random.PRNGKey(0))
+    """
+    _check(how in ("random", "magnitude"), f"unknown mask_init {how!r}; known: "
+                                            "['magnitude', 'random']")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = []
+    for i, (path, w) in enumerate(flat):
+        name = path_str(path)
+        if name not in counts:
+            out.append(None)
+            continue
+        score = (random_score(jax.random.fold_in(key, i), w.shape) if how == "random"
+                 else magnitude_score(w))
+        out.append(topk_mask(score, counts[name], method=selection))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_init: str,
+                      seed: int, selection: str, mask_update: MaskUpdate | None = None,
+                      update_due: Callable | None = None,
+                      skip_gradient_on_update: bool = False) -> SparseTransformation:
+    """The engine every weight-sparsity transform is built from."""
+    _check(selection in SELECTION_METHODS,
+           f"unknown selection method {selection!r}; known: {SELECTION_METHODS}")
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        key, sub = jax.random.split(jax.random.PRNGKey(seed))
+        masks = init_masks(params, init_counts(params), mask_init, sub, selection)
+        return SparseState(inner.init(params), masks, jnp.zeros((), jnp.int32), key)
+
+    def forward(params, state):
+        return masked_with_dense_grad(params, state.masks)
+
+    def update(grads, state, params=None, **extra):
+        if params is None:
+            raise ValueError("sparsity transforms need params: call update(grads, state, params)")
+        masks, t = state.masks, state.count
+        masked_grads = jax.tree.map(lambda m, g: g if m is None else jnp.where(m, g, 0),
+                                    masks, grads, is_leaf=_is_none)
+        u, inner_state = inner.update(masked_grads, state.inner, params, **extra)
+        # params + step: active entries move, inactive ones become exactly 0.
+        step_updates = jax.tree.map(lambda m, p, d: d if m is None else jnp.where(m, d, -p),
+                                    masks, params, u, is_leaf=_is_none)
+        if mask_update is None:
+            return step_updates, SparseState(inner_state, masks, t + 1, state.key)
+
+        def with_mask_update(_):
+            if skip_gradient_on_update:
+                base_updates, base_inner = jax.tree.map(jnp.zeros_like, params), state.inner
+            else:
+                base_updates, base_inner = step_updates, inner_state
+            weights = optax.apply_updates(params, base_updates)
+            key, sub = jax.random.split(state.key)
+            new_masks, new_conn = mask_update(t, weights, grads, masks, sub)
+            updates = jax.tree.map(
+                lambda m, c, p, d: d if m is None else jnp.where(m & ~c, d, -p),
+                new_masks, new_conn, params, base_updates, is_leaf=_is_none)
+            conn = {p: c for p, c in named_leaves(new_conn)}
+            return updates, zero_where(base_inner, params, conn), new_masks, key
+
+        def without(_):
+            return step_updates, inner_state, masks, state.key
+
+        updates, inner_state, masks, key = jax.lax.cond(update_due(t), with_mask_update,
+                                                        without, None)
+        return updates, SparseState(inner_state, masks, t + 1, key)
+
+    return SparseTransformation(init, update, forward)
+
+
+# ----------------------------------------------------------------------------- factories
+
+
+def static_sparse(inner: optax.GradientTransformation, sparsity: float, *,
+                  distribution: Distribution | None = None, rules=None,
+                  mask_init: str = "random", seed: int = 0,
+                  selection: str = "sort") -> SparseTransformation:
+    """Fixed masks for all of training: random (sparse-from-scratch, Liu et al. 2022's
+    random pruning with ER/ERK ratios) or by magnitude at init.
+
+    Example::
+
+        tx = sparsejax.static_sparse(optax.sgd(0.1), 0.9, distribution=sparsejax.erk())
+    """
+    _check_sparsity(sparsity)
+    dist = distribution or uniform()
+    return _sparse_transform(
+        inner, init_counts=lambda p: sparse_layer_counts(p, sparsity, dist, rules),
+        mask_init=mask_init, seed=seed, selection=selection)
+
+
+def one_shot_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
+                       distribution: Distribution | None = None, rules=None,
+                       scope: str = "layer", selection: str = "sort") -> SparseTransformation:
+    """Prune the smallest ``|w|`` of the params given to ``init`` once, then train the
+    rest with fixed masks. ``scope='layer'`` follows ``distribution``; ``'global'``
+    ranks all sparse layers together (one threshold, exact total count).
+
+    Example::
+
+        tx = sparsejax.one_shot_magnitude(optax.adam(1e-4), 0.8, scope='global')
+        state = tx.init(trained_params)
+    """
+    _check_sparsity(sparsity)
+    _check(scope in ("layer", "global"), f"unknown scope {scope!r}; known: ['global', 'layer']")
+    dist = distribution or uniform()
+    if scope == "layer":
+        return _sparse_transform(
+            inner, init_counts=lambda p: sparse_layer_counts(p, sparsity, dist, rules),
+            mask_init="magnitude", seed=0, selection=selection)
+    tx = _sparse_transform(inner, init_counts=lambda p: {}, mask_init="magnitude", seed=0,
+                           selection=selection)
+
+    def init(params):
+        state = tx.init(params)
+        specs = resolve_rules(params, rules)
+        scores = jax.tree_util.tree_unflatten(
+            jax.tree.structure(params),
+            [jnp.abs(w) if specs[p] != "dense" else None for p, w in named_leaves(params)])
+        total = sum(w.size for p, w in named_leaves(params) if specs[p] != "dense")
+        masks = global_topk_masks(scores, round((1.0 - sparsity) * total), method=selection)
+        return state._replace(masks=masks)
+
+    return SparseTransformation(init, tx.update, tx.forward)
+
+
+def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
+                      begin_step: int, end_step: int, update_every: int = 100,
+                      initial_sparsity: float = 0.0, distribution: Distribution | None = None,
+                      rules=None, selection: str = "sort") -> SparseTransformation:
+    """Gradual magnitude pruning (Zhu & Gupta 2017): every ΔT steps in ``[t_0, T]`` prune
+    the smallest active ``|w|`` of each layer to
+    ``s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(T − t_0))³`` (per layer, with ``s_f`` that
+    layer's final sparsity from ``distribution``). Pruned weights stay pruned.
+
+    Example::
+
+        tx = sparsejax.gradual_magnitude(optax.adam(1e-3), 0.9, begin_step=1000,
+                                         end_step=8000, update_every=100)
+    """
+    _check_sparsity(sparsity)
+    _check_sparsity(initial_sparsity)
+    _check(update_every > 0, f"update_every must be positive, got {update_every}")
+    _check(0 <= begin_step <= end_step, f"need 0 <= begin_step <= end_step, got "
+                                        f"{begin_step}, {end_step}")
+    dist = distribution or uniform()
+    ramp = gradual_sparsity(1.0, begin_step, end_step, 0.0)  # 1 − (1 − frac)³
+
+    def init_counts(params):  # s_i everywhere, never below a layer's final count
+        final = sparse_layer_counts(params, sparsity, dist, rules)
+        sizes = dict((p, x.size) for p, x in named_leaves(params))
+        return {p: max(round((1.0 - initial_sparsity) * sizes[p]), final[p]) for p in final}
+
+    def mask_update(t, weights, grads, masks, key):
+        final = sparse_layer_counts(weights, sparsity, dist, rules)
+        flat, treedef = _flat_masks(masks)
+        w_by = dict(named_leaves(weights))
+        paths = [path_str(p) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]]
+        out = []
+        for path, m in zip(paths, flat):
+            if m is None:
+                out.append(None)
+                continue
+            size = m.size
+            s_final = 1.0 - final[path] / size
+            s_t = initial_sparsity + (s_final - initial_sparsity) * ramp(t)
+            keep = jnp.round((1.0 - s_t) * size).astype(jnp.int32)
+            keep = jnp.maximum(keep, final[path])
+            out.append(topk_mask(magnitude_score(w_by[path]), keep, eligible=m, method=selection))
+        new_masks = jax.tree_util.tree_unflatten(treedef, out)
+        return new_masks, jax.tree.map(lambda m: None if m is None else jnp.zeros_like(m),
+                                       new_masks, is_leaf=_is_none)
+
+    return _sparse_transform(
+        inner, init_counts=init_counts, mask_init="magnitude", seed=0, selection=selection,
+        mask_update=mask_update,
+        update_due=lambda t: is_update_step(t, update_every, begin_step, end_step))
+
+
+def _drop_and_grow(grow: str, drop_fraction_fn, noise_std: float, selection: str,
+                   reinit_when_same: bool) -> MaskUpdate:
+    """Per layer: keep the largest active ``|w| + noise``, grow ``n_drop`` among the rest."""
+
+    def mask_update(t, weights, grads, masks, key):
+        f = drop_fraction_fn(t)
+        flat_m, treedef = _flat_masks(masks)
+        flat_w = treedef.flatten_up_to(weights)
+        flat_g = treedef.flatten_up_to(grads)
+        new_m, new_c = [], []
+        for i, (m, w, g) in enumerate(zip(flat_m, flat_w, flat_g)):
+            if m is None:
+                new_m.append(None)
+                new_c.append(None)
+                continue
+            k_drop, k_grow = jax.random.split(jax.random.fold_in(key, i))
+            n_active = jnp.sum(m, dtype=jnp.int32)
+            n_drop = jnp.floor(f * n_active.astype(jnp.float32)).astype(jnp.int32)
+            drop_score = magnitude_score(w).astype(jnp.float32)
+            if noise_std:
+                drop_score = drop_score + noise_std * jax.random.normal(k_drop, w.shape)
+            kept = topk_mask(drop_score, n_active - n_drop, eligible=m, method=selection)
+            grow_score = (jnp.abs(g) if grow == "gradient" else random_score(k_grow, w.shape))
+            grown = topk_mask(grow_score, n_drop, eligible=~kept, method=selection)
+            new_m.append(kept | grown)
+            new_c.append(grown if reinit_when_same else grown & ~m)
+        return (jax.tree_util.tree_unflatten(treedef, new_m),
+                jax.tree_util.tree_unflatten(treedef, new_c))
+
+    return mask_update
+
+
+def _dynamic(inner, sparsity, *, grow: str, distribution, rules, update_every, begin_step,
+             end_step, drop_fraction, drop_fraction_anneal, skip_gradient_on_update,
+             mask_init, seed, selection, drop_noise_std, reinit_when_same):
+    _check_sparsity(sparsity)
+    _check(update_every > 0, f"update_every must be positive, got {update_every}")
+    _check(0 <= begin_step <= end_step, f"need 0 <= begin_step <= end_step, got "
+                                        f"{begin_step}, {end_step}")
+    _check(0.0 <= drop_fraction <= 1.0, f"drop_fraction {drop_fraction} is outside [0, 1]")
+    dist = distribution or uniform()
+    f = drop_fraction_schedule(drop_fraction, drop_fraction_anneal, max(end_step, 1))
+    return _sparse_transform(
+        inner, init_counts=lambda p: sparse_layer_counts(p, sparsity, dist, rules),
+        mask_init=mask_init, seed=seed, selection=selection,
+        mask_update=_drop_and_grow(grow, f, drop_noise_std, selection, reinit_when_same),
+        update_due=lambda t: is_update_step(t, update_every, begin_step, end_step),
+        skip_gradient_on_update=skip_gradient_on_update)
+
+
+def set_(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
+         distribution: Distribution | None = None, rules=None, update_every: int = 100,
+         begin_step: int = 0, drop_fraction: float = 0.3, drop_fraction_anneal: str = "cosine",
+         skip_gradient_on_update: bool = False, mask_init: str = "random", seed: int = 0,
+         selection: str = "sort", drop_noise_std: float = 1e-5,
+         reinit_when_same: bool = False) -> SparseTransformation:
+    """SET (Mocanu et al. 2018): drop the smallest active ``|w|``, regrow at random.
+
+    Named ``set_`` because ``set`` is a Python builtin. The gradient step is applied on
+    update steps before the mask changes, as in the reference code.
+
+    Example::
+
+        tx = sparsejax.set_(optax.sgd(0.1, 0.9), 0.9, end_step=7500, update_every=100)
+    """
+    return _dynamic(inner, sparsity, grow="random", distribution=distribution, rules=rules,
+                    update_every=update_every, begin_step=begin_step, end_step=end_step,
+                    drop_fraction=drop_fraction, drop_fraction_anneal=drop_fraction_anneal,
+                    skip_gradient_on_update=skip_gradient_on_update, mask_init=mask_init,
+                    seed=seed, selection=selection, drop_noise_std=drop_noise_std,
+                    reinit_when_same=reinit_when_same)
+
+
+def rigl(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
+         distribution: Distribution | None = None, rules=None, update_every: int = 100,
+         begin_step: int = 0, drop_fraction: float = 0.3, drop_fraction_anneal: str = "cosine",
+         skip_gradient_on_update: bool = True, mask_init: str = "random", seed: int = 0,
+         selection: str = "sort", drop_noise_std: float = 1e-5,
+         reinit_when_same: bool = False) -> SparseTransformation:
+    """RigL (Evci et al. 2020): drop the smallest active ``|w|``, grow the largest dense
+    ``|∂L/∂(W⊙m)|``. ``f_t = f_0·½(1 + cos(πt/T_end))`` by default; on update steps the
+    gradient step is skipped, as in the reference code.
+
+    Example::
+
+        tx = sparsejax.rigl(optax.adamw(3e-4), 0.9, distribution=sparsejax.erk(),
+                            update_every=100, end_step=7500, drop_fraction=0.3)
+    """
+    return _dynamic(inner, sparsity, grow="gradient", distribution=distribution, rules=rules,
+                    update_every=update_every, begin_step=begin_step, end_step=end_step,
+                    drop_fraction=drop_fraction, drop_fraction_anneal=drop_fraction_anneal,
+                    skip_gradient_on_update=skip_gradient_on_update, mask_init=mask_init,
+                    seed=seed, selection=selection, drop_noise_std=drop_noise_std,
+                    reinit_when_same=reinit_when_same)
+
+
+__all__ = ["SparseState", "gradual_magnitude", "init_masks", "one_shot_magnitude", "rigl",
+           "set_", "sparse_layer_counts", "static_sparse"]

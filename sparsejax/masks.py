@@ -1,0 +1,388 @@
+"""Masks: pytrees matching params, path rules, apply, counts, packing, scores, selection.
+
+A mask tree has the structure of the params with a boolean array for every sparse leaf
+and ``None`` for every dense one (biases, norms, layers kept dense by rule). Which
+leaves are sparse is decided by path rules: ``(regex, spec)`` pairs over the
+'/'-joined parameter path, the first full match wins, and a rule that matches no
+parameter is an error. ``spec`` is ``'sparse'`` (density from the distribution),
+``'dense'``/``None``, or a float: that layer's own sparsity (left out of ERK's solve).
+
+Selection keeps exactly ``k`` entries. Scores are mapped to a ``uint32`` sort key (NaN
+counts as -inf; entries that are not eligible rank below every eligible one), and ties
+go to the lower flat index (row-major, then leaf order for global selection). Two
+methods give the same mask: ``'sort'`` (a stable argsort) and ``'threshold'`` (a
+sort-free bisection: 32 counting passes find the k-th key, then a bisection over
+indices splits the ties). The threshold method needs only sums, so on sharded arrays
+XLA reduces per shard and never gathers the tensor.
+
+Example::
+
+    rules = [(r'layers/0/kernel', 'dense'), (r'.*kernel', 'sparse')]
+    specs = resolve_rules(params, rules)            # {'layers/1/kernel': 'sparse', ...}
+    m = topk_mask(jnp.abs(w), k=100)                # exactly 100 True
+    sparse_w = apply_masks(params, masks)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+DEFAULT_RULES = ((r".*kernel", "sparse"),)
+_is_none = lambda x: x is None  # noqa: E731
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def path_str(path) -> str:
+    """'/'-joined key path of a pytree leaf, e.g. ``layers/0/kernel``.
+
+    Example::
+
+        [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({'a': {'b': 1}})[0]]
+        # ['a/b']
+    """
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def named_leaves(tree) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` pairs of a pytree, paths as in ``path_str``.
+
+    Example::
+
+        named_leaves({'w': 1, 'b': {'c': 2}})   # [('b/c', 2), ('w', 1)]
+    """
+    return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _normalize_spec(spec, path: str, pattern: str):
+    if spec is None or spec == "dense":
+        return "dense"
+    if spec == "sparse":
+        return "sparse"
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        if not 0.0 <= float(spec) < 1.0:
+            raise ValueError(f"rule {pattern!r}: sparsity {spec} for parameter {path!r} is "
+                             "outside [0, 1)")
+        return float(spec)
+    raise ValueError(f"rule {pattern!r}: unknown spec {spec!r} for parameter {path!r}; use "
+                     "'sparse', 'dense'/None, or a sparsity in [0, 1)")
+
+
+def resolve_rules(params, rules: Sequence[tuple[str, Any]] | None = None) -> dict[str, Any]:
+    """``{path: 'sparse' | 'dense' | sparsity}`` for every parameter leaf.
+
+    First full regex match wins; unmatched parameters are dense. Raises if a rule
+    matches nothing or a sparse rule hits a scalar.
+
+    Example::
+
+        resolve_rules({'a': {'kernel': w}, 'b': {'bias': b}})
+        # {'a/kernel': 'sparse', 'b/bias': 'dense'}
+    """
+    rules = DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
+    used, out = set(), {}
+    leaves = named_leaves(params)
+    for path, leaf in leaves:
+        out[path] = "dense"
+        for i, (pattern, spec) in enumerate(rules):
+            if re.fullmatch(pattern, path):
+                used.add(i)
+                out[path] = _normalize_spec(spec, path, pattern)
+                if out[path] != "dense" and np.ndim(leaf) == 0:
+                    raise ValueError(f"rule {pattern!r} makes scalar parameter {path!r} "
+                                     "sparse; a mask needs at least one dimension")
+                break
+    unused = [rules[i][0] for i in range(len(rules)) if i not in used]
+    if unused:
+        raise ValueError(f"sparsity rules match no parameter: {unused}; parameter paths look "
+                         f"like {[p for p, _ in leaves[:4]]}")
+    return out
+
+
+# ----------------------------------------------------------------------------- trees
+
+
+def map_masked(fn, masks, *trees):
+    """``fn(mask, *leaves)`` on sparse leaves; dense leaves (mask ``None``) pass the first
+    tree's leaf through (or stay ``None`` when no other tree is given).
+
+    Example::
+
+        map_masked(lambda m, w: jnp.where(m, w, 0), masks, params)
+    """
+    return jax.tree.map(lambda m, *xs: (xs[0] if xs else None) if m is None else fn(m, *xs),
+                        masks, *trees, is_leaf=_is_none)
+
+
+def apply_masks(params, masks):
+    """``W ⊙ m`` on sparse leaves (exact zeros), dense leaves unchanged.
+
+    Example::
+
+        apply_masks({'w': jnp.ones(3)}, {'w': jnp.array([True, False, True])})  # [1, 0, 1]
+    """
+    return map_masked(lambda m, w: jnp.where(m, w, jnp.zeros_like(w)), masks, params)
+
+
+@jax.custom_vjp
+def _masked_dense_grad(w: jax.Array, m: jax.Array) -> jax.Array:
+    return jnp.where(m, w, jnp.zeros_like(w))
+
+
+def _masked_dense_grad_fwd(w, m):
+    return _masked_dense_grad(w, m), m
+
+
+def _masked_dense_grad_bwd(m, g):
+    return g, np.zeros(m.shape, jax.dtypes.float0)
+
+
+_masked_dense_grad.defvjp(_masked_dense_grad_fwd, _masked_dense_grad_bwd)
+
+
+def masked_with_dense_grad(params, masks):
+    """Forward value ``W ⊙ m`` exactly, gradient the dense ``∂L/∂(W⊙m)`` at every entry.
+
+    A ``custom_vjp``: forward ``where(m, w, 0)`` (exact zeros even if a stored inactive
+    weight is NaN), backward passes the cotangent to every entry. The model computes
+    with the masked weights while ``jax.grad`` returns the gradient RigL grows by;
+    transforms mask it before the inner optimizer sees it.
+
+    Example::
+
+        g = jax.grad(lambda p: loss(masked_with_dense_grad(p, masks)))(params)
+    """
+    return map_masked(lambda m, w: _masked_dense_grad(w, m), masks, params)
+
+
+def mask_counts(masks) -> dict[str, tuple[int, int]]:
+    """``{path: (nonzeros, size)}`` for every sparse leaf (host values).
+
+    Example::
+
+        mask_counts({'w': jnp.array([True, False])})   # {'w': (1, 2)}
+    """
+    flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]
+    return {path_str(p): (int(jnp.sum(m)), int(m.size)) for p, m in flat if m is not None}
+
+
+def global_sparsity(masks) -> float:
+    """Fraction of zeros over all sparse leaves together.
+
+    Example::
+
+        global_sparsity({'w': jnp.array([True, False, False, False])})   # 0.75
+    """
+    counts = mask_counts(masks).values()
+    total = sum(s for _, s in counts)
+    return 1.0 - sum(n for n, _ in counts) / max(total, 1)
+
+
+def pack_masks(masks):
+    """Bit-packs each boolean mask into ``uint8`` (8× smaller), for storage and export.
+
+    Example::
+
+        packed = pack_masks(masks); same = unpack_masks(packed, masks)
+    """
+    return map_masked(lambda m: jnp.packbits(m.reshape(-1)), masks)
+
+
+def unpack_masks(packed, like):
+    """Inverse of ``pack_masks``; ``like`` gives the shapes (masks, params or abstract).
+
+    Example::
+
+        unpack_masks(pack_masks(masks), masks)
+    """
+    return jax.tree.map(
+        lambda p, x: None if p is None else
+        jnp.unpackbits(p, count=math.prod(x.shape)).reshape(x.shape).astype(bool),
+        packed, like, is_leaf=_is_none)
+
+
+def param_like_paths(tree, params) -> Any:
+    """For each leaf of ``tree``, the path of the parameter it shadows, else ``""``.
+
+    A leaf shadows a parameter when its path ends with the parameter's path and it has
+    the parameter's shape: optimizer moments (``0/mu/layers/0/kernel``), masks, EMA
+    copies. This is how state is matched to parameters without knowing its types.
+
+    Example::
+
+        param_like_paths(optax.adam(1e-3).init(params), params)
+    """
+    shapes = {p: tuple(np.shape(x)) for p, x in named_leaves(params)}
+
+    def match(path, leaf):
+        parts = path_str(path).split("/")
+        for i in range(len(parts)):  # longest suffix first
+            name = "/".join(parts[i:])
+            if name in shapes and shapes[name] == tuple(np.shape(leaf)):
+                return name
+        return ""  # not None: None is an empty pytree node and would change the structure
+
+    return jax.tree_util.tree_map_with_path(match, tree)
+
+
+def zero_where(tree, params, where: dict[str, jax.Array]):
+    """Zeros the entries of every parameter-shaped leaf of ``tree`` where the boolean
+    array ``where[param_path]`` is True (e.g. optimizer moments of regrown weights).
+
+    Example::
+
+        inner = zero_where(inner_state, params, {'layers/0/kernel': new_connections})
+    """
+    paths = param_like_paths(tree, params)
+    return jax.tree.map(
+        lambda p, x: jnp.where(where[p], jnp.zeros_like(x), x) if p in where else x,
+        paths, tree)
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def magnitude_score(w: jax.Array) -> jax.Array:
+    """``|w|`` (magnitude pruning; RigL/SET drop score). Example: ``magnitude_score(w)``."""
+    return jnp.abs(w)
+
+
+def gradient_score(g: jax.Array) -> jax.Array:
+    """``|∇L|`` (RigL grow score). Example: ``gradient_score(grads['w'])``."""
+    return jnp.abs(g)
+
+
+def saliency_score(w: jax.Array, g: jax.Array) -> jax.Array:
+    """``|w · ∇L|`` (SNIP connection sensitivity). Example: ``saliency_score(w, g)``."""
+    return jnp.abs(w * g)
+
+
+def random_score(key: jax.Array, shape) -> jax.Array:
+    """Uniform noise in [0, 1) (SET growth, random masks). Example: ``random_score(k, (3, 4))``."""
+    return jax.random.uniform(key, shape)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def sort_key(scores: jax.Array, eligible: jax.Array | None = None) -> jax.Array:
+    """Order-preserving ``uint32`` key of float scores; NaN → -inf; ineligible → 0.
+
+    Every float (``-inf`` included) maps above 0, so ineligible entries rank last.
+
+    Example::
+
+        sort_key(jnp.array([-1.0, 0.0, 2.0]))   # increasing uint32 keys
+    """
+    s = scores.astype(jnp.float32)
+    s = jnp.where(jnp.isnan(s), -jnp.inf, s) + 0.0  # + 0.0 turns -0.0 into +0.0
+    bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
+    key = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+    if eligible is not None:
+        key = jnp.where(eligible, key, jnp.uint32(0))
+    return key
+
+
+def _sort_select(keys: list[jax.Array], k) -> list[jax.Array]:
+    flat = jnp.concatenate([x.reshape(-1) for x in keys])
+    order = jnp.argsort(~flat, stable=True)  # descending key, ties: lower index first
+    ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+    chosen = ranks < k
+    out, start = [], 0
+    for x in keys:
+        out.append(chosen[start:start + x.size].reshape(x.shape))
+        start += x.size
+    return out
+
+
+def _threshold_select(keys: list[jax.Array], k) -> list[jax.Array]:
+    def count(pred):
+        return sum(jnp.sum(pred(x, i), dtype=jnp.int32) for i, x in enumerate(keys))
+
+    # t = the largest key with count(key >= t) >= k: the k-th largest key, bit by bit.
+    def kth_bit(i, t):
+        cand = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(count(lambda x, _: x >= cand) >= k, cand, t)
+
+    t = jax.lax.fori_loop(0, 32, kth_bit, jnp.uint32(0))
+    ties_needed = k - count(lambda x, _: x > t)
+    offsets = np.cumsum([0] + [x.size for x in keys])
+    index = [offsets[i] + jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) +
+             sum(jax.lax.broadcasted_iota(jnp.int32, x.shape, d) * int(np.prod(x.shape[d + 1:]))
+                 for d in range(x.ndim - 1))
+             for i, x in enumerate(keys)]
+    n_bits = max(int(offsets[-1]).bit_length(), 1)
+
+    # p = the largest index with fewer than ties_needed ties below it: ties at <= p win.
+    def tie_bit(i, p):
+        cand = p | (jnp.int32(1) << (n_bits - 1 - i))
+        below = count(lambda x, j: (x == t) & (index[j] < cand))
+        return jnp.where(below < ties_needed, cand, p)
+
+    p = jax.lax.fori_loop(0, n_bits, tie_bit, jnp.int32(0))
+    return [((x > t) | ((x == t) & (index[i] <= p))) & (k > 0) for i, x in enumerate(keys)]
+
+
+SELECTION_METHODS = ("sort", "threshold")
+
+
+def _select(scores: list[jax.Array], k, eligible: list | None, method: str) -> list[jax.Array]:
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"unknown selection method {method!r}; known: {SELECTION_METHODS}")
+    if eligible is None:
+        eligible = [None] * len(scores)
+    keys = [sort_key(s, e) for s, e in zip(scores, eligible)]
+    n_eligible = sum(jnp.sum(x > 0, dtype=jnp.int32) for x in keys)
+    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, n_eligible)
+    return (_sort_select if method == "sort" else _threshold_select)(keys, k)
+
+
+def topk_mask(scores: jax.Array, k, eligible: jax.Array | None = None,
+              method: str = "sort") -> jax.Array:
+    """Boolean mask of the ``k`` highest scores (exactly ``min(k, #eligible)`` True).
+
+    ``k`` may be traced. Ties go to the lower flat index; NaN ranks as -inf; only
+    ``eligible`` entries can be chosen. ``method`` is 'sort' or 'threshold' (same mask).
+
+    Example::
+
+        topk_mask(jnp.array([3., 1., 3., 2.]), 2)   # [True, False, True, False]
+    """
+    return _select([scores], k, None if eligible is None else [eligible], method)[0]
+
+
+def global_topk_masks(scores, k, eligible=None, method: str = "sort"):
+    """``topk_mask`` over all leaves of a pytree at once (global pruning); ties go to the
+    earlier leaf, then the lower index. ``None`` leaves are skipped and stay ``None``.
+
+    Example::
+
+        global_topk_masks({'a': jnp.abs(w1), 'b': jnp.abs(w2)}, k=1000)
+    """
+    flat, treedef = jax.tree_util.tree_flatten(scores, is_leaf=_is_none)
+    el = [None] * len(flat) if eligible is None else treedef.flatten_up_to(eligible)
+    live = [i for i, s in enumerate(flat) if s is not None]
+    chosen = _select([flat[i] for i in live], k, [el[i] for i in live], method)
+    out = list(flat)
+    for i, c in zip(live, chosen):
+        out[i] = c
+    return jax.tree_util.tree_unflatten(treedef, out)

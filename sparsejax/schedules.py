@@ -1,0 +1,79 @@
+"""Schedules of the sparse training step ``t`` (the number of updates applied so far).
+
+Each is a pure function of ``t`` that works on Python ints and on traced arrays.
+
+Example::
+
+    f = cosine_drop_fraction(0.3, end_step=7500)
+    f(0), f(3750), f(7500)       # 0.3, 0.15, 0.0
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+Schedule = Callable[[object], object]
+
+
+def constant_drop_fraction(f0: float) -> Schedule:
+    """``f_t = f_0``. Example: ``constant_drop_fraction(0.3)(10)``."""
+    return lambda t: jnp.asarray(f0, jnp.float32) + 0.0 * jnp.asarray(t, jnp.float32)
+
+
+def cosine_drop_fraction(f0: float, end_step: int) -> Schedule:
+    """``f_t = f_0 · ½ (1 + cos(π t / T_end))`` (Evci et al. 2020, Eq. 1), 0 after ``T_end``.
+
+    Example::
+
+        cosine_drop_fraction(0.3, 100)(50)   # 0.15
+    """
+    def f(t):
+        t = jnp.minimum(jnp.asarray(t, jnp.float32), end_step)
+        return f0 * 0.5 * (1.0 + jnp.cos(jnp.pi * t / end_step))
+
+    return f
+
+
+def drop_fraction_schedule(f0: float, anneal: str, end_step: int) -> Schedule:
+    """'cosine' or 'constant' drop fraction.
+
+    Example::
+
+        drop_fraction_schedule(0.3, 'cosine', 7500)
+    """
+    if anneal == "cosine":
+        return cosine_drop_fraction(f0, end_step)
+    if anneal == "constant":
+        return constant_drop_fraction(f0)
+    raise ValueError(f"unknown drop_fraction_anneal {anneal!r}; known: ['constant', 'cosine']")
+
+
+def gradual_sparsity(final: float, begin_step: int, end_step: int,
+                     initial: float = 0.0) -> Schedule:
+    """Zhu & Gupta 2017, Eq. 1: ``s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(T − t_0))³``,
+    ``s_i`` before ``t_0 = begin_step``, ``s_f`` from ``T = end_step`` on.
+
+    Example::
+
+        gradual_sparsity(0.9, 0, 100)(50)   # 0.9 · (1 − 0.5³) = 0.7875
+    """
+    span = max(end_step - begin_step, 1)
+
+    def s(t):
+        frac = jnp.clip((jnp.asarray(t, jnp.float32) - begin_step) / span, 0.0, 1.0)
+        return final + (initial - final) * (1.0 - frac) ** 3
+
+    return s
+
+
+def is_update_step(t, every: int, begin_step: int, end_step: int):
+    """Mask updates at ``t = begin, begin + ΔT, …`` while ``t ≤ end_step``.
+
+    Example::
+
+        is_update_step(200, 100, 0, 7500)   # True
+    """
+    t = jnp.asarray(t)
+    return (t >= begin_step) & (t <= end_step) & ((t - begin_step) % every == 0)

@@ -1,0 +1,130 @@
+"""Masks: rules, exact-count selection (sort and threshold), packing, dense-gradient forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sparsejax import masks as M
+
+PARAMS = {"layers": {0: {"kernel": jnp.ones((4, 6)), "bias": jnp.ones(6)}},
+          "head": {"kernel": jnp.ones((6, 3)), "bias": jnp.ones(3)}, "scale": jnp.ones(())}
+
+
+def reference_topk(scores: np.ndarray, k: int, eligible: np.ndarray | None) -> np.ndarray:
+    """numpy: highest score first, NaN as -inf, ties to the lower flat index."""
+    s = np.where(np.isnan(scores), -np.inf, scores).reshape(-1).astype(np.float64)
+    el = np.ones(s.size, bool) if eligible is None else eligible.reshape(-1)
+    idx = np.arange(s.size)
+    order = np.lexsort((idx, -s))  # primary: -score, secondary: index
+    order = [i for i in order if el[i]][:k]
+    out = np.zeros(s.size, bool)
+    out[order] = True
+    return out.reshape(scores.shape)
+
+
+score_arrays = st.tuples(st.integers(1, 7), st.integers(1, 9), st.integers(0, 2**31 - 1),
+                         st.sampled_from([0, 1, 2]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(score_arrays, st.floats(0, 1.2), st.booleans())
+def test_topk_matches_reference_and_methods_agree(spec, frac, use_eligible):
+    rows, cols, seed, levels = spec
+    rng = np.random.default_rng(seed)
+    # few distinct values -> many ties; some NaN and infinities
+    s = rng.normal(size=(rows, cols))
+    if levels:
+        s = np.round(s * levels) / levels
+    s[rng.random(s.shape) < 0.1] = np.nan
+    s[rng.random(s.shape) < 0.05] = np.inf
+    s = s.astype(np.float32)
+    eligible = rng.random(s.shape) < 0.7 if use_eligible else None
+    k = int(frac * s.size)
+    want = reference_topk(s, k, eligible)
+    el = None if eligible is None else jnp.asarray(eligible)
+    for method in M.SELECTION_METHODS:
+        got = np.asarray(M.topk_mask(jnp.asarray(s), k, el, method=method))
+        np.testing.assert_array_equal(got, want, err_msg=method)
+    n_el = s.size if eligible is None else int(eligible.sum())
+    assert want.sum() == min(k, n_el)
+
+
+def test_global_topk_matches_concatenated_reference():
+    rng = np.random.default_rng(0)
+    a, b = np.round(rng.normal(size=(5, 4)), 1), np.round(rng.normal(size=(7,)), 1)
+    flat = np.concatenate([a.ravel(), b]).astype(np.float32)
+    want = reference_topk(flat, 11, None)
+    for method in M.SELECTION_METHODS:
+        got = M.global_topk_masks({"a": jnp.asarray(a), "b": jnp.asarray(b), "c": None}, 11,
+                                  method=method)
+        assert got["c"] is None
+        np.testing.assert_array_equal(np.concatenate([np.asarray(got["a"]).ravel(),
+                                                      np.asarray(got["b"])]), want)
+
+
+def test_threshold_selection_on_sharded_array_does_not_gather():
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    x = jax.random.normal(jax.random.PRNGKey(0), (64, 128)).round(1)  # ties across shards
+    xs = jax.device_put(x, NamedSharding(mesh, P("x", None)))
+    fn = jax.jit(lambda s: M.topk_mask(s, 1000, method="threshold"))
+    hlo = fn.lower(xs).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" in hlo
+    got = fn(xs)
+    assert got.sharding.spec == P("x", None)
+    np.testing.assert_array_equal(np.asarray(got), reference_topk(np.asarray(x), 1000, None))
+
+
+def test_resolve_rules_first_match_and_errors():
+    specs = M.resolve_rules(PARAMS, [(r"head/kernel", "dense"), (r".*kernel", "sparse"),
+                                     (r"layers/0/bias", 0.5)])
+    assert specs == {"head/bias": "dense", "head/kernel": "dense", "layers/0/bias": 0.5,
+                     "layers/0/kernel": "sparse", "scale": "dense"}
+    assert M.resolve_rules(PARAMS)["layers/0/kernel"] == "sparse"  # default: kernels
+    with pytest.raises(ValueError, match=r"match no parameter: \['encoder/.*'\]"):
+        M.resolve_rules(PARAMS, [(r"encoder/.*", "sparse")])
+    with pytest.raises(ValueError, match="scalar parameter 'scale'"):
+        M.resolve_rules(PARAMS, [(r"scale", "sparse")])
+    with pytest.raises(ValueError, match="sparsity 1.5 for parameter 'head/kernel' is outside"):
+        M.resolve_rules(PARAMS, [(r"head/kernel", 1.5)])
+    with pytest.raises(ValueError, match="unknown spec 'sparce' for parameter 'head/kernel'"):
+        M.resolve_rules(PARAMS, [(r"head/kernel", "sparce")])
+
+
+def test_apply_pack_counts():
+    m = {"w": jnp.array([[True, False, True], [False, False, True]]), "b": None}
+    p = {"w": jnp.arange(6.0).reshape(2, 3) + 1, "b": jnp.ones(2)}
+    out = M.apply_masks(p, m)
+    np.testing.assert_array_equal(out["w"], [[1, 0, 3], [0, 0, 6]])
+    assert out["b"] is p["b"]
+    assert M.mask_counts(m) == {"w": (3, 6)} and M.global_sparsity(m) == 0.5
+    packed = M.pack_masks(m)
+    assert packed["w"].dtype == jnp.uint8 and packed["w"].size == 1
+    np.testing.assert_array_equal(M.unpack_masks(packed, p)["w"], m["w"])
+
+
+def test_forward_value_is_masked_and_gradient_is_dense():
+    w = jax.random.normal(jax.random.PRNGKey(0), (5, 4))
+    m = jax.random.uniform(jax.random.PRNGKey(1), (5, 4)) < 0.5
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 5))
+    loss = lambda v: jnp.sum(jnp.tanh(x @ v) ** 2)  # noqa: E731
+    fwd = M.masked_with_dense_grad({"w": w}, {"w": m})["w"]
+    np.testing.assert_array_equal(fwd, jnp.where(m, w, 0))
+    g = jax.grad(lambda p: loss(M.masked_with_dense_grad(p, {"w": m})["w"]))({"w": w})["w"]
+    np.testing.assert_allclose(g, jax.grad(loss)(jnp.where(m, w, 0)), rtol=1e-6)
+    assert bool(jnp.all(g[~m] != 0))  # the gradient reaches inactive weights too
+
+
+def test_zero_where_finds_moments_by_structure():
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adam)(1e-3))
+    state = jax.tree.map(lambda x: x + 1, tx.init(PARAMS))
+    where = jnp.zeros((4, 6), bool).at[1, 2].set(True)
+    out = M.zero_where(state, PARAMS, {"layers/0/kernel": where})
+    for moment in (out[1].inner_state[0].mu, out[1].inner_state[0].nu):
+        k = moment["layers"][0]["kernel"]
+        assert float(k[1, 2]) == 0 and float(jnp.sum(k == 0)) == 1
+        assert bool(jnp.all(moment["head"]["kernel"] == 1))
+    assert float(out[1].hyperparams["learning_rate"]) == pytest.approx(1.001)
