@@ -137,3 +137,16 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
+
+
+def block_stack(num_layers: int, d_model: int, num_heads: int, d_ff: int, *, activation: str,
+                causal: bool, attention: str, ffn: str, rngs: nnx.Rngs) -> nnx.List:
+    """``num_layers`` blocks as an ``nnx.List`` (parameter paths ``blocks/<i>/...``).
+
+    Example::
+
+        self.blocks = block_stack(2, 64, 4, 256, activation='gelu', causal=True,
+                                  attention='dense', ffn='dense', rngs=rngs)
+    """
+    return nnx.List([Block(d_model, num_heads, d_ff, activation=activation, causal=causal,
+                           attention=attention, ffn=ffn, rngs=rngs) for _ in range(num_layers)])

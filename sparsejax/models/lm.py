@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.models.layers import Block
+from sparsejax.models.layers import block_stack
 
 
 class DecoderLM(nnx.Module):
@@ -34,11 +34,8 @@ class DecoderLM(nnx.Module):
         self.max_len = max_len
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)))
-        self.blocks = nnx.List([
-            Block(d_model, num_heads, d_ff, activation=activation, causal=True,
-                  attention=attention, ffn=ffn, rngs=rngs)
-            for _ in range(num_layers)
-        ])
+        self.blocks = block_stack(num_layers, d_model, num_heads, d_ff, activation=activation,
+                                  causal=True, attention=attention, ffn=ffn, rngs=rngs)
         self.ln = nnx.LayerNorm(d_model, rngs=rngs)
         self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
 

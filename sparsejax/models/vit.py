@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.models.layers import Block
+from sparsejax.models.layers import block_stack
 
 
 class ViT(nnx.Module):
@@ -37,11 +37,8 @@ class ViT(nnx.Module):
         self.embed = nnx.Conv(in_channels, d_model, (patch_size, patch_size),
                               strides=patch_size, padding="VALID", rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_patches, d_model)))
-        self.blocks = nnx.List([
-            Block(d_model, num_heads, d_ff, activation=activation, causal=False,
-                  attention=attention, ffn=ffn, rngs=rngs)
-            for _ in range(num_layers)
-        ])
+        self.blocks = block_stack(num_layers, d_model, num_heads, d_ff, activation=activation,
+                                  causal=False, attention=attention, ffn=ffn, rngs=rngs)
         self.ln = nnx.LayerNorm(d_model, rngs=rngs)
         self.head = nnx.Linear(d_model, num_classes, rngs=rngs)
 
