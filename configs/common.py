@@ -34,7 +34,7 @@ def base(*, model: ml_collections.ConfigDict, data: ml_collections.ConfigDict):
         mask_init="random", update_every=100, begin_step=0, end_step=-1, end_fraction=0.75,
         drop_fraction=0.3, drop_fraction_anneal="cosine",
         skip_gradient_on_update=ml_collections.config_dict.placeholder(bool),
-        initial_sparsity=0.0, scope="layer", selection="sort", drop_noise_std=1e-5, seed=0))
+        initial_sparsity=0.0, scope="layer", selection="threshold", drop_noise_std=1e-5, seed=0))
     # mesh.shape may hold one -1 (all remaining devices); batches split over data_axes.
     # num_devices=0 uses every device; a positive number uses the first n (tests, debugging).
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "model"),

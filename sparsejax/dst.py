@@ -103,7 +103,7 @@ def _flat_masks(masks):
     return jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
 
 
-def init_masks(params, counts: dict[str, int], how: str, key, selection: str = "sort"):
+def init_masks(params, counts: dict[str, int], how: str, key, selection: str = "threshold"):
     """Masks with exactly ``counts[path]`` nonzeros: 'random' or 'magnitude' (largest |w|).
 
     Example::
@@ -185,7 +185,7 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
 def static_sparse(inner: optax.GradientTransformation, sparsity: float, *,
                   distribution: Distribution | None = None, rules=None,
                   mask_init: str = "random", seed: int = 0,
-                  selection: str = "sort") -> SparseTransformation:
+                  selection: str = "threshold") -> SparseTransformation:
     """Fixed masks for all of training: random (sparse-from-scratch, Liu et al. 2022's
     random pruning with ER/ERK ratios) or by magnitude at init.
 
@@ -202,7 +202,7 @@ def static_sparse(inner: optax.GradientTransformation, sparsity: float, *,
 
 def one_shot_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
                        distribution: Distribution | None = None, rules=None,
-                       scope: str = "layer", selection: str = "sort") -> SparseTransformation:
+                       scope: str = "layer", selection: str = "threshold") -> SparseTransformation:
     """Prune the smallest ``|w|`` of the params given to ``init`` once, then train the
     rest with fixed masks. ``scope='layer'`` follows ``distribution``; ``'global'``
     ranks all sparse layers together (one threshold, exact total count).
@@ -238,7 +238,7 @@ def one_shot_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
 def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
                       begin_step: int, end_step: int, update_every: int = 100,
                       initial_sparsity: float = 0.0, distribution: Distribution | None = None,
-                      rules=None, selection: str = "sort") -> SparseTransformation:
+                      rules=None, selection: str = "threshold") -> SparseTransformation:
     """Gradual magnitude pruning (Zhu & Gupta 2017): every ΔT steps in ``[t_0, T]`` prune
     the smallest active ``|w|`` of each layer to
     ``s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(T − t_0))³`` (per layer, with ``s_f`` that
@@ -343,7 +343,7 @@ def set_(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
          distribution: Distribution | None = None, rules=None, update_every: int = 100,
          begin_step: int = 0, drop_fraction: float = 0.3, drop_fraction_anneal: str = "cosine",
          skip_gradient_on_update: bool = False, mask_init: str = "random", seed: int = 0,
-         selection: str = "sort", drop_noise_std: float = 1e-5,
+         selection: str = "threshold", drop_noise_std: float = 1e-5,
          reinit_when_same: bool = False) -> SparseTransformation:
     """SET (Mocanu et al. 2018): drop the smallest active ``|w|``, regrow at random.
 
@@ -366,7 +366,7 @@ def rigl(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
          distribution: Distribution | None = None, rules=None, update_every: int = 100,
          begin_step: int = 0, drop_fraction: float = 0.3, drop_fraction_anneal: str = "cosine",
          skip_gradient_on_update: bool = True, mask_init: str = "random", seed: int = 0,
-         selection: str = "sort", drop_noise_std: float = 1e-5,
+         selection: str = "threshold", drop_noise_std: float = 1e-5,
          reinit_when_same: bool = False) -> SparseTransformation:
     """RigL (Evci et al. 2020): drop the smallest active ``|w|``, grow the largest dense
     ``|∂L/∂(W⊙m)|``. ``f_t = f_0·½(1 + cos(πt/T_end))`` by default; on update steps the

@@ -75,7 +75,7 @@ def _common(cfg) -> dict:
     return dict(distribution=get_distribution(cfg.get("distribution", "uniform"),
                                               cfg.get("power_scale", 1.0)),
                 rules=tuple(tuple(r) for r in cfg.get("rules", ())) or None,
-                selection=cfg.get("selection", "sort"))
+                selection=cfg.get("selection", "threshold"))
 
 
 def _dynamic(factory):
