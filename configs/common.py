@@ -2,8 +2,10 @@
 
 Each experiment config calls ``base(...)``, sets its fields and returns
 ``finalize(config, arg)``. ``arg`` is a comma-separated list: a sparsity method
-(``dense``, ``static``, ``one_shot``, ``gradual``, ``set``, ``rigl``), a sparsity in
-[0, 1), and ``tiny`` (a few steps, used by CI and smoke tests), e.g. ``rigl,0.9,tiny``.
+(``dense``, ``static``, ``one_shot``, ``gradual``, ``set``, ``rigl``, ``nm_ste``,
+``sr_ste``, ``mdgf``, ``sdgf``), a sparsity in [0, 1), an N:M pattern (``1:8``), and
+``tiny`` (a few steps, used by CI and smoke tests), e.g. ``rigl,0.9,tiny`` or
+``mdgf,1:8``.
 The config is then locked, so a misspelt key is an error.
 
 Example::
@@ -13,6 +15,8 @@ Example::
 """
 
 from __future__ import annotations
+
+import re
 
 import ml_collections
 
@@ -34,7 +38,10 @@ def base(*, model: ml_collections.ConfigDict, data: ml_collections.ConfigDict):
         mask_init="random", update_every=100, begin_step=0, end_step=-1, end_fraction=0.75,
         drop_fraction=0.3, drop_fraction_anneal="cosine",
         skip_gradient_on_update=ml_collections.config_dict.placeholder(bool),
-        initial_sparsity=0.0, scope="layer", selection="threshold", drop_noise_std=1e-5, seed=0))
+        initial_sparsity=0.0, scope="layer", selection="threshold", drop_noise_std=1e-5, seed=0,
+        # N:M (sparsejax.nm): 'sparse' rules mean this pattern, grouped along `axis`.
+        pattern="2:4", axis=-2, sr_ste_lambda=2e-4, decay="exp", alpha=2e-4, backward="ste",
+        schedule="stepwise", dense_steps=0, finetune_steps=0))
     # mesh.shape may hold one -1 (all remaining devices); batches split over data_axes.
     # num_devices=0 uses every device; a positive number uses the first n (tests, debugging).
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "model"),
@@ -50,14 +57,18 @@ def base(*, model: ml_collections.ConfigDict, data: ml_collections.ConfigDict):
     return c
 
 
-SPARSITY_METHODS = ("dense", "static", "one_shot", "gradual", "set", "rigl")
+SPARSITY_METHODS = ("dense", "static", "one_shot", "gradual", "set", "rigl",
+                    "nm_ste", "sr_ste", "mdgf", "sdgf")
 
 
 def parse_arg(arg: str | None, extra: tuple[str, ...] = ()) -> dict:
-    """``'rigl,0.9,tiny'`` → ``{'method': 'rigl', 'sparsity': 0.9, 'tiny': True}``."""
-    out = {"method": None, "sparsity": None, "tiny": False, "extra": set()}
+    """``'rigl,0.9,tiny'`` → ``{'method': 'rigl', 'sparsity': 0.9, 'tiny': True}``;
+    an N:M pattern such as ``'1:8'`` sets ``pattern``."""
+    out = {"method": None, "sparsity": None, "pattern": None, "tiny": False, "extra": set()}
     for tok in filter(None, (t.strip() for t in (arg or "").split(","))):
-        if tok == "tiny":
+        if re.fullmatch(r"\d+:\d+", tok):
+            out["pattern"] = tok
+        elif tok == "tiny":
             out["tiny"] = True
         elif tok in SPARSITY_METHODS:
             out["method"] = tok
@@ -80,6 +91,8 @@ def finalize(c: ml_collections.ConfigDict, arg: str | None, extra: tuple[str, ..
         c.sparsity.name = a["method"]
     if a["sparsity"] is not None:
         c.sparsity.sparsity = a["sparsity"]
+    if a["pattern"] is not None:
+        c.sparsity.pattern = a["pattern"]
     if a["tiny"]:
         c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 5, 10, 10
         c.batch_size = min(c.batch_size, 32)

@@ -50,7 +50,7 @@ flags.DEFINE_float("sparsity", 0.9, "sparsity of the sparse variants and the mas
 flags.DEFINE_integer("steps", 20, "steps per timed window (non-update variants)")
 flags.DEFINE_integer("update_steps", 2, "steps per timed window of 'rigl_update'")
 flags.DEFINE_integer("rounds", 9, "interleaved rounds of windows (medians are reported)")
-flags.DEFINE_enum("selection", "sort", ["sort", "threshold"],
+flags.DEFINE_enum("selection", "threshold", ["sort", "threshold"],
                   "topk_mask method of the sparse train-step variants (config.sparsity.selection)")
 flags.DEFINE_list("sizes_m", ["1", "4", "16", "64", "100"],
                   "layer sizes for the mask-update part, in millions of parameters")
@@ -73,7 +73,7 @@ NEVER = 10**9  # a step count no benchmark reaches (and int32 can hold)
 
 
 def step_config(variant: str, hidden, batch_size: int, sparsity: float,
-                selection: str = "sort"):
+                selection: str = "threshold"):
     """The quickstart config widened to ``hidden``, with ``variant``'s sparsity settings.
 
     'rigl' never updates its masks during the benchmark; 'rigl_update' updates on every
@@ -151,7 +151,7 @@ class _Runner:
 
 
 def bench_steps(hidden, batch_size: int, sparsity: float, steps: int, update_steps: int,
-                rounds: int, selection: str = "sort") -> dict:
+                rounds: int, selection: str = "threshold") -> dict:
     """Part 1: interleaved windows of every variant's train step; medians and ratios.
 
     Example::

@@ -109,6 +109,16 @@ def test_reference_models_train(make_cfg):
     assert int(state.step) == 3
 
 
+@pytest.mark.parametrize("arg", ["mdgf,1:8,tiny", "sdgf,2:4,tiny"])
+def test_nm_transformers_train_and_log_diagnostics(arg, tmp_path):
+    cfg = vit_digits.get_config(arg) if arg.startswith("mdgf") else lm_recall.get_config(arg)
+    summary = train_and_evaluate(cfg, tmp_path, progress=False)
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    assert all({"flip_rate", "pruned_grad_norm", "pruned_grad_var"} <= set(r) for r in rows)
+    assert any(r["flip_rate"] > 0 for r in rows) and all(0 <= r["flip_rate"] <= 1 for r in rows)
+    assert np.isfinite(summary["eval_loss"])
+
+
 @pytest.mark.parametrize("method", ["dense", "rigl"])
 def test_checkpoint_round_trip_is_exact(tmp_path, method):
     t, state, _ = run_steps(tiny(**{"mesh.shape": (4, 2), "sparsity.name": method,
@@ -185,6 +195,9 @@ def trained_workdir(tmp_path):
     ({"sparsity.name": "rigl", "sparsity.distribution": "erx"}, "unknown distribution 'erx'"),
     ({"sparsity.name": "static", "sparsity.rules": (("encoder/.*", "sparse"),)},
      "rules match no parameter"),
+    ({"sparsity.name": "nm_ste", "sparsity.pattern": "4:4"}, "N:M pattern 4:4 needs 0 < N < M"),
+    ({"sparsity.name": "nm_ste", "sparsity.pattern": "1:128"}, "not divisible by M=128"),
+    ({"sparsity.name": "mdgf", "sparsity.decay": "cosine"}, "unknown decay 'cosine'"),
     ({"batch_size": 12}, "batch_size=12 is not divisible by the 8 data shards"),
     ({"num_steps": 0}, "config.num_steps must be positive"),
 ])

@@ -166,6 +166,7 @@ def make_trainer(config, tx=None) -> Trainer:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         stats["grad_norm"] = optax.tree.norm(grads)
+        stats.update(getattr(opt_state, "diagnostics", {}))  # e.g. N:M flip rate
         masks = [m for m in jax.tree.leaves(getattr(opt_state, "masks", None)) if m is not None]
         if masks:  # weight sparsity over all masked leaves
             stats["sparsity"] = 1.0 - sum(jnp.sum(m, dtype=jnp.float32) for m in masks) / sum(

@@ -15,7 +15,7 @@ from typing import Callable
 
 import optax
 
-from sparsejax import dst
+from sparsejax import dst, nm
 from sparsejax.base import SparseTransformation, dense
 from sparsejax.distributions import get_distribution
 
@@ -93,6 +93,28 @@ def _dynamic(factory):
     return make
 
 
+def _nm(factory, **fixed):
+    """N:M methods reuse ``cfg.rules`` with 'sparse' meaning ``cfg.pattern`` (e.g. '2:4')."""
+
+    def make(inner, cfg, num_steps):
+        pattern = cfg.get("pattern", "2:4")
+        rules = tuple((r, pattern if spec == "sparse" else spec)
+                      for r, spec in (cfg.get("rules", ()) or ((r".*kernel", "sparse"),)))
+        dense, finetune = cfg.get("dense_steps", 0), cfg.get("finetune_steps", 0)
+        kw = dict(axis=cfg.get("axis", -2), dense_steps=dense, finetune_steps=finetune,
+                  sparse_steps=max(num_steps - dense - finetune, 1), **fixed)
+        if factory is nm.sr_ste:
+            kw["sr_ste_lambda"] = cfg.get("sr_ste_lambda", 2e-4)
+        if factory is nm.mdgf:
+            kw.update(decay=cfg.get("decay", "exp"), alpha=cfg.get("alpha", 2e-4),
+                      backward=cfg.get("backward", "ste"))
+        if factory is nm.sdgf:
+            kw["schedule"] = cfg.get("schedule", "stepwise")
+        return factory(inner, rules, **kw)
+
+    return make
+
+
 SPARSITY: dict[str, SparsityFactory] = {
     "dense": lambda inner, cfg, num_steps: dense(inner),
     "static": lambda inner, cfg, num_steps: dst.static_sparse(
@@ -106,6 +128,10 @@ SPARSITY: dict[str, SparsityFactory] = {
         initial_sparsity=cfg.get("initial_sparsity", 0.0), **_common(cfg)),
     "set": _dynamic(dst.set_),
     "rigl": _dynamic(dst.rigl),
+    "nm_ste": _nm(nm.nm_ste),
+    "sr_ste": _nm(nm.sr_ste),
+    "mdgf": _nm(nm.mdgf),
+    "sdgf": _nm(nm.sdgf),
 }
 
 
