@@ -23,7 +23,7 @@ def get_config(arg=None):
     c.optimizer.update(name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True,
                        weight_decay=5e-4, warmup_steps=500)
     # RigL's recipe keeps the first layer dense; Sparse-IFT also keeps the head dense.
-    c.sparsity.rules = ((r"stem", "dense"), (r"head/kernel", "dense"), (r".*kernel", "sparse"))
+    c.sparsity.rules = ((r"stem/kernel", "dense"), (r"head/kernel", "dense"), (r".*kernel", "sparse"))
     c.batch_size = 128
     c.num_steps = 64000
     c.eval_every = 2000
