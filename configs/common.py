@@ -3,9 +3,10 @@
 Each experiment config calls ``base(...)``, sets its fields and returns
 ``finalize(config, arg)``. ``arg`` is a comma-separated list: a sparsity method
 (``dense``, ``static``, ``one_shot``, ``gradual``, ``set``, ``rigl``, ``nm_ste``,
-``sr_ste``, ``mdgf``, ``sdgf``), a sparsity in [0, 1), an N:M pattern (``1:8``), and
-``tiny`` (a few steps, used by CI and smoke tests), e.g. ``rigl,0.9,tiny`` or
-``mdgf,1:8``.
+``sr_ste``, ``mdgf``, ``sdgf``), a sparsity in [0, 1), an N:M pattern (``1:8``), a
+Sparse-IFT family (``wide``, ``parallel``, ``factorized``, ``doped``; trained with RigL
+unless a method is given), and ``tiny`` (a few steps, used by CI and smoke tests), e.g.
+``rigl,0.9,tiny``, ``mdgf,1:8`` or ``doped,0.75``.
 The config is then locked, so a misspelt key is an error.
 
 Example::
@@ -42,6 +43,11 @@ def base(*, model: ml_collections.ConfigDict, data: ml_collections.ConfigDict):
         # N:M (sparsejax.nm): 'sparse' rules mean this pattern, grouped along `axis`.
         pattern="2:4", axis=-2, sr_ste_lambda=2e-4, decay="exp", alpha=2e-4, backward="ste",
         schedule="stepwise", dense_steps=0, finetune_steps=0))
+    # Sparse-IFT (sparsejax.ift): family none | wide | parallel | factorized | doped at
+    # sparsity s; rules: regexes of the Linear/Conv modules to transform (() = all but the
+    # stem and head); norm '' = BatchNorm after convs, LayerNorm after Linear.
+    c.ift = ml_collections.ConfigDict(dict(family="none", sparsity=0.0, rules=(), norm="",
+                                           sigma="norm_relu"))
     # mesh.shape may hold one -1 (all remaining devices); batches split over data_axes.
     # num_devices=0 uses every device; a positive number uses the first n (tests, debugging).
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "model"),
@@ -57,6 +63,7 @@ def base(*, model: ml_collections.ConfigDict, data: ml_collections.ConfigDict):
     return c
 
 
+IFT_FAMILIES = ("wide", "parallel", "factorized", "doped")
 SPARSITY_METHODS = ("dense", "static", "one_shot", "gradual", "set", "rigl",
                     "nm_ste", "sr_ste", "mdgf", "sdgf")
 
@@ -64,7 +71,8 @@ SPARSITY_METHODS = ("dense", "static", "one_shot", "gradual", "set", "rigl",
 def parse_arg(arg: str | None, extra: tuple[str, ...] = ()) -> dict:
     """``'rigl,0.9,tiny'`` → ``{'method': 'rigl', 'sparsity': 0.9, 'tiny': True}``;
     an N:M pattern such as ``'1:8'`` sets ``pattern``."""
-    out = {"method": None, "sparsity": None, "pattern": None, "tiny": False, "extra": set()}
+    out = {"method": None, "sparsity": None, "pattern": None, "ift": None, "tiny": False,
+           "extra": set()}
     for tok in filter(None, (t.strip() for t in (arg or "").split(","))):
         if re.fullmatch(r"\d+:\d+", tok):
             out["pattern"] = tok
@@ -72,6 +80,8 @@ def parse_arg(arg: str | None, extra: tuple[str, ...] = ()) -> dict:
             out["tiny"] = True
         elif tok in SPARSITY_METHODS:
             out["method"] = tok
+        elif tok in IFT_FAMILIES:
+            out["ift"] = tok
         elif tok in extra:
             out["extra"].add(tok)
         else:
@@ -93,6 +103,11 @@ def finalize(c: ml_collections.ConfigDict, arg: str | None, extra: tuple[str, ..
         c.sparsity.sparsity = a["sparsity"]
     if a["pattern"] is not None:
         c.sparsity.pattern = a["pattern"]
+    if a["ift"] is not None:  # Sparse-IFT: s is the IFT knob; RigL, uniform, by default
+        c.ift.family = a["ift"]
+        c.ift.sparsity = c.sparsity.sparsity if a["sparsity"] is None else a["sparsity"]
+        c.sparsity.name = a["method"] or "rigl"
+        c.sparsity.distribution = "uniform"
     if a["tiny"]:
         c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 5, 10, 10
         c.batch_size = min(c.batch_size, 32)

@@ -409,7 +409,8 @@ def model_flops(model: nnx.Module, *args) -> dict[str, int]:
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-    return layer_flops(lambda p, *a: nnx.merge(graphdef, p, rest)(*a), params, *args)
+    # rest (BatchNorm statistics) is traced too, so abstract models (eval_shape) work
+    return layer_flops(lambda p, r, *a: nnx.merge(graphdef, p, r)(*a), params, rest, *args)
 
 
 __all__ = ["ACTIVATION_KEY", "TRAINING_METHODS", "conv_flops", "densities_from_masks",

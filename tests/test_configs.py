@@ -16,7 +16,7 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
 # tfds configs need prepared data; their models are checked on the dataset's shapes
 INFO = {"resnet_cifar10": DataInfo("classification", (32, 32, 3), 10)}
 METHODS = ["", "static,0.9", "gradual,0.8", "set,0.9", "rigl,0.95", "nm_ste,2:4", "sr_ste,1:4",
-           "mdgf,1:8", "sdgf,2:4"]
+           "mdgf,1:8", "sdgf,2:4", "wide,0.75", "parallel,0.5", "factorized,0.75", "doped,0.9"]
 
 
 def _info(name, config):
@@ -34,8 +34,21 @@ def test_config_builds_with_every_method(name):
     info = _info(name, module.get_config())
     for arg in METHODS:
         config = module.get_config(arg)
-        model = nnx.eval_shape(lambda: build_model(config.model, info, nnx.Rngs(0)))
+        if config.ift.family != "none":  # Sparse-IFT rewrites the model: the trainer builds it
+            from sparsejax.train.loop import _sparse_ift
+
+            model_cfg, paths, rules = _sparse_ift(config, info)
+            assert rules, (name, arg)
+            tx = make_transform(config, rules=rules)
+            model = nnx.eval_shape(lambda: build_model(model_cfg, info, nnx.Rngs(0)))
+            if paths:
+                from sparsejax import ift
+
+                ift.transform(model, config.ift.family, config.ift.sparsity, paths)
+        else:
+            tx = make_transform(config)
+            model = nnx.eval_shape(lambda: build_model(config.model, info, nnx.Rngs(0)))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        state = jax.eval_shape(make_transform(config).init, params)  # rules resolve, N:M fits
+        state = jax.eval_shape(tx.init, params)  # rules resolve, N:M fits
         masks = [m for m in jax.tree.leaves(getattr(state, "masks", None)) if m is not None]
         assert bool(masks) == bool(arg), (name, arg)

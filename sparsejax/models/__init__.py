@@ -46,7 +46,7 @@ def _mlp(cfg, info, rngs):
 
 
 def _resnet(cfg, info, rngs):
-    return ResNet(depth=cfg.get("depth", 20), width=cfg.get("width", 1),
+    return ResNet(depth=cfg.get("depth", 20), width=float(cfg.get("width", 1)),
                   num_classes=info.num_classes, in_channels=info.input_shape[-1],
                   activation=cfg.get("activation", "relu"), rngs=rngs)
 
@@ -69,6 +69,30 @@ def _vit(cfg, info, rngs):
 def _lm(cfg, info, rngs):
     return DecoderLM(vocab_size=info.num_classes, max_len=info.input_shape[0], rngs=rngs,
                      **_transformer_kwargs(cfg))
+
+
+def scale_width(cfg, multiplier: float):
+    """A copy of a model config with every width × ``multiplier`` (Sparse Wide).
+
+    MLP hidden widths; ResNet ``width``; ViT/LM ``d_ff`` and ``d_model`` (kept a multiple
+    of ``num_heads``).
+
+    Example::
+
+        scale_width(ConfigDict({'name': 'mlp', 'hidden': (256, 256)}), 2.0).hidden  # (512, 512)
+    """
+    import ml_collections
+
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)  # fresh types: width may turn float
+    if d["name"] == "mlp":
+        d["hidden"] = tuple(max(1, round(h * multiplier)) for h in d.get("hidden", (128, 128)))
+    elif d["name"] == "resnet":
+        d["width"] = float(d.get("width", 1)) * multiplier
+    else:
+        heads = d.get("num_heads", 4)
+        d["d_model"] = max(heads, heads * round(d.get("d_model", 64) * multiplier / heads))
+        d["d_ff"] = max(1, round(d.get("d_ff", 256) * multiplier))
+    return ml_collections.ConfigDict(d)
 
 
 MODELS = {"mlp": _mlp, "resnet": _resnet, "vit": _vit, "lm": _lm}
@@ -94,4 +118,5 @@ def build_model(cfg, info: DataInfo, rngs: nnx.Rngs) -> nnx.Module:
 
 
 __all__ = ["ACTIVATIONS", "ATTENTIONS", "FFNS", "Activation", "Attention", "Block",
-           "DataInfo", "DecoderLM", "FFN", "MLP", "MODELS", "ResNet", "ViT", "build_model"]
+           "DataInfo", "DecoderLM", "FFN", "MLP", "MODELS", "ResNet", "ViT", "build_model",
+           "scale_width"]

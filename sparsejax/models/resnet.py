@@ -55,12 +55,12 @@ class ResNet(nnx.Module):
         ResNet(depth=20, width=1, num_classes=10, rngs=nnx.Rngs(0))
     """
 
-    def __init__(self, depth: int = 20, width: int = 1, num_classes: int = 10, *,
+    def __init__(self, depth: int = 20, width: float = 1, num_classes: int = 10, *,
                  in_channels: int = 3, activation: str = "relu", rngs: nnx.Rngs):
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"ResNet depth must be 6n+2 with n >= 1, got {depth}")
         n = (depth - 2) // 6
-        widths = [16 * width, 32 * width, 64 * width]
+        widths = [max(1, round(c * width)) for c in (16, 32, 64)]  # float width: Sparse Wide
         self.stem = nnx.Conv(in_channels, widths[0], (3, 3), use_bias=False, rngs=rngs)
         self.stem_bn = nnx.BatchNorm(widths[0], rngs=rngs)
         self.act = Activation(activation)

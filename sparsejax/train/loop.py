@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -27,7 +28,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparsejax.base import SparseTransformation, as_sparse_transformation
-from sparsejax.models import build_model
+from sparsejax import ift
+from sparsejax.models import build_model, scale_width
 from sparsejax.train.checkpoint import Checkpointer, abstract_like
 from sparsejax.train.data import BatchIterator, Dataset, eval_batches, get_dataset
 from sparsejax.train.metrics import MetricsWriter
@@ -123,6 +125,7 @@ def make_trainer(config, tx=None) -> Trainer:
     mesh = make_mesh(config.mesh.shape, config.mesh.axes,
                      jax.devices()[:n_dev] if n_dev else None)
     dataset = get_dataset(config.data)
+    tx_given = tx is not None
     tx = make_transform(config) if tx is None else as_sparse_transformation(tx)
     data_axes = tuple(a for a in config.mesh.get("data_axes", ("data",)) if a in mesh.shape)
     b_sharding = batch_sharding(mesh, data_axes)
@@ -131,8 +134,18 @@ def make_trainer(config, tx=None) -> Trainer:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                          f"{n_shards} data shards of mesh {dict(mesh.shape)}")
 
+    model_cfg, ift_paths, ift_rules = _sparse_ift(config, dataset.info)
+    if ift_rules is not None:
+        tx = tx if tx_given else make_transform(config, rules=ift_rules)
+
     def make_model(key):
-        return build_model(config.model, dataset.info, nnx.Rngs(params=key))
+        model = build_model(model_cfg, dataset.info, nnx.Rngs(params=key))
+        if ift_paths:  # Sparse Parallel / Factorized / Doped: rewrite the selected layers
+            c = config.ift
+            ift.transform(model, c.family, c.sparsity, [re.escape(p) for p in ift_paths],
+                          norm=c.get("norm", "") or None, sigma=c.get("sigma", "norm_relu"),
+                          rngs=nnx.Rngs(params=jax.random.fold_in(key, 1)))
+        return model
 
     abstract_model = nnx.eval_shape(lambda: make_model(jax.random.PRNGKey(0)))
     graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
@@ -186,6 +199,31 @@ def make_trainer(config, tx=None) -> Trainer:
                           out_shardings=replicated),
         abstract_state=abstract_state, state_shardings=state_sh, batch_sharding=b_sharding,
         global_batch=config.batch_size)
+
+
+def _example_input(info):
+    dtype = jnp.int32 if info.task == "lm" else jnp.float32
+    return jnp.zeros((1, *info.input_shape), dtype)
+
+
+def _sparse_ift(config, info):
+    """``(model config, paths to rewrite, sparsity rules)`` for ``config.ift``; rules are
+    None when Sparse-IFT is off. Wide searches the width on abstract models."""
+    c = config.get("ift", None)
+    if c is None or c.family == "none":
+        return config.model, [], None
+    ift.check(c.family, c.sparsity)
+    layer_rules = tuple(c.get("rules", ())) or None
+    example = _example_input(info)
+    if c.family == "wide" and c.sparsity > 0:
+        build = lambda w: nnx.eval_shape(  # noqa: E731
+            lambda: build_model(scale_width(config.model, w), info, nnx.Rngs(0)))
+        mult, _, rules, _ = ift.wide_search(build, c.sparsity, example, layer_rules)
+        return scale_width(config.model, mult), [], rules
+    abstract = nnx.eval_shape(lambda: build_model(config.model, info, nnx.Rngs(0)))
+    paths = ift.select(abstract, layer_rules, example)
+    rewrite = paths if c.sparsity > 0 and c.family != "wide" else []
+    return config.model, rewrite, ift.sparsity_rules(c.family, c.sparsity, paths)
 
 
 def _every(step: int, interval: int, last: int) -> bool:

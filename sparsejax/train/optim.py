@@ -135,14 +135,21 @@ SPARSITY: dict[str, SparsityFactory] = {
 }
 
 
-def make_transform(config) -> SparseTransformation:
-    """The sparsity transform named ``config.sparsity.name`` around the configured optimizer.
+def make_transform(config, rules=None) -> SparseTransformation:
+    """The sparsity transform named ``config.sparsity.name`` around the configured optimizer;
+    ``rules`` replaces ``config.sparsity.rules`` (Sparse-IFT supplies its own).
 
     Example::
 
         tx = make_transform(config); state = tx.init(params)
     """
     name = config.sparsity.name
+    if rules is not None:
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.sparsity.rules = tuple(tuple(r) for r in rules)
+            if not rules:  # nothing is sparse (e.g. Sparse-IFT at s = 0): the dense baseline
+                name = config.sparsity.name = "dense"
     if name not in SPARSITY:
         raise ValueError(f"config.sparsity.name: unknown sparsity transform {name!r}; known: "
                          f"{sorted(SPARSITY)}")

@@ -1,0 +1,224 @@
+"""Sparse Iso-FLOP Transformations (Thangarasa et al. 2024): one knob ``s``, four families.
+
+With keep density ``1 − s`` and ``c`` the kernel window (9 for a 3×3 conv, 1 for Linear),
+a dense ``d_in → d_out`` layer costs ``c·d_in·d_out`` multiply-adds per position, and
+each family spends the same on sparse weights:
+
+- Wide: every width × ``√(1/(1 − s))``; the stem and head stay dense, so the total is
+  matched by adjusting ``s`` on the widened layers (``wide_search``), as the reference
+  searches ``s`` for a fixed integer width.
+- Parallel: ``B = round(1/(1 − s))`` sparse branches, each normalised, summed.
+- Factorized: ``V σ(U x)`` with ``d_sf = ⌈c·d_in·d_out / ((1 − s)(c·d_in + d_out))⌉``.
+- Doped: ``W_sparse x + V(U x)``, dense low rank ``r = ⌊s·c·d_in·d_out / (c·d_in + d_out)⌋``.
+
+The rounding in ``d_sf`` (ceil) and ``r`` (floor) is the paper's; on very narrow layers
+it shows (ResNet-8 with 16–64 channels: Doped at 0.96–0.99 of the dense FLOPs), from 64
+channels up every family is within 1%.
+
+``transform`` rewrites the selected layers of any NNX model by surgery and returns the
+path rules that make the new sparse kernels exactly ``s`` sparse; train with
+``sparsejax.rigl(..., rules=rules)`` (the reference recipe) or ``static_sparse``. At
+``s = 0`` every family is the dense model itself.
+
+Example::
+
+    model, rules = ift.transform(model, 'doped', 0.75, example_input=x)
+    tx = sparsejax.rigl(optax.sgd(0.1, 0.9), 0.75, rules=rules, end_step=7500)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax import surgery
+from sparsejax.flops import model_flops, sparse_flops, total
+from sparsejax.masks import named_leaves
+from sparsejax.nn.ift import SparseDoped, SparseFactorized, SparseParallel, check_layer
+
+FAMILIES = ("wide", "parallel", "factorized", "doped")
+
+
+def check(family: str, sparsity: float) -> None:
+    """Raises a clear error for an unknown family or ``s`` outside [0, 1)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown Sparse-IFT family {family!r}; known: {FAMILIES}")
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+        raise ValueError(f"Sparse-IFT sparsity {sparsity!r} is outside [0, 1)")
+
+
+def num_branches(s: float) -> int:
+    """``B = round(1/(1 − s))``. Example: ``num_branches(0.75)`` → 4."""
+    return max(1, round(1.0 / (1.0 - s)))
+
+
+def width_multiplier(s: float) -> float:
+    """``√(1/(1 − s))``. Example: ``width_multiplier(0.75)`` → 2.0."""
+    return math.sqrt(1.0 / (1.0 - s))
+
+
+def factorized_dim(d_in: int, d_out: int, s: float, c: int = 1) -> int:
+    """``d_sf = ⌈c·d_in·d_out / ((1 − s)(c·d_in + d_out))⌉``. Example: ``(512, 512, 0.75)`` → 1024."""
+    return math.ceil(c * d_in * d_out / ((1.0 - s) * (c * d_in + d_out)) - 1e-9)
+
+
+def doped_rank(d_in: int, d_out: int, s: float, c: int = 1) -> int:
+    """``r = ⌊s·c·d_in·d_out / (c·d_in + d_out)⌋``. Example: ``(512, 512, 0.75)`` → 192."""
+    return math.floor(s * c * d_in * d_out / (c * d_in + d_out) + 1e-9)
+
+
+def window(layer) -> int:
+    """``c``: the kernel window size of a conv, 1 for a Linear."""
+    return math.prod(layer.kernel_size) if isinstance(layer, nnx.Conv) else 1
+
+
+def select(model: nnx.Module, rules: Sequence[str] | None = None, example_input=None) -> list[str]:
+    """Module paths to transform: those matching ``rules`` (regexes; each must match a
+    Linear/Conv), or by default every Linear/Conv except the first and last that a
+    forward pass calls (the stem and head).
+
+    Example::
+
+        select(model, example_input=jnp.ones((1, 32, 32, 3)))   # all but stem and head
+    """
+    layers = {p: m for p, m in surgery.named_modules(model) if isinstance(m, (nnx.Linear, nnx.Conv))}
+    if rules:
+        chosen, unused = [], []
+        for pattern in rules:
+            hits = [p for p in layers if re.fullmatch(pattern, p)]
+            (chosen.extend(h for h in hits if h not in chosen) if hits else unused.append(pattern))
+        if unused:
+            raise ValueError(f"Sparse-IFT rules match no Linear/Conv module: {unused}; layers "
+                             f"are {sorted(layers)[:6]}")
+    else:
+        if example_input is None:
+            raise ValueError("Sparse-IFT needs rules, or example_input to find the stem and head")
+        order = surgery.call_order(model, example_input)
+        chosen = order[1:-1]
+    for p in chosen:
+        check_layer(layers[p], p)
+    return chosen
+
+
+def sparse_kernel_patterns(family: str, path: str) -> list[str]:
+    """Regexes of the sparse kernels a family puts at module ``path``."""
+    p = re.escape(path)
+    return {"wide": [f"{p}/kernel"], "parallel": [f"{p}/branches/\\d+/kernel"],
+            "factorized": [f"{p}/(u|v)/kernel"], "doped": [f"{p}/sparse/kernel"]}[family]
+
+
+def sparsity_rules(family: str, sparsity: float, paths: Sequence[str]) -> list[tuple[str, float]]:
+    """Path rules giving every sparse kernel of the transformed ``paths`` sparsity ``s``
+    (a per-layer value, so a distribution leaves them at exactly ``s``).
+
+    Example::
+
+        sparsity_rules('doped', 0.9, ['layers/1'])   # [('layers/1/sparse/kernel', 0.9)]
+    """
+    check(family, sparsity)
+    if sparsity == 0:
+        return []
+    return [(pattern, float(sparsity)) for path in paths
+            for pattern in sparse_kernel_patterns(family, path)]
+
+
+def _replacement(family: str, s: float, norm: str | None, sigma: str, rngs: nnx.Rngs):
+    def make(path, layer):
+        c, d_in, d_out = window(layer), layer.in_features, layer.out_features
+        if family == "parallel":
+            return SparseParallel(layer, num_branches(s), norm=norm, rngs=rngs)
+        if family == "factorized":
+            return SparseFactorized(layer, factorized_dim(d_in, d_out, s, c), sigma=sigma, rngs=rngs)
+        return SparseDoped(layer, doped_rank(d_in, d_out, s, c), rngs=rngs)
+    return make
+
+
+def transform(model: nnx.Module, family: str, sparsity: float, rules: Sequence[str] | None = None,
+              *, example_input=None, norm: str | None = None, sigma: str = "norm_relu",
+              rngs: nnx.Rngs | None = None) -> tuple[nnx.Module, list[tuple[str, float]]]:
+    """Rewrites the selected layers (see ``select``) into ``family`` at sparsity ``s``;
+    returns ``(model, sparsity_rules)``. The model is edited in place.
+
+    'wide' changes no layer here: build the model wider (``wide_search``) and use the
+    returned rules to make its selected layers ``s`` sparse.
+
+    Example::
+
+        model, rules = transform(model, 'parallel', 0.75, example_input=x)
+    """
+    check(family, sparsity)
+    paths = select(model, rules, example_input)
+    if family != "wide" and sparsity > 0:
+        rngs = rngs or nnx.Rngs(0)
+        surgery.replace(model, [(re.escape(p), _replacement(family, sparsity, norm, sigma, rngs))
+                                for p in paths])
+    return model, sparsity_rules(family, sparsity, paths)
+
+
+def measured_flops(model: nnx.Module, rules: Sequence[tuple[str, float]], example_input) -> float:
+    """Multiply-add FLOPs of one forward pass, each rule-matched kernel scaled by its
+    density ``1 − s`` (``sparsejax.flops``, counted from the traced computation).
+
+    Example::
+
+        measured_flops(model, rules, jnp.ones((1, 8, 8, 1)))
+    """
+    dense = model_flops(model, example_input)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    densities = {}
+    for path, _ in named_leaves(params):
+        for pattern, s in rules:
+            if re.fullmatch(pattern, path):
+                densities[path] = 1.0 - s
+                break
+    return total(sparse_flops(dense, densities))
+
+
+def wide_search(build: Callable[[float], nnx.Module], sparsity: float, example_input,
+                rules: Sequence[str] | None = None, tol: float = 0.01):
+    """Sparse Wide: widths × ``√(1/(1 − s))``, then the sparsity ``s'`` of the widened
+    layers solved so the model costs exactly the dense model's FLOPs.
+
+    Integer widths make FLOPs a step function of the width, so, as the reference does,
+    the width is fixed and ``s`` is adjusted: FLOPs are linear in density, so
+    ``s' = 1 − (F_dense − F_fixed) / F_widened`` with ``F_fixed`` the layers that stay
+    dense (stem, head) and ``F_widened`` the selected layers at full density.
+    ``build(multiplier)`` makes the model at a width (1.0 = dense; abstract models from
+    ``nnx.eval_shape`` are fine). Returns ``(multiplier, model, rules, relative_flops)``.
+
+    Example::
+
+        mult, model, rules, rel = wide_search(lambda w: nnx.eval_shape(
+            lambda: MLP(64, (round(256 * w),) * 2, 10, rngs=nnx.Rngs(0))), 0.9, x)
+    """
+    check("wide", sparsity)
+    target = measured_flops(build(1.0), [], example_input)
+    mult = width_multiplier(sparsity)
+    model = build(mult)
+    paths = select(model, rules, example_input)
+    full = sparsity_rules("wide", 1e-12, paths) if paths else []  # matches, density ~1
+    per_layer = model_flops(model, example_input)
+    widened = sum(v for k, v in per_layer.items()
+                  if any(re.fullmatch(p, k) for p, _ in full))
+    fixed = total(per_layer) - widened
+    if widened <= 0:
+        raise ValueError("Sparse Wide: no selected layer has FLOPs to make sparse")
+    adjusted = 1.0 - (target - fixed) / widened
+    if not 0.0 <= adjusted < 1.0:
+        raise ValueError(f"Sparse Wide at s={sparsity}: matching the dense FLOPs needs "
+                         f"sparsity {adjusted:.4f} on the widened layers, outside [0, 1)")
+    out_rules = sparsity_rules("wide", adjusted, paths)
+    rel = measured_flops(model, out_rules, example_input) / target
+    if abs(rel - 1) > tol:
+        raise ValueError(f"Sparse Wide at s={sparsity}: FLOPs {rel:.4f}× dense after solving")
+    return mult, model, out_rules, rel
+
+
+__all__ = ["FAMILIES", "check", "doped_rank", "factorized_dim", "measured_flops",
+           "num_branches", "select", "sparsity_rules", "transform", "wide_search",
+           "width_multiplier", "window"]
