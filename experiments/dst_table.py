@@ -16,25 +16,19 @@ RigL paper's Appendix-H accounting) when that module exists.
 Writes JSON with every per-seed number and a Markdown table (mean ± sample std,
 ddof = 1). The "Reading" section of the Markdown is prose written by a person: a rerun
 keeps the one between the ``reading:begin``/``reading:end`` markers of the existing file
-and warns that it must be checked against the new numbers.
+and warns that it must be checked against the new numbers. The pieces shared with
+``experiments/nm_table.py`` live in ``experiments/tables.py``.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import platform
-import shlex
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from absl import app, flags, logging
+
+from experiments import tables
+from experiments.tables import group, mean_std, pm
 
 flags.DEFINE_list("methods", ["dense", "static", "set", "rigl"], "sparsity methods")
 flags.DEFINE_list("sparsities", ["0.8", "0.9", "0.95"], "target sparsities (not for dense)")
@@ -50,15 +44,11 @@ FLAGS = flags.FLAGS
 
 CONFIG = "configs/quickstart.py"
 TOLERANCE = 1e-3  # |realised − target sparsity|
-READING_BEGIN, READING_END = "<!-- reading:begin -->", "<!-- reading:end -->"
 
 
 def run_one(method: str, sparsity: float | None, seed: int, num_steps: int) -> dict:
     """Trains one config in a temporary workdir; returns its numbers and final densities."""
-    import jax
-
     from configs import quickstart
-    from sparsejax.train import train_and_evaluate
     from sparsejax.train.sharding import named_leaves
 
     config = quickstart.get_config(method if method == "dense" else f"{method},{sparsity}")
@@ -67,17 +57,10 @@ def run_one(method: str, sparsity: float | None, seed: int, num_steps: int) -> d
     if num_steps:
         config.num_steps = num_steps
     final = {}
-
-    def keep_final_masks(step, state):
-        if step == config.num_steps:
-            final["masks"] = jax.device_get(getattr(state.opt_state, "masks", None))
-            final["params"] = jax.device_get(state.params)
-
-    workdir = tempfile.mkdtemp(prefix="dst_table_")
-    try:
-        summary = train_and_evaluate(config, workdir, hooks=[keep_final_masks], progress=False)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    summary, _ = tables.run_config(
+        config, hooks=[tables.final_state_hook(config.num_steps, final)], prefix="dst_table_")
+    state = final["state"]
+    final = {"masks": getattr(state.opt_state, "masks", None), "params": state.params}
 
     masks = dict(named_leaves(final["masks"])) if final["masks"] is not None else {}
     masks = {p: m for p, m in masks.items() if m is not None}
@@ -108,20 +91,6 @@ def run_one(method: str, sparsity: float | None, seed: int, num_steps: int) -> d
     return out
 
 
-def dense_flops(config) -> dict:
-    """Per-example inference FLOPs of the config's model, by parameter path."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from sparsejax import flops
-    from sparsejax.models import build_model
-    from sparsejax.train.data import get_dataset
-
-    info = get_dataset(config.data).info
-    model = build_model(config.model, info, nnx.Rngs(params=0))
-    return flops.model_flops(model, jnp.ones((1, *info.input_shape), jnp.float32))
-
-
 def add_flops(runs: list[dict], f_dense: dict) -> None:
     """Adds inference and training FLOPs relative to dense to every run (in place)."""
     from sparsejax import flops
@@ -133,61 +102,6 @@ def add_flops(runs: list[dict], f_dense: dict) -> None:
         r["inference_flops"], r["inference_flops_rel"] = fs, fs / fd
         r["train_flops_per_step"] = train
         r["train_flops_rel"] = train / flops.training_flops_per_step("dense", fd, fd)
-
-
-def _finite(x):
-    """NaN (the std of one seed) → None, so the JSON is strict."""
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof = 1; NaN for one value)."""
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
-
-
-def pm(xs: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    m, s = mean_std([x * scale for x in xs])
-    return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def group(runs: list[dict]) -> dict[tuple, list[dict]]:
-    out: dict[tuple, list[dict]] = {}
-    for r in runs:
-        out.setdefault((r["method"], r["sparsity"]), []).append(r)
-    return out
-
-
-def machine() -> dict:
-    import flax
-    import jax
-    import optax
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True).stdout.strip())
-        commit = head + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": jax.default_backend(),
-            "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-            "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "python": platform.python_version(), "git_commit": commit}
 
 
 def config_summary(num_steps: int) -> dict:
@@ -228,39 +142,25 @@ def _diff_rows(runs: list[dict], sparsities: list[float]) -> list[str]:
     pairs = [(a, b) for a, b in pairs if a in methods and b in methods]
     if not pairs:
         return []
-    rows = ["| sparsity | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |",
-            "|---|" + "---|" * len(pairs)]
+    rows = []
     seeds = sorted({r["seed"] for r in runs})
     for s in sparsities:
-        cells = []
+        cells = [f"{s:g}"]
         for a, b in pairs:
             sa = None if a == "dense" else s
             sb = None if b == "dense" else s
             d = [by[(a, sa, k)] - by[(b, sb, k)] for k in seeds
                  if (a, sa, k) in by and (b, sb, k) in by]
             cells.append(pm(d, 100) if d else "—")
-        rows.append(f"| {s:g} | " + " | ".join(cells) + " |")
-    return rows
+        rows.append(cells)
+    return tables.md_table(["sparsity", *(f"{a} − {b}" for a, b in pairs)], rows)
 
 
 def markdown(result: dict, reading: str | None) -> str:
-    runs, cfg, mach = result["runs"], result["config"], result["machine"]
+    runs, cfg = result["runs"], result["config"]
     has_flops = result["flops"] is not None
     seeds = result["seeds"]
-    lines = [
-        "# Dense vs static vs SET vs RigL on the digits MLP",
-        "",
-        "Made by (from the repository root):",
-        "",
-        "```bash",
-        result["command"],
-        "```",
-        "",
-        f"Machine: {mach['cpu']} ({mach['cpu_count']} cores), {mach['platform']} "
-        f"({mach['num_devices']} device), Python {mach['python']}, jax {mach['jax']}, flax "
-        f"{mach['flax']}, optax {mach['optax']}; git {mach['git_commit']}. "
-        f"{len(runs)} runs in {result['total_time_s'] / 60:.1f} min.",
-        "",
+    lines = tables.header("Dense vs static vs SET vs RigL on the digits MLP", result) + [
         "## Setup",
         "",
         f"- Config: `{cfg['config']}:<method>,<sparsity>` with its defaults; "
@@ -308,8 +208,8 @@ def markdown(result: dict, reading: str | None) -> str:
     if has_flops:
         head += ["rel. inference FLOPs", "rel. training FLOPs / step"]
     head += ["wall time (s)"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (method, s), rs in group(runs).items():
+    rows = []
+    for (method, s), rs in group(runs, ("method", "sparsity")).items():
         realised = [r["sparsity_from_masks"] for r in rs]
         row = [method, "—" if s is None else f"{s:g}",
                pm([r["eval_accuracy"] for r in rs], 100),
@@ -320,7 +220,8 @@ def markdown(result: dict, reading: str | None) -> str:
             row += [f"{statistics.fmean(r['inference_flops_rel'] for r in rs):.3f}",
                     f"{statistics.fmean(r['train_flops_rel'] for r in rs):.3f}"]
         row += [pm([r["wall_time_s"] for r in rs], 1, 1)]
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
+    lines += tables.md_table(head, rows)
     densities = {}
     for r in runs:
         if r["layer_density"]:
@@ -328,16 +229,14 @@ def markdown(result: dict, reading: str | None) -> str:
     if densities:
         layers = sorted({p for d in densities.values() for p in d})
         lines += ["", "Per-layer density of the sparse kernels (ERK; identical across seeds "
-                  "and methods at one sparsity):", "",
-                  "| sparsity | " + " | ".join(f"`{p}`" for p in layers) + " |",
-                  "|---|" + "---|" * len(layers)]
-        seen = set()
+                  "and methods at one sparsity):", ""]
+        by_sparsity = {}
         for (m, s), d in densities.items():
-            if s in seen:
-                continue
-            seen.add(s)
-            lines.append(f"| {s:g} | " + " | ".join(f"{d.get(p, 1.0):.4f}" for p in layers)
-                         + " |")
+            by_sparsity.setdefault(s, d)
+        lines += tables.md_table(
+            ["sparsity", *(f"`{p}`" for p in layers)],
+            ([f"{s:g}", *(f"{d.get(p, 1.0):.4f}" for p in layers)]
+             for s, d in by_sparsity.items()))
         all_k = {r["sparsity"]: r["sparsity_all_kernels"] for r in runs if r["layer_density"]}
         lines += ["", "Sparsity over all kernels, dense head included: "
                   + ", ".join(f"{v:.4f} at target {k:g}" for k, v in sorted(all_k.items()))
@@ -346,33 +245,16 @@ def markdown(result: dict, reading: str | None) -> str:
     if diff:
         lines += ["", "Paired accuracy differences (same seed: same init and data order), "
                   "in points, mean ± sample std over seeds:", "", *diff]
-    lines += ["", "## Reading", "", READING_BEGIN,
-              reading.strip() if reading else "_Not written yet: add a 3–5 sentence "
-              "reading of the numbers above between these markers._",
-              READING_END, ""]
+    lines += tables.reading_section(reading, "3–5")
     return "\n".join(lines)
-
-
-def existing_reading(path: Path) -> str | None:
-    if not path.exists():
-        return None
-    text = path.read_text()
-    if READING_BEGIN not in text or READING_END not in text:
-        return None
-    body = text.split(READING_BEGIN, 1)[1].split(READING_END, 1)[0].strip()
-    return None if body.startswith("_Not written yet") else body
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from tqdm.auto import tqdm
-
     if FLAGS.render_only:
-        out_md, out_json = Path(FLAGS.out_md), Path(FLAGS.out_json)
-        out_md.write_text(markdown(json.loads(out_json.read_text()), existing_reading(out_md)))
-        print(f"wrote {out_md} from {out_json}")
+        tables.render_only(Path(FLAGS.out_md), Path(FLAGS.out_json), markdown)
         return
     methods = list(FLAGS.methods)
     sparsities = [float(s) for s in FLAGS.sparsities]
@@ -402,30 +284,26 @@ def main(argv):
 
     plan = [(m, None if m == "dense" else s, k)
             for m in methods for s in ([None] if m == "dense" else sparsities) for k in seeds]
-    runs, t0 = [], time.time()
-    bar = tqdm(plan, desc="runs", unit="run", dynamic_ncols=True)
-    for method, s, seed in bar:
-        bar.set_postfix_str(f"{method} s={s} seed={seed}")
-        runs.append(r := run_one(method, s, seed, num_steps))
-        bar.write(f"{method:6s} s={'-' if s is None else f'{s:g}':5s} seed={seed} "
-                  f"acc={100 * r['eval_accuracy']:.2f} loss={r['eval_loss']:.4f} "
-                  f"sparsity={r['sparsity_from_masks']:.4f} ({r['wall_time_s']:.1f} s)")
-    total_time = time.time() - t0
+    runs, total_time = tables.run_plan(
+        plan, lambda m, s, k: run_one(m, s, k, num_steps),
+        lambda it: f"{it[0]:6s} s={'-' if it[1] is None else f'{it[1]:g}':5s} seed={it[2]}",
+        lambda r: (f"acc={100 * r['eval_accuracy']:.2f} loss={r['eval_loss']:.4f} "
+                   f"sparsity={r['sparsity_from_masks']:.4f} ({r['wall_time_s']:.1f} s)"))
 
     from configs import quickstart
 
     cfg = config_summary(num_steps)
     f_info = None
     if have_flops:
-        f_dense = dense_flops(quickstart.get_config())
+        f_dense = tables.dense_flops(quickstart.get_config())
         add_flops(runs, f_dense)
         from sparsejax import flops
 
         f_info = {"dense_per_layer": f_dense, "dense_total": flops.total(f_dense),
                   "per": "one example (batch 1), inference"}
     result = {
-        "command": " ".join(["python -m experiments.dst_table", shlex.join(sys.argv[1:])]),
-        "machine": machine(), "config": cfg, "methods": methods, "sparsities": sparsities,
+        "command": tables.command("experiments.dst_table"),
+        "machine": tables.machine(), "config": cfg, "methods": methods, "sparsities": sparsities,
         "seeds": seeds, "std": "sample (ddof=1)", "tolerance": TOLERANCE,
         "total_time_s": total_time, "flops": f_info, "runs": runs,
         "summary": [
@@ -436,18 +314,9 @@ def main(argv):
                 ("eval_accuracy", "eval_loss", "wall_time_s")},
              **({"inference_flops_rel": rs[0]["inference_flops_rel"],
                  "train_flops_rel": rs[0]["train_flops_rel"]} if have_flops else {})}
-            for (m, s), rs in group(runs).items()],
+            for (m, s), rs in group(runs, ("method", "sparsity")).items()],
     }
-    result["command"] = result["command"].rstrip()
-    result = _finite(result)
-    reading = existing_reading(out_md)
-    if reading:
-        logging.warning("kept the hand-written Reading of %s: check it against the new "
-                        "numbers", out_md)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    out_md.write_text(markdown(result, reading))
+    tables.write_outputs(result, out_md, out_json, markdown)
     print(f"{len(runs)} runs in {total_time:.0f} s; wrote {out_md} and {out_json}")
 
 

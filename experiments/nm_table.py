@@ -1,0 +1,548 @@
+"""STE vs SR-STE vs MDGF vs SDGF at N:M 2:4, 1:8, 1:16, 1:32 on the digits MLP.
+
+    python -m experiments.nm_table                       # 51 runs → docs/results/nm_digits.*
+    python -m experiments.nm_table --quick               # smoke test: 1 seed, 1:8, 100 steps
+    python -m experiments.nm_table --methods=nm_ste,mdgf --patterns=1:16 --seeds=0,1
+    python -m experiments.nm_table --render_only         # Markdown + plot from the JSON
+
+Every (method, pattern, seed) trains ``configs/quickstart.py:<method>,<N:M>`` (the head
+stays dense by rule, so the pattern applies to the two hidden kernels, in groups of M
+along their input axis) in a temporary workdir that is deleted afterwards;
+``config.seed`` and ``config.sparsity.seed`` are both set to the seed, and
+``config.log_every`` to ``--log_every`` (10) for finer flip-rate curves. Dense runs once
+per seed. Knobs are the library's defaults (SR-STE λ = 2e-4, MDGF exponential decay
+with the straight-through backward, SDGF stepwise frames over the whole run, no dense
+warm-up or fine-tune phase) except MDGF's α, which is scaled to the run:
+``α = --alpha_total / (sparse-phase steps)`` (6/1500 = 4e-3, so β falls to e⁻⁶ by the
+end), because the paper's α = 2e-4 leaves β(1500) = e^-0.3 = 0.74.
+
+Recorded per run: eval accuracy/loss, the train loss over the final 50 steps, the mask
+flip rate (``sparsejax.nm`` diagnostics) per step (read by a hook) with its mean over
+the run and over the last 25 % of steps, the per-logging-step curves from
+``metrics.jsonl`` (flip rate, pruned-weight gradient norm, train loss), and the realised
+density of the forward kernels at the final state (what eval computes with; checked to
+be exactly N:M). SDGF's frame-boundary steps, where the pattern tightens by design, are
+left out of its flip-rate means and listed separately. Relative inference FLOPs come
+from ``sparsejax.flops``.
+
+Writes JSON with every per-seed number, a Markdown table (mean ± sample std, ddof = 1)
+and a plot of the flip-rate curves. The "Reading" section of the Markdown is prose
+written by a person, kept across reruns between the ``reading:begin``/``reading:end``
+markers. Shared pieces live in ``experiments/tables.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from absl import app, flags, logging
+
+from experiments import tables
+from experiments.tables import group, mean_std, pm
+
+flags.DEFINE_list("methods", ["dense", "nm_ste", "sr_ste", "mdgf", "sdgf"], "N:M methods")
+flags.DEFINE_list("patterns", ["2:4", "1:8", "1:16", "1:32"], "N:M patterns (not for dense)")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (config.seed and config.sparsity.seed)")
+flags.DEFINE_integer("num_steps", 0, "training steps (0: the config's, 1500)")
+flags.DEFINE_integer("log_every", 10, "logging interval of the curves (config.log_every)")
+flags.DEFINE_float("alpha_total", 6.0, "MDGF: α = alpha_total / sparse-phase steps, so "
+                   "β(end) = exp(-alpha_total)")
+flags.DEFINE_string("out_md", "docs/results/nm_digits.md", "Markdown table")
+flags.DEFINE_string("out_json", "docs/results/nm_digits.json", "per-seed JSON")
+flags.DEFINE_string("out_png", "docs/results/nm_digits_flip_rate.png", "flip-rate plot")
+flags.DEFINE_bool("quick", False, "smoke test: seed 0, pattern 1:8, 100 steps; unless "
+                  "--out_* are given, writes under runs/ instead of docs/")
+flags.DEFINE_bool("render_only", False, "rewrite --out_md and --out_png from the existing "
+                  "--out_json (no training)")
+FLAGS = flags.FLAGS
+
+CONFIG = "configs/quickstart.py"
+NM_METHODS = ("nm_ste", "sr_ste", "mdgf", "sdgf")
+LABEL = {"dense": "dense", "nm_ste": "STE", "sr_ste": "SR-STE", "mdgf": "MDGF-exp",
+         "sdgf": "SDGF-stepwise"}
+TOLERANCE = 1e-6  # |realised density − N/M|
+TRAIN_LOSS_STEPS = 50  # train loss: mean over the final 50 steps (as the DST table)
+
+
+def _nm(pattern: str) -> tuple[int, int]:
+    n, m = (int(x) for x in pattern.split(":"))
+    return n, m
+
+
+def frame_boundaries(pattern: str, sparse_steps: int) -> list[int]:
+    """Optimizer counts at which SDGF (stepwise) switches frame: ``k · length``, length =
+    sparse_steps // frames (as ``sparsejax.nm``). The flip of count c is logged at step c+1."""
+    from sparsejax import nm
+
+    frames = nm.stepwise_frames(*_nm(pattern))
+    length = max(sparse_steps // len(frames), 1)
+    return [k * length for k in range(1, len(frames))]
+
+
+def _sig(x: float, digits: int = 6) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def realised_density(config, state) -> dict:
+    """Density of the forward kernels at the final state (what eval multiplies with), per
+    N:M parameter, with a check that no group of M holds more than N nonzeros."""
+    import numpy as np
+
+    from sparsejax import nm
+    from sparsejax.train.optim import make_transform
+    from sparsejax.train.sharding import named_leaves
+
+    tx = make_transform(config)
+    fwd = dict(named_leaves(tx.forward(state.params, state.opt_state)))
+    pattern = config.sparsity.pattern
+    rules = [(r, pattern if spec == "sparse" else spec) for r, spec in config.sparsity.rules]
+    specs = nm.resolve_nm_rules(state.params, rules, config.sparsity.axis)
+    out, max_per_group = {}, {}
+    for path, spec in specs.items():
+        w = np.asarray(fwd[path])
+        moved = np.moveaxis(w != 0, spec.axis, -1)
+        groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // spec.m, spec.m)
+        out[path] = float(moved.mean())
+        max_per_group[path] = int(groups.sum(-1).max())
+        if max_per_group[path] > spec.n:
+            raise RuntimeError(f"{path}: a group of {spec.m} holds {max_per_group[path]} "
+                               f"nonzeros, more than N={spec.n}")
+    return {"layer_density": out, "max_nonzeros_per_group": max_per_group}
+
+
+def run_one(method: str, pattern: str | None, seed: int, num_steps: int, log_every: int,
+            alpha_total: float) -> dict:
+    """Trains one config in a temporary workdir; returns its numbers and curves."""
+    from configs import quickstart
+
+    config = quickstart.get_config(method if method == "dense" else f"{method},{pattern}")
+    config.seed = seed
+    config.sparsity.seed = seed
+    if num_steps:
+        config.num_steps = num_steps
+    config.log_every = log_every
+    steps = config.num_steps
+    sp = config.sparsity
+    sparse_steps = max(steps - sp.dense_steps - sp.finetune_steps, 1)
+    if method == "mdgf":
+        sp.alpha = alpha_total / sparse_steps
+    final, flips = {}, []
+
+    def record_flip(step, state):
+        d = getattr(state.opt_state, "diagnostics", None)
+        if d is not None:
+            flips.append(float(d["flip_rate"]))
+
+    summary, rows = tables.run_config(
+        config, hooks=[tables.final_state_hook(steps, final), record_flip],
+        prefix="nm_table_")
+    train = [r for r in rows if r["split"] == "train"]
+    out = {
+        "method": method, "pattern": pattern, "seed": seed, "steps": summary["steps"],
+        "eval_accuracy": summary["eval_accuracy"], "eval_loss": summary["eval_loss"],
+        "train_loss": statistics.fmean(r["loss"] for r in train
+                                       if r["step"] > steps - TRAIN_LOSS_STEPS),
+        "wall_time_s": summary["wall_time_s"],
+        "curve_steps": [r["step"] for r in train],
+        "curves": {"train_loss": [_sig(r["loss"]) for r in train]},
+    }
+    if method == "dense":
+        return {**out, "density": 1.0, "layer_density": {}}
+    n, m = _nm(pattern)
+    out.update(n=n, m=m, sparse_steps=sparse_steps, dense_steps=sp.dense_steps,
+               finetune_steps=sp.finetune_steps)
+    if method == "sr_ste":
+        out["sr_ste_lambda"] = sp.sr_ste_lambda
+    if method == "mdgf":
+        out.update(alpha=sp.alpha, decay=sp.decay, backward=sp.backward,
+                   beta_last_train_step=math.exp(-sp.alpha * (sparse_steps - 1)))
+    boundaries = []
+    if method == "sdgf":
+        from sparsejax import nm
+
+        out["frames"] = [f"{a}:{b}" for a, b in nm.stepwise_frames(n, m)]
+        boundaries = [c for c in frame_boundaries(pattern, sparse_steps) if c < len(flips)]
+        out["frame_boundary_flips"] = [{"step": c + 1, "flip_rate": flips[c]}
+                                       for c in boundaries]
+    if len(flips) != steps:
+        raise RuntimeError(f"recorded {len(flips)} flip rates for {steps} steps")
+    skip = set(boundaries)
+    kept = [f for c, f in enumerate(flips) if c not in skip]
+    last = [f for c, f in enumerate(flips) if c + 1 > 0.75 * steps and c not in skip]
+    out["flip_rate_mean"] = statistics.fmean(kept)
+    out["flip_rate_last25"] = statistics.fmean(last)
+    # Cross-check against metrics.jsonl: the rows average equal windows of all steps.
+    out["flip_rate_mean_all_steps"] = statistics.fmean(flips)
+    out["flip_rate_mean_from_rows"] = statistics.fmean(r["flip_rate"] for r in train)
+    if abs(out["flip_rate_mean_all_steps"] - out["flip_rate_mean_from_rows"]) > 1e-6 + 1e-4 * \
+            out["flip_rate_mean_all_steps"] and steps % log_every == 0:
+        logging.warning("%s %s seed %d: flip rate from the hook %.3g differs from the rows "
+                        "%.3g", method, pattern, seed, out["flip_rate_mean_all_steps"],
+                        out["flip_rate_mean_from_rows"])
+    out["curves"].update(
+        flip_rate=[_sig(r["flip_rate"]) for r in train],
+        pruned_grad_norm=[_sig(r["pruned_grad_norm"]) for r in train])
+    dens = realised_density(config, final["state"])
+    out.update(dens)
+    sizes = _kernel_sizes(final["state"].params, dens["layer_density"])
+    out["density"] = (sum(dens["layer_density"][p] * sizes[p] for p in sizes)
+                      / sum(sizes.values()))
+    if abs(out["density"] - n / m) > TOLERANCE:
+        raise RuntimeError(f"{method} {pattern} seed {seed}: realised density "
+                           f"{out['density']:.6f} is not N/M = {n / m:.6f}")
+    return out
+
+
+def _kernel_sizes(params, paths) -> dict[str, int]:
+    from sparsejax.train.sharding import named_leaves
+
+    leaves = dict(named_leaves(params))
+    return {p: int(leaves[p].size) for p in paths}
+
+
+def add_flops(runs: list[dict], f_dense: dict) -> None:
+    """Inference FLOPs relative to dense, from each run's realised layer densities."""
+    from sparsejax import flops
+
+    fd = flops.total(f_dense)
+    for r in runs:
+        fs = flops.total(flops.sparse_flops(f_dense, r["layer_density"]))
+        r["inference_flops"], r["inference_flops_rel"] = fs, fs / fd
+
+
+def config_summary(num_steps: int, alpha_total: float) -> dict:
+    from configs import quickstart
+
+    c = quickstart.get_config("mdgf,1:8")
+    steps = num_steps or c.num_steps
+    o, s = c.optimizer, c.sparsity
+    sparse_steps = max(steps - s.dense_steps - s.finetune_steps, 1)
+    widths = " → ".join(map(str, (64, *c.model.hidden, 10)))
+    return {
+        "config": CONFIG, "model": f"MLP {widths}, {c.model.activation}",
+        "data": dict(c.data), "num_steps": steps, "batch_size": c.batch_size,
+        "optimizer": (f"{o.name} lr={o.learning_rate} wd={o.weight_decay} {o.schedule} "
+                      f"schedule, {o.warmup_steps} warm-up steps"),
+        "rules": [list(r) for r in s.rules], "axis": s.axis,
+        "sr_ste_lambda": s.sr_ste_lambda, "mdgf_decay": s.decay,
+        "mdgf_backward": s.backward, "mdgf_alpha": alpha_total / sparse_steps,
+        "mdgf_alpha_total": alpha_total, "mdgf_alpha_paper": s.alpha,
+        "sdgf_schedule": s.schedule, "dense_steps": s.dense_steps,
+        "finetune_steps": s.finetune_steps, "sparse_steps": sparse_steps,
+    }
+
+
+def _ordered(runs: list[dict], patterns: list[str]) -> list[tuple[tuple, list[dict]]]:
+    """(method, pattern) groups: dense first, then by pattern, methods in flag order."""
+    g = group(runs, ("method", "pattern"))
+    order = [k for k in g if k[0] == "dense"]
+    order += [k for p in patterns for k in g if k[1] == p]
+    return [(k, g[k]) for k in order]
+
+
+def _flip(xs: list[float]) -> str:
+    """Flip rates in units of 10⁻⁴ per step."""
+    return pm(xs, 1e4, 2)
+
+
+def _diff_rows(runs: list[dict], patterns: list[str]) -> tuple[list[str], list[list[str]]]:
+    by = {(r["method"], r["pattern"], r["seed"]): r["eval_accuracy"] for r in runs}
+    methods = {r["method"] for r in runs}
+    pairs = [("nm_ste", "dense"), ("sr_ste", "nm_ste"), ("mdgf", "nm_ste"), ("sdgf", "nm_ste"),
+             ("mdgf", "sr_ste"), ("sdgf", "mdgf")]
+    pairs = [(a, b) for a, b in pairs if a in methods and b in methods]
+    seeds = sorted({r["seed"] for r in runs})
+    rows = []
+    for p in patterns:
+        cells = [p]
+        for a, b in pairs:
+            pa, pb = (None if x == "dense" else p for x in (a, b))
+            d = [by[(a, pa, k)] - by[(b, pb, k)] for k in seeds
+                 if (a, pa, k) in by and (b, pb, k) in by]
+            cells.append(pm(d, 100) if d else "—")
+        rows.append(cells)
+    return ["pattern", *(f"{LABEL[a]} − {LABEL[b]}" for a, b in pairs)], (rows if pairs else [])
+
+
+def plot(result: dict, path: Path) -> None:
+    """One subplot per pattern, one line per method: the flip rate per logging window,
+    mean over seeds, log y."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    patterns = result["patterns"]
+    methods = [m for m in result["methods"] if m != "dense"]
+    ncol = min(len(patterns), 2)
+    nrow = math.ceil(len(patterns) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6 * ncol, 3.8 * nrow), squeeze=False,
+                             sharex=True, sharey=True)
+    g = group(result["runs"], ("method", "pattern"))
+    floor = None
+    for ax, p in zip(axes.flat, patterns):
+        for method in methods:
+            rs = g.get((method, p))
+            if not rs:
+                continue
+            steps = np.asarray(rs[0]["curve_steps"])
+            y = np.mean([r["curves"]["flip_rate"] for r in rs], axis=0)
+            pos = y[y > 0]
+            if pos.size:
+                floor = pos.min() if floor is None else min(floor, pos.min())
+            ax.plot(steps, np.where(y > 0, y, np.nan), label=LABEL[method], lw=1.2)
+        ax.set_yscale("log")
+        ax.set_title(f"N:M = {p}")
+        ax.grid(True, which="major", alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"mask flip rate\n(mean over {result['config']['log_every']}-step windows)")
+    for ax in list(axes.flat)[len(patterns):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(loc="upper right", fontsize=8)
+    seeds = len(result["seeds"])
+    fig.suptitle("N:M mask flip rate, digits MLP: fraction of mask entries that change per "
+                 f"step,\nmean over {seeds} seed{'s' * (seeds != 1)} (SDGF spikes: its frame "
+                 "boundaries; windows without flips not drawn)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(result: dict, reading: str | None) -> str:
+    runs, cfg = result["runs"], result["config"]
+    seeds, patterns = result["seeds"], result["patterns"]
+    has_flops = result["flops"] is not None
+    steps = cfg["num_steps"]
+    alpha = cfg["mdgf_alpha"]
+    beta_paper = math.exp(-cfg["mdgf_alpha_paper"] * cfg["sparse_steps"])
+    beta_last = math.exp(-alpha * (cfg["sparse_steps"] - 1))
+    frames = {p: " → ".join(f"{a}:{b}" for a, b in _frames(p)) for p in patterns}
+    lengths = {p: max(cfg["sparse_steps"] // len(_frames(p)), 1) for p in patterns}
+    last = [_last_frame_lr(p, lengths[p], cfg) for p in patterns]
+    lines = tables.header("N:M on the digits MLP: STE vs SR-STE vs MDGF vs SDGF", result) + [
+        "## Setup",
+        "",
+        f"- Config: `{cfg['config']}:<method>,<N:M>` with its defaults; `config.seed` and "
+        f"`config.sparsity.seed` both set to the seed (seeds {', '.join(map(str, seeds))}); "
+        f"`config.log_every = {cfg['log_every']}` for the curves.",
+        f"- Model: {cfg['model']} on scikit-learn digits (8×8, 1,437 train / "
+        f"{cfg['data'].get('eval_size', 360)} eval examples, fixed split).",
+        f"- Training: {steps} steps, batch {cfg['batch_size']}, {cfg['optimizer']}.",
+        f"- N:M: rules {cfg['rules']}, so the pattern applies to the two hidden kernels "
+        "`layers/0/kernel` (64×256) and `layers/1/kernel` (256×256), in groups of M "
+        f"consecutive inputs (axis {cfg['axis']}, the input axis); the head and the biases "
+        "stay dense. The mask is recomputed from |w| at every forward pass.",
+        "- STE: forward w⊙m, backward g. SR-STE: backward g + λ_w(1−m)⊙w with "
+        f"λ_w = {cfg['sr_ste_lambda']:g} (the paper's value).",
+        f"- MDGF-exp: forward w⊙(m + (1−m)β(t)), β(t) = exp(−αt), straight-through "
+        f"backward (`backward = '{cfg['mdgf_backward']}'`) as in the authors' code, "
+        f"**α = {alpha:.3g}** = "
+        f"{cfg['mdgf_alpha_total']:g} / {cfg['sparse_steps']} steps, so β falls to "
+        f"e^−{cfg['mdgf_alpha_total']:g} = {math.exp(-cfg['mdgf_alpha_total']):.4f} by the "
+        f"end. The paper's α = {cfg['mdgf_alpha_paper']:g} is sized for runs of tens of "
+        f"thousands of steps; over {cfg['sparse_steps']} steps it would leave β = "
+        f"{beta_paper:.2f} at the end, so the pruned weights would still carry "
+        f"{beta_paper:.0%} of their value at the last training step and the switch to the "
+        "binary mask would happen only at eval. Scaling α to the run keeps the "
+        "paper's shape (β decays from 1 to ≈ 0 over the sparse phase).",
+        "- SDGF-stepwise: the run is split into equal frames and the pattern tightens at "
+        "each boundary: "
+        + "; ".join(f"{p}: {frames[p]} ({lengths[p]} steps each)" for p in patterns) + ". "
+        f"The final N:M frame starts at step {' / '.join(str(x[0]) for x in last)} "
+        f"({' / '.join(patterns)}), where the cosine learning rate is "
+        f"{' / '.join(f'{x[1]:.0%}' for x in last)} of its peak, and receives "
+        f"{' / '.join(f'{x[2]:.1%}' for x in last)} of the run's learning-rate sum.",
+        f"- Phases: no dense warm-up and no binary fine-tune (`dense_steps = "
+        f"{cfg['dense_steps']}`, `finetune_steps = {cfg['finetune_steps']}`, the "
+        "library's defaults), so every method gets the same budget of sparse-phase "
+        "steps and the same schedule. The cost of that choice: the methods whose final "
+        "pattern arrives late (SDGF, and MDGF as β → 0) have little learning rate left to "
+        "fit it, which a binary fine-tune phase would give them. Eval after the "
+        "last step uses the binary N:M mask for every method (MDGF's β is 0 once the "
+        "sparse phase is over).",
+        "- Density: nonzeros of the forward kernels at the final state (what eval "
+        "multiplies with), measured, and checked to be exactly N/M with no group of M "
+        "holding more than N nonzeros.",
+        "- Flip rate: the fraction of N:M-kernel mask entries whose kept/pruned status "
+        "changes between consecutive optimizer steps (`flip_rate` of `sparsejax.nm`), "
+        "read every step, in units of 10⁻⁴ per step; mean over the run and over its last "
+        "25 % of steps. For MDGF it is the top-N mask that β decays. SDGF's "
+        "frame-boundary steps, where the pattern tightens by design and a fixed share of "
+        "the entries flips, are left out of its means (listed below) and show as spikes "
+        "in the plot.",
+        f"- Train loss: mean over the final {TRAIN_LOSS_STEPS} steps, on the forward "
+        f"weights (for MDGF these still carry β = {beta_last:.4f} of the pruned weights at "
+        "the last step).",
+        "- Accuracy and loss are on the eval split after the last step. "
+        f"Each cell is mean ± sample std (ddof = 1) over {len(seeds)} seed(s); "
+        "one eval example is 0.28 accuracy points.",
+    ]
+    if has_flops:
+        lines.append(
+            f"- Inference FLOPs (`sparsejax.flops`): dense is "
+            f"{int(result['flops']['dense_total']):,} per example (2 per multiply-add, "
+            "kernels only); sparse = Σ layer FLOPs × realised layer density, head dense. "
+            "These are theoretical counts: this implementation multiplies masked dense "
+            "matrices. Training FLOPs are not given: MDGF's forward stays dense while "
+            "β > 0 (the whole sparse phase) and every method here computes the dense "
+            "weight gradient.")
+    lines.append("- Wall time is the whole `train_and_evaluate` call (compile, eval, orbax "
+                 "checkpoints, the per-step flip-rate read included) on a shared 2-core machine "
+                 "with other jobs running, so it is noisy.")
+    lines += ["", "## Results", ""]
+    head = ["method", "N:M", "density", "rel. inference FLOPs", "eval accuracy (%)",
+            "eval loss", "train loss", "flip rate ×10⁻⁴ (run)",
+            "flip rate ×10⁻⁴ (last 25 %)",
+            "wall time (s)"]
+    if not has_flops:
+        head.remove("rel. inference FLOPs")
+    rows = []
+    for (method, p), rs in _ordered(runs, patterns):
+        nm_run = method != "dense"
+        row = [LABEL[method], p or "—", f"{statistics.fmean(r['density'] for r in rs):.4f}"]
+        if has_flops:
+            row.append(f"{statistics.fmean(r['inference_flops_rel'] for r in rs):.3f}")
+        row += [pm([r["eval_accuracy"] for r in rs], 100),
+                pm([r["eval_loss"] for r in rs], 1, 3),
+                pm([r["train_loss"] for r in rs], 1, 4),
+                _flip([r["flip_rate_mean"] for r in rs]) if nm_run else "—",
+                _flip([r["flip_rate_last25"] for r in rs]) if nm_run else "—",
+                pm([r["wall_time_s"] for r in rs], 1, 1)]
+        rows.append(row)
+    lines += tables.md_table(head, rows)
+    head, rows = _diff_rows(runs, patterns)
+    if rows:
+        lines += ["", "Paired accuracy differences (same seed: same init and data order), "
+                  "in points, mean ± sample std over seeds:", "", *tables.md_table(head, rows)]
+    sd = [r for r in runs if r["method"] == "sdgf"]
+    if sd:
+        lines += ["", "SDGF frame-boundary flips (fraction of entries that flip at the step "
+                  "the pattern tightens, mean over seeds; left out of the means above):", ""]
+        for p in patterns:
+            rs = [r for r in sd if r["pattern"] == p]
+            if not rs:
+                continue
+            cells = []
+            for i, b in enumerate(rs[0]["frame_boundary_flips"]):
+                f = statistics.fmean(r["frame_boundary_flips"][i]["flip_rate"] for r in rs)
+                cells.append(f"step {b['step']} ({rs[0]['frames'][i]} → "
+                             f"{rs[0]['frames'][i + 1]}): {f:.4f}")
+            lines.append(f"- {p}: " + "; ".join(cells) + ".")
+    png = result.get("plot")
+    if png:
+        rel = Path(png).name if Path(png).parent == Path(result["out_md"]).parent else png
+        lines += ["", f"![Mask flip rate per logging window, by pattern and method]({rel})",
+                  "", f"`{png}`: flip rate per {cfg['log_every']}-step window, mean over "
+                  "seeds, log scale (windows with no flips are not drawn)."]
+    lines += tables.reading_section(reading, "4–6")
+    return "\n".join(lines)
+
+
+def _last_frame_lr(pattern: str, length: int, cfg: dict) -> tuple[int, float, float]:
+    """(step where SDGF's final frame starts, the learning rate there as a share of the
+    peak, the share of the run's learning-rate sum that the frame receives)."""
+    from configs import quickstart
+    from sparsejax.train.optim import make_schedule
+
+    steps = cfg["num_steps"]
+    schedule = make_schedule(quickstart.get_config().optimizer, steps)
+    lr = [float(schedule(c)) for c in range(steps)]
+    start = cfg["dense_steps"] + (len(_frames(pattern)) - 1) * length
+    return start + 1, lr[start] / max(lr), sum(lr[start:]) / sum(lr)
+
+
+def _frames(pattern: str) -> list[tuple[int, int]]:
+    from sparsejax import nm
+
+    return nm.stepwise_frames(*_nm(pattern))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    out_md, out_json, out_png = Path(FLAGS.out_md), Path(FLAGS.out_json), Path(FLAGS.out_png)
+    if FLAGS.render_only:
+        result = tables.render_only(out_md, out_json, markdown)
+        plot(result, out_png)
+        print(f"wrote {out_png}")
+        return
+    methods = list(FLAGS.methods)
+    patterns = list(FLAGS.patterns)
+    seeds = [int(s) for s in FLAGS.seeds]
+    num_steps = FLAGS.num_steps
+    if FLAGS.quick:
+        seeds, patterns, num_steps = seeds[:1], ["1:8"], num_steps or 100
+        if FLAGS["out_md"].using_default_value:
+            out_md = Path("runs/nm_digits_quick.md")
+        if FLAGS["out_json"].using_default_value:
+            out_json = Path("runs/nm_digits_quick.json")
+        if FLAGS["out_png"].using_default_value:
+            out_png = Path("runs/nm_digits_quick_flip_rate.png")
+    unknown = set(methods) - {"dense", *NM_METHODS}
+    if unknown:
+        raise app.UsageError(f"unknown methods {sorted(unknown)}; known: "
+                             f"{['dense', *NM_METHODS]}")
+    for p in patterns:
+        try:
+            n, m = _nm(p)
+            _frames(p)
+        except ValueError as e:
+            raise app.UsageError(f"bad N:M pattern {p!r}: {e}") from None
+        if 64 % m:
+            raise app.UsageError(f"pattern {p}: M={m} does not divide the 64 input features")
+
+    plan = [(m, None if m == "dense" else p, k)
+            for m in methods for p in ([None] if m == "dense" else patterns) for k in seeds]
+    runs, total_time = tables.run_plan(
+        plan, lambda m, p, k: run_one(m, p, k, num_steps, FLAGS.log_every, FLAGS.alpha_total),
+        lambda it: f"{it[0]:6s} {it[1] or '-':5s} seed={it[2]}",
+        lambda r: (f"acc={100 * r['eval_accuracy']:.2f} loss={r['eval_loss']:.4f} "
+                   f"density={r['density']:.4f} "
+                   + (f"flip={r['flip_rate_mean']:.2e}/{r['flip_rate_last25']:.2e} "
+                      if r["method"] != "dense" else "")
+                   + f"({r['wall_time_s']:.1f} s)"))
+
+    from configs import quickstart
+    from sparsejax import flops
+
+    cfg = config_summary(num_steps, FLAGS.alpha_total)
+    cfg["log_every"] = FLAGS.log_every
+    f_dense = tables.dense_flops(quickstart.get_config())
+    add_flops(runs, f_dense)
+    f_info = {"dense_per_layer": f_dense, "dense_total": flops.total(f_dense),
+              "per": "one example (batch 1), inference"}
+    keys = ("eval_accuracy", "eval_loss", "train_loss", "wall_time_s", "flip_rate_mean",
+            "flip_rate_last25")
+    summary = []
+    for (m, p), rs in _ordered(runs, patterns):
+        row = {"method": m, "pattern": p, "n": len(rs), "density": rs[0]["density"],
+               "inference_flops_rel": rs[0]["inference_flops_rel"]}
+        for k in keys:
+            if k in rs[0]:
+                row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r[k] for r in rs])
+        if "flip_rate" in rs[0]["curves"]:
+            row["flip_rate_curve_mean"] = [
+                _sig(statistics.fmean(v)) for v in zip(*(r["curves"]["flip_rate"] for r in rs))]
+        summary.append(row)
+    result = {
+        "command": tables.command("experiments.nm_table"),
+        "machine": tables.machine(), "config": cfg, "methods": methods,
+        "patterns": patterns, "seeds": seeds, "std": "sample (ddof=1)",
+        "flip_rate_unit": "fraction of N:M-kernel mask entries changed per optimizer step",
+        "total_time_s": total_time, "flops": f_info, "plot": str(out_png),
+        "out_md": str(out_md), "summary": summary, "runs": runs,
+    }
+    tables.write_outputs(result, out_md, out_json, markdown, compact_number_lists=True)
+    plot(tables.finite(result), out_png)
+    print(f"{len(runs)} runs in {total_time:.0f} s; wrote {out_md}, {out_json} and {out_png}")
+
+
+if __name__ == "__main__":
+    app.run(main)
