@@ -2,6 +2,10 @@
 
     python -m experiments.train --config configs/lm_recall.py --workdir runs/lm_recall
     python -m experiments.train --config configs/lm_recall.py:rigl,0.8 --workdir runs/lm_rigl
+    python -m experiments.train --config configs/lm_recall.py:sr_ste,2:4 --workdir runs/lm_srste
+    python -m experiments.train --config configs/lm_recall.py:sdgf,1:8 --workdir runs/lm_sdgf
+
+N:M applies to the attention projections and FFN kernels of every block.
 
 For byte-level LM on any text file:
     --config.data.name=text --config.data.path=README.md

@@ -3,6 +3,8 @@
     python -m experiments.train --config configs/quickstart.py --workdir runs/quickstart
     python -m experiments.train --config configs/quickstart.py:tiny --workdir /tmp/qs
     python -m experiments.train --config configs/quickstart.py:rigl,0.9 --workdir runs/qs_rigl
+    python -m experiments.train --config configs/quickstart.py:mdgf,1:8 --workdir runs/qs_mdgf
+    python -m experiments.train --config configs/quickstart.py:doped,0.75 --workdir runs/qs_doped
 
 Overrides: ``--config.num_steps=200 --config.model.hidden='(64,)'``.
 """

@@ -5,7 +5,8 @@ Prepare the data once (network needed):
 Then:
     python -m experiments.train --config configs/resnet_cifar10.py --workdir runs/resnet20 \
         --config.data.data_dir=$HOME/tensorflow_datasets
-RigL at 90% (ERK, the default distribution): add ``:rigl,0.9`` to the config path.
+RigL at 90% (ERK, the default distribution): add ``:rigl,0.9`` to the config path;
+Sparse-IFT (RigL, uniform): ``:wide,0.9`` or ``:parallel,0.75``; N:M: ``:sr_ste,2:4``.
 """
 
 import ml_collections

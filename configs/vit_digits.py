@@ -2,6 +2,11 @@
 
     python -m experiments.train --config configs/vit_digits.py --workdir runs/vit_digits
     python -m experiments.train --config configs/vit_digits.py:rigl,0.9 --workdir runs/vit_rigl
+    python -m experiments.train --config configs/vit_digits.py:mdgf,1:8 --workdir runs/vit_mdgf
+    python -m experiments.train --config configs/vit_digits.py:wide,0.75 --workdir runs/vit_wide
+
+N:M and Sparse-IFT apply to the attention projections and FFN kernels of every block
+(patch embedding and head stay dense).
 """
 
 import ml_collections

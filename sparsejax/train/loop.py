@@ -125,8 +125,6 @@ def make_trainer(config, tx=None) -> Trainer:
     mesh = make_mesh(config.mesh.shape, config.mesh.axes,
                      jax.devices()[:n_dev] if n_dev else None)
     dataset = get_dataset(config.data)
-    tx_given = tx is not None
-    tx = make_transform(config) if tx is None else as_sparse_transformation(tx)
     data_axes = tuple(a for a in config.mesh.get("data_axes", ("data",)) if a in mesh.shape)
     b_sharding = batch_sharding(mesh, data_axes)
     n_shards = int(np.prod([mesh.shape[a] for a in data_axes]))
@@ -135,8 +133,10 @@ def make_trainer(config, tx=None) -> Trainer:
                          f"{n_shards} data shards of mesh {dict(mesh.shape)}")
 
     model_cfg, ift_paths, ift_rules = _sparse_ift(config, dataset.info)
-    if ift_rules is not None:
-        tx = tx if tx_given else make_transform(config, rules=ift_rules)
+    if tx is not None:
+        tx = as_sparse_transformation(tx)
+    else:  # Sparse-IFT brings its own sparsity rules
+        tx = make_transform(config, rules=ift_rules)
 
     def make_model(key):
         model = build_model(model_cfg, dataset.info, nnx.Rngs(params=key))
