@@ -87,6 +87,34 @@ def _normalize_spec(spec, path: str, pattern: str):
                      "'sparse', 'dense'/None, or a sparsity in [0, 1)")
 
 
+def match_rules(params, rules: Sequence[tuple[str, Any]], kind: str) -> list[tuple[str, Any, str | None, Any]]:
+    """``(path, leaf, pattern, spec)`` for every parameter leaf, from the first rule whose
+    regex fully matches its path (``pattern`` and ``spec`` are None when none does).
+
+    The one implementation of path rules (sparsity, N:M, sharding): a rule that matches
+    no parameter is an error, since it is almost always a typo; ``kind`` names the rules
+    in that error.
+
+    Example::
+
+        match_rules({'a': {'kernel': w}}, [(r'.*kernel', 'sparse')], 'sparsity')
+        # [('a/kernel', w, '.*kernel', 'sparse')]
+    """
+    rules = tuple(tuple(r) for r in rules)
+    used, out = set(), []
+    leaves = named_leaves(params)
+    for path, leaf in leaves:
+        hit = next((i for i, (pattern, _) in enumerate(rules) if re.fullmatch(pattern, path)), None)
+        if hit is not None:
+            used.add(hit)
+        out.append((path, leaf) + ((None, None) if hit is None else tuple(rules[hit][:2])))
+    unused = [rules[i][0] for i in range(len(rules)) if i not in used]
+    if unused:
+        raise ValueError(f"{kind} rules match no parameter: {unused}; parameter paths look "
+                         f"like {[p for p, _ in leaves[:4]]}")
+    return out
+
+
 def resolve_rules(params, rules: Sequence[tuple[str, Any]] | None = None) -> dict[str, Any]:
     """``{path: 'sparse' | 'dense' | sparsity}`` for every parameter leaf.
 
@@ -98,23 +126,13 @@ def resolve_rules(params, rules: Sequence[tuple[str, Any]] | None = None) -> dic
         resolve_rules({'a': {'kernel': w}, 'b': {'bias': b}})
         # {'a/kernel': 'sparse', 'b/bias': 'dense'}
     """
-    rules = DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
-    used, out = set(), {}
-    leaves = named_leaves(params)
-    for path, leaf in leaves:
-        out[path] = "dense"
-        for i, (pattern, spec) in enumerate(rules):
-            if re.fullmatch(pattern, path):
-                used.add(i)
-                out[path] = _normalize_spec(spec, path, pattern)
-                if out[path] != "dense" and np.ndim(leaf) == 0:
-                    raise ValueError(f"rule {pattern!r} makes scalar parameter {path!r} "
-                                     "sparse; a mask needs at least one dimension")
-                break
-    unused = [rules[i][0] for i in range(len(rules)) if i not in used]
-    if unused:
-        raise ValueError(f"sparsity rules match no parameter: {unused}; parameter paths look "
-                         f"like {[p for p, _ in leaves[:4]]}")
+    out = {}
+    for path, leaf, pattern, spec in match_rules(params, DEFAULT_RULES if rules is None else rules,
+                                                 "sparsity"):
+        out[path] = "dense" if pattern is None else _normalize_spec(spec, path, pattern)
+        if out[path] != "dense" and np.ndim(leaf) == 0:
+            raise ValueError(f"rule {pattern!r} makes scalar parameter {path!r} sparse; a "
+                             "mask needs at least one dimension")
     return out
 
 

@@ -47,7 +47,7 @@ import numpy as np
 import optax
 
 from sparsejax.base import SparseTransformation
-from sparsejax.masks import named_leaves, path_str, topk_mask
+from sparsejax.masks import match_rules, named_leaves, path_str, topk_mask
 
 _is_none = lambda x: x is None  # noqa: E731
 
@@ -219,20 +219,11 @@ def resolve_nm_rules(params, rules: Sequence[tuple[str, Any]], axis: int = -2) -
 
         resolve_nm_rules(params, [(r'.*mlp/.*kernel', '2:4')])
     """
-    used, out = set(), {}
-    leaves = named_leaves(params)
-    for path, leaf in leaves:
-        for i, (pattern, spec) in enumerate(rules):
-            if re.fullmatch(pattern, path):
-                used.add(i)
-                parsed = _parse(path, pattern, spec, np.shape(leaf), axis)
-                if parsed is not None:
-                    out[path] = parsed
-                break
-    unused = [rules[i][0] for i in range(len(rules)) if i not in used]
-    if unused:
-        raise ValueError(f"N:M rules match no parameter: {unused}; parameter paths look like "
-                         f"{[p for p, _ in leaves[:4]]}")
+    out = {}
+    for path, leaf, pattern, spec in match_rules(params, rules, "N:M"):
+        parsed = None if pattern is None else _parse(path, pattern, spec, np.shape(leaf), axis)
+        if parsed is not None:
+            out[path] = parsed
     return out
 
 

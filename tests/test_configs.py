@@ -35,9 +35,9 @@ def test_config_builds_with_every_method(name):
     for arg in METHODS:
         config = module.get_config(arg)
         if config.ift.family != "none":  # Sparse-IFT rewrites the model: the trainer builds it
-            from sparsejax.train.loop import _sparse_ift
+            from sparsejax.train.loop import sparse_ift_plan
 
-            model_cfg, paths, rules = _sparse_ift(config, info)
+            model_cfg, paths, rules = sparse_ift_plan(config, info)
             assert rules, (name, arg)
             tx = make_transform(config, rules=rules)
             model = nnx.eval_shape(lambda: build_model(model_cfg, info, nnx.Rngs(0)))

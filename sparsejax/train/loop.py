@@ -132,7 +132,7 @@ def make_trainer(config, tx=None) -> Trainer:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                          f"{n_shards} data shards of mesh {dict(mesh.shape)}")
 
-    model_cfg, ift_paths, ift_rules = _sparse_ift(config, dataset.info)
+    model_cfg, ift_paths, ift_rules = sparse_ift_plan(config, dataset.info)
     if tx is not None:
         tx = as_sparse_transformation(tx)
     else:  # Sparse-IFT brings its own sparsity rules
@@ -206,9 +206,14 @@ def _example_input(info):
     return jnp.zeros((1, *info.input_shape), dtype)
 
 
-def _sparse_ift(config, info):
+def sparse_ift_plan(config, info):
     """``(model config, paths to rewrite, sparsity rules)`` for ``config.ift``; rules are
-    None when Sparse-IFT is off. Wide searches the width on abstract models."""
+    None when Sparse-IFT is off. Wide sizes the width on abstract models.
+
+    Example::
+
+        model_cfg, paths, rules = sparse_ift_plan(quickstart.get_config('doped,0.75'), info)
+    """
     c = config.get("ift", None)
     if c is None or c.family == "none":
         return config.model, [], None

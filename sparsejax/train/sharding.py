@@ -16,13 +16,13 @@ Example::
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sparsejax.masks import named_leaves, param_like_paths, path_str
+from sparsejax.masks import match_rules, named_leaves, param_like_paths, path_str
 
 __all__ = ["Rules", "batch_sharding", "make_mesh", "named_leaves", "param_shardings",
            "path_str", "shardings_like_params"]
@@ -58,26 +58,21 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
     return jax.make_mesh(shape, axes, axis_types=auto, devices=devices)
 
 
-def _spec_for(path: str, shape, rules: Rules, mesh: Mesh, used: set[int]) -> P:
-    for i, (pattern, spec) in enumerate(rules):
-        if re.fullmatch(pattern, path):
-            used.add(i)
-            spec = tuple(spec or ())
-            if len(spec) > len(shape):
-                raise ValueError(f"sharding rule {pattern!r} gives {len(spec)} axes to "
-                                 f"parameter {path!r} of shape {tuple(shape)}")
-            for dim, ax in zip(shape, spec):
-                if ax is None:
-                    continue
-                if ax not in mesh.shape:
-                    raise ValueError(f"sharding rule {pattern!r}: mesh has no axis {ax!r} "
-                                     f"(axes: {tuple(mesh.shape)})")
-                if dim % mesh.shape[ax]:
-                    raise ValueError(f"sharding rule {pattern!r}: parameter {path!r} dimension "
-                                     f"{dim} is not divisible by mesh axis {ax!r} of size "
-                                     f"{mesh.shape[ax]}")
-            return P(*spec)
-    return P()
+def _spec(path: str, shape, pattern: str, spec, mesh: Mesh) -> P:
+    spec = tuple(spec or ())
+    if len(spec) > len(shape):
+        raise ValueError(f"sharding rule {pattern!r} gives {len(spec)} axes to parameter "
+                         f"{path!r} of shape {tuple(shape)}")
+    for dim, ax in zip(shape, spec):
+        if ax is None:
+            continue
+        if ax not in mesh.shape:
+            raise ValueError(f"sharding rule {pattern!r}: mesh has no axis {ax!r} "
+                             f"(axes: {tuple(mesh.shape)})")
+        if dim % mesh.shape[ax]:
+            raise ValueError(f"sharding rule {pattern!r}: parameter {path!r} dimension {dim} "
+                             f"is not divisible by mesh axis {ax!r} of size {mesh.shape[ax]}")
+    return P(*spec)
 
 
 def param_shardings(params, rules: Rules, mesh: Mesh):
@@ -87,15 +82,10 @@ def param_shardings(params, rules: Rules, mesh: Mesh):
 
         param_shardings({'w': jnp.ones((4, 8))}, [('w', (None, 'model'))], mesh)
     """
-    used: set[int] = set()
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    out = [NamedSharding(mesh, _spec_for(path_str(p), x.shape, rules, mesh, used))
-           for p, x in flat]
-    unused = [rules[i][0] for i in range(len(rules)) if i not in used]
-    if unused:
-        raise ValueError(f"sharding rules match no parameter: {unused}; parameter paths "
-                         f"look like {[path_str(p) for p, _ in flat[:4]]}")
-    return jax.tree_util.tree_unflatten(treedef, out)
+    specs = [P() if pattern is None else _spec(path, np.shape(x), pattern, spec, mesh)
+             for path, x, pattern, spec in match_rules(params, rules, "sharding")]
+    return jax.tree_util.tree_unflatten(jax.tree.structure(params),
+                                        [NamedSharding(mesh, s) for s in specs])
 
 
 def shardings_like_params(tree, params, shardings, mesh: Mesh):
