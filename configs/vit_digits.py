@@ -19,7 +19,8 @@ def get_config(arg=None):
     c = common.base(
         model=ml_collections.ConfigDict(dict(name="vit", patch_size=2, d_model=64, num_heads=4,
                                              num_layers=2, d_ff=256, activation=act,
-                                             attention="dense", ffn="dense")),
+                                             attention="dense", ffn="dense", ffn_density=0.08,
+                                             attn_k=256)),
         data=ml_collections.ConfigDict(dict(name="digits", eval_size=360)))
     c.num_steps = 2000
     c.sparsity.rules = ((r"embed/kernel", "dense"), (r"head/kernel", "dense"),

@@ -10,6 +10,8 @@ Example::
     tx = sparsejax.rigl(optax.adamw(3e-4), 0.9, distribution=sparsejax.erk(), end_step=7500)
 """
 
+from sparsejax.activations import (k_from_density, realised_density, statistical_threshold,
+                                   statistical_topk, topk)
 from sparsejax.base import SparseTransformation, as_sparse_transformation, dense
 from sparsejax.distributions import (Distribution, er, erk, get_distribution, layer_counts,
                                      layer_densities, uniform)
@@ -25,6 +27,7 @@ from sparsejax.masks import (apply_masks, global_sparsity, global_topk_masks, ma
 __version__ = "0.1.0"
 
 __all__ = [
+    "k_from_density", "realised_density", "statistical_threshold", "statistical_topk", "topk",
     "NMCompressed", "NMState", "compress_nm", "decompress_nm", "export_nm", "import_nm",
     "mdgf", "nm_mask", "nm_matmul", "nm_sparse", "nm_ste", "sdgf", "sr_ste",
     "Distribution", "SparseState", "SparseTransformation", "apply_masks",

@@ -112,3 +112,48 @@ def call_order(model: nnx.Module, *example_args, kinds=(nnx.Linear, nnx.Conv)) -
         for cls, fn in originals.items():
             cls.__call__ = fn
     return order
+
+
+def activation_sparsity(model: nnx.Module, *args, kinds=None) -> dict[str, float]:
+    """Fraction of nonzero outputs of every activation module in one forward pass (the
+    Lazy Neuron measurement), by module path; no change to the model's code.
+
+    ``kinds`` defaults to sparsejax's activation modules; pass e.g. ``(MyAct,)`` for a
+    foreign model. Runs the model eagerly on ``args``.
+
+    Example::
+
+        activation_sparsity(model, batch)   # {'blocks/0/mlp/act': 0.12, ...}
+    """
+    if kinds is None:
+        from sparsejax.models.layers import Activation
+
+        kinds = (Activation,)
+        try:
+            from sparsejax.nn.spark import TopKActivation
+
+            kinds = kinds + (TopKActivation,)
+        except ImportError:
+            pass
+    paths = {id(m): p for p, m in named_modules(model) if isinstance(m, kinds)}
+    if not paths:
+        raise ValueError(f"no activation module of kinds {[k.__name__ for k in kinds]} in the model")
+    seen: dict[str, float] = {}
+    originals = {cls: cls.__call__ for cls in kinds}
+
+    def recording(cls):
+        def call(self, *a, **kw):
+            out = originals[cls](self, *a, **kw)
+            if id(self) in paths:
+                seen[paths[id(self)]] = float(jax.numpy.mean(out != 0))
+            return out
+        return call
+
+    try:
+        for cls in kinds:
+            cls.__call__ = recording(cls)
+        model(*args)
+    finally:
+        for cls, fn in originals.items():
+            cls.__call__ = fn
+    return dict(sorted(seen.items()))

@@ -52,10 +52,14 @@ def _resnet(cfg, info, rngs):
 
 
 def _transformer_kwargs(cfg):
+    # ffn: 'dense', or activation-sparse 'topk' / 'stopk' / 'spark' (density ffn_density);
+    # attention: 'dense' or 'spark' (about attn_k keys per query).
+    ffn, attention = cfg.get("ffn", "dense"), cfg.get("attention", "dense")
     return dict(d_model=cfg.get("d_model", 64), num_heads=cfg.get("num_heads", 4),
                 num_layers=cfg.get("num_layers", 2), d_ff=cfg.get("d_ff", 256),
-                activation=cfg.get("activation", "gelu"),
-                attention=cfg.get("attention", "dense"), ffn=cfg.get("ffn", "dense"))
+                activation=cfg.get("activation", "gelu"), attention=attention, ffn=ffn,
+                ffn_options={} if ffn == "dense" else {"density": cfg.get("ffn_density", 0.08)},
+                attention_options={} if attention == "dense" else {"k": cfg.get("attn_k", 256)})
 
 
 def _vit(cfg, info, rngs):
@@ -116,6 +120,9 @@ def build_model(cfg, info: DataInfo, rngs: nnx.Rngs) -> nnx.Module:
                          f"dataset is a {info.task!r} task")
     return MODELS[name](cfg, info, rngs)
 
+
+# Activation-sparse FFNs and Spark attention register themselves in FFNS and ATTENTIONS.
+from sparsejax.nn import spark as _spark  # noqa: E402,F401
 
 __all__ = ["ACTIVATIONS", "ATTENTIONS", "FFNS", "Activation", "Attention", "Block",
            "DataInfo", "DecoderLM", "FFN", "MLP", "MODELS", "ResNet", "ViT", "build_model",

@@ -126,13 +126,15 @@ class Block(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, d_ff: int, *, activation: str,
-                 causal: bool, rngs: nnx.Rngs, attention: str = "dense", ffn: str = "dense"):
+                 causal: bool, rngs: nnx.Rngs, attention: str = "dense", ffn: str = "dense",
+                 ffn_options: dict | None = None, attention_options: dict | None = None):
         _check_choice("attention", attention, ATTENTIONS)
         _check_choice("ffn", ffn, FFNS)
         self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
-        self.attn = ATTENTIONS[attention](d_model, num_heads, causal=causal, rngs=rngs)
+        self.attn = ATTENTIONS[attention](d_model, num_heads, causal=causal, rngs=rngs,
+                                          **(attention_options or {}))
         self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
-        self.mlp = FFNS[ffn](d_model, d_ff, activation, rngs=rngs)
+        self.mlp = FFNS[ffn](d_model, d_ff, activation, rngs=rngs, **(ffn_options or {}))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.ln1(x))
@@ -140,7 +142,9 @@ class Block(nnx.Module):
 
 
 def block_stack(num_layers: int, d_model: int, num_heads: int, d_ff: int, *, activation: str,
-                causal: bool, attention: str, ffn: str, rngs: nnx.Rngs) -> nnx.List:
+                causal: bool, attention: str, ffn: str, rngs: nnx.Rngs,
+                ffn_options: dict | None = None,
+                attention_options: dict | None = None) -> nnx.List:
     """``num_layers`` blocks as an ``nnx.List`` (parameter paths ``blocks/<i>/...``).
 
     Example::
@@ -149,4 +153,6 @@ def block_stack(num_layers: int, d_model: int, num_heads: int, d_ff: int, *, act
                                   attention='dense', ffn='dense', rngs=rngs)
     """
     return nnx.List([Block(d_model, num_heads, d_ff, activation=activation, causal=causal,
-                           attention=attention, ffn=ffn, rngs=rngs) for _ in range(num_layers)])
+                           attention=attention, ffn=ffn, ffn_options=ffn_options,
+                           attention_options=attention_options, rngs=rngs)
+                     for _ in range(num_layers)])

@@ -30,12 +30,14 @@ class DecoderLM(nnx.Module):
     def __init__(self, *, vocab_size: int, max_len: int, d_model: int = 64,
                  num_heads: int = 4, num_layers: int = 2, d_ff: int = 256,
                  activation: str = "gelu", attention: str = "dense", ffn: str = "dense",
+                 ffn_options: dict | None = None, attention_options: dict | None = None,
                  rngs: nnx.Rngs):
         self.max_len = max_len
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)))
         self.blocks = block_stack(num_layers, d_model, num_heads, d_ff, activation=activation,
-                                  causal=True, attention=attention, ffn=ffn, rngs=rngs)
+                                  causal=True, attention=attention, ffn=ffn, rngs=rngs,
+                                  ffn_options=ffn_options, attention_options=attention_options)
         self.ln = nnx.LayerNorm(d_model, rngs=rngs)
         self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
 

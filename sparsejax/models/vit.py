@@ -30,7 +30,9 @@ class ViT(nnx.Module):
     def __init__(self, *, image_size: int, patch_size: int, in_channels: int,
                  num_classes: int, d_model: int = 64, num_heads: int = 4,
                  num_layers: int = 2, d_ff: int = 256, activation: str = "gelu",
-                 attention: str = "dense", ffn: str = "dense", rngs: nnx.Rngs):
+                 attention: str = "dense", ffn: str = "dense",
+                 ffn_options: dict | None = None, attention_options: dict | None = None,
+                 rngs: nnx.Rngs):
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
         num_patches = (image_size // patch_size) ** 2
@@ -38,7 +40,8 @@ class ViT(nnx.Module):
                               strides=patch_size, padding="VALID", rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_patches, d_model)))
         self.blocks = block_stack(num_layers, d_model, num_heads, d_ff, activation=activation,
-                                  causal=False, attention=attention, ffn=ffn, rngs=rngs)
+                                  causal=False, attention=attention, ffn=ffn, rngs=rngs,
+                                  ffn_options=ffn_options, attention_options=attention_options)
         self.ln = nnx.LayerNorm(d_model, rngs=rngs)
         self.head = nnx.Linear(d_model, num_classes, rngs=rngs)
 

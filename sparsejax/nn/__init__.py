@@ -1,10 +1,13 @@
-"""Flax NNX modules: Sparse-IFT layers (and, later, Spark FFN/attention, sparse attention).
+"""Flax NNX modules: Sparse-IFT layers; top-k activation, Spark FFN and Spark attention.
 
 Example::
 
-    from sparsejax.nn import SparseParallel
+    from sparsejax.nn import SparseParallel, SparkFFN
 """
 
 from sparsejax.nn.ift import SparseDoped, SparseFactorized, SparseParallel, clone_layer
+from sparsejax.nn.spark import (SparkAttention, SparkFFN, StatisticalTopKFFN, TopKActivation,
+                                TopKFFN, spark_key_mask)
 
-__all__ = ["SparseDoped", "SparseFactorized", "SparseParallel", "clone_layer"]
+__all__ = ["SparkAttention", "SparkFFN", "SparseDoped", "SparseFactorized", "SparseParallel",
+           "StatisticalTopKFFN", "TopKActivation", "TopKFFN", "clone_layer", "spark_key_mask"]

@@ -1,0 +1,176 @@
+"""Activation-sparse modules: a top-k activation, Spark FFN and Spark attention.
+
+``TopKActivation`` keeps the largest post-activation units of each token (Li et al.
+2023, "The Lazy Neuron Phenomenon"): exact top-k, approximate top-k, or Spark's
+statistical top-k. ``SparkFFN`` is the Spark Transformer FFN (You et al. 2025):
+
+    y = Vᵀ (GELU(STopk(K1ᵀ q1)) ⊙ (K2ᵀ q2))
+
+where ``q1`` is the first ``r`` input dims (the low-cost predictor, ``r ≈ d_model/2``),
+``q2`` the rest, and ``K1``/``K2`` the matching row blocks of the first FFN matrix. Only
+the units the predictor selects need ``K2``'s columns and ``V``'s rows (the decode
+kernel in ``sparsejax.kernels`` exploits that); this module computes them densely.
+
+Example::
+
+    ffn = SparkFFN(64, 256, 'gelu', density=0.08, rngs=nnx.Rngs(0))
+    y = ffn(jnp.ones((2, 10, 64)))
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.scipy.special import ndtri
+
+from sparsejax.activations import k_from_density, statistical_topk, topk
+from sparsejax.models.layers import ACTIVATIONS, ATTENTIONS, FFN, FFNS, Attention
+
+MODES = ("exact", "approx", "statistical")
+
+
+class TopKActivation(nnx.Module):
+    """``activation`` followed by top-k over the last axis (the FFN hidden units).
+
+    ``mode``: 'exact' (``lax.top_k``, exactly k per token), 'approx'
+    (``lax.approx_max_k``) or 'statistical' (Spark's threshold, hard form, no sort).
+
+    Example::
+
+        act = TopKActivation('relu', density=0.08, mode='statistical')
+    """
+
+    def __init__(self, activation: str = "relu", *, density: float = 0.08, mode: str = "exact"):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        if mode not in MODES:
+            raise ValueError(f"unknown top-k mode {mode!r}; known: {MODES}")
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density {density} is outside (0, 1]")
+        self.name, self.density, self.mode = activation, density, mode
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = ACTIVATIONS[self.name](x)
+        if self.mode == "statistical":
+            return statistical_topk(h, self.density, mode="hard")
+        return topk(h, k_from_density(h.shape[-1], self.density),
+                    approximate=self.mode == "approx")
+
+
+class SparkFFN(nnx.Module):
+    """Spark FFN: a low-cost predictor ``K1ᵀ q1`` picks the active units by statistical
+    top-k (soft form), gated by ``K2ᵀ q2``, then ``V``.
+
+    Example::
+
+        SparkFFN(128, 512, 'gelu', density=0.08, rngs=nnx.Rngs(0))
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", *,
+                 density: float = 0.08, r: int | None = None, rngs: nnx.Rngs):
+        r = d_model // 2 if r is None else r
+        if not 0 < r < d_model:
+            raise ValueError(f"predictor dims r={r} must be in (0, d_model={d_model})")
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density {density} is outside (0, 1]")
+        self.r, self.density = r, density
+        self.k1 = nnx.Linear(r, d_ff, use_bias=False, rngs=rngs)
+        self.k2 = nnx.Linear(d_model - r, d_ff, use_bias=False, rngs=rngs)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        self.activation = activation
+        self.v = nnx.Linear(d_ff, d_model, rngs=rngs)
+
+    def gate(self, x: jax.Array) -> jax.Array:
+        """``act(STopk(K1ᵀ q1))``: the predictor's sparse gate (exact zeros off the top-k)."""
+        return ACTIVATIONS[self.activation](statistical_topk(self.k1(x[..., :self.r]),
+                                                             self.density, mode="soft"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.v(self.gate(x) * self.k2(x[..., self.r:]))
+
+
+class TopKFFN(FFN):
+    """The dense FFN with its activation followed by top-k (``TopKActivation``); the
+    activation stays at ``mlp/act`` so the Lazy Neuron measurement finds it.
+
+    Example::
+
+        TopKFFN(64, 256, 'relu', density=0.08, mode='statistical', rngs=nnx.Rngs(0))
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", *,
+                 density: float = 0.08, mode: str = "exact", rngs: nnx.Rngs):
+        super().__init__(d_model, d_ff, activation, rngs=rngs)
+        self.act = TopKActivation(activation, density=density, mode=mode)
+
+
+class StatisticalTopKFFN(TopKFFN):
+    """``TopKFFN`` with Spark's statistical top-k. Example: ``FFNS['stopk']``."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", *,
+                 density: float = 0.08, rngs: nnx.Rngs):
+        super().__init__(d_model, d_ff, activation, density=density, mode="statistical",
+                         rngs=rngs)
+
+
+FFNS.update({"spark": SparkFFN, "topk": TopKFFN, "stopk": StatisticalTopKFFN})
+
+
+def spark_key_mask(q_low: jax.Array, k_low: jax.Array, k: int, causal: bool) -> jax.Array:
+    """Keys each query keeps, by statistical top-k on low-dimensional scores (Spark).
+
+    ``s = q_low · k_lowᵀ`` per head; over each query's valid keys (all, or the causal
+    prefix) ``θ = mean(s) + std(s)·Φ⁻¹(1 − k/n_valid)`` (population std) and the keys with
+    ``s > θ`` are kept, about ``k`` of them; with ``n_valid ≤ k`` every valid key is kept,
+    and the best-scoring key always is. Shapes ``[B, T, H, d_low]`` → ``[B, H, Tq, Tk]``.
+
+    Example::
+
+        keep = spark_key_mask(q[..., :16], k[..., :16], k=64, causal=True)
+    """
+    s = jnp.einsum("bqhd,bkhd->bhqk", q_low, k_low).astype(jnp.float32)
+    t_q, t_k = s.shape[-2:]
+    valid = (jnp.tril(jnp.ones((t_q, t_k), bool), k=t_k - t_q) if causal
+             else jnp.ones((t_q, t_k), bool))
+    n = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
+    mean = jnp.sum(jnp.where(valid, s, 0.0), -1, keepdims=True) / n
+    var = jnp.sum(jnp.where(valid, (s - mean) ** 2, 0.0), -1, keepdims=True) / n
+    density = jnp.minimum(k / n, 1.0)
+    theta = jnp.where(density < 1.0, mean + jnp.sqrt(var) * ndtri(1.0 - jnp.minimum(density, 1 - 1e-6)),
+                      -jnp.inf)
+    best = s >= jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1, keepdims=True)
+    return jax.lax.stop_gradient(valid & ((s > theta) | best))
+
+
+class SparkAttention(Attention):
+    """Spark attention: each query attends to about ``k`` keys, chosen by statistical
+    top-k on scores from the first ``d_low`` dims of each head (default half), with a
+    softmax over the kept keys only (the rest are −∞).
+
+    Example::
+
+        SparkAttention(64, 4, causal=True, k=32, rngs=nnx.Rngs(0))
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, causal: bool, k: int = 256,
+                 d_low: int | None = None, rngs: nnx.Rngs):
+        super().__init__(d_model, num_heads, causal=causal, rngs=rngs)
+        d_low = self.head_dim // 2 if d_low is None else d_low
+        if k <= 0:
+            raise ValueError(f"Spark attention needs k > 0 keys per query, got {k}")
+        if not 0 < d_low <= self.head_dim:
+            raise ValueError(f"d_low={d_low} must be in (0, head_dim={self.head_dim}]")
+        self.keys_per_query, self.d_low = k, d_low
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        keep = spark_key_mask(q[..., :self.d_low], k[..., :self.d_low], self.keys_per_query,
+                              self.causal)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim ** -0.5
+        probs = jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1).astype(v.dtype)
+        return self.o(jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape))
+
+
+ATTENTIONS["spark"] = SparkAttention
