@@ -35,7 +35,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments import tables
 from experiments.tables import group, mean_std, pm
@@ -287,9 +287,7 @@ def markdown(result: dict, reading: str | None) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    tables.start(argv)
     if FLAGS.render_only:
         tables.render_only(Path(FLAGS.out_md), Path(FLAGS.out_json), markdown)
         return

@@ -25,7 +25,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments import tables
 from experiments.tables import group, mean_std, pm
@@ -250,9 +250,7 @@ def markdown(result: dict, reading: str | None) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    tables.start(argv)
     if FLAGS.render_only:
         tables.render_only(Path(FLAGS.out_md), Path(FLAGS.out_json), markdown)
         return
@@ -275,13 +273,6 @@ def main(argv):
     for s in sparsities:
         if not 0.0 < s < 1.0:
             raise app.UsageError(f"sparsity {s} is outside (0, 1)")
-    try:
-        from sparsejax import flops  # noqa: F401
-        have_flops = True
-    except ImportError:
-        have_flops = False
-        logging.warning("sparsejax.flops is not available: the table has no FLOPs columns")
-
     plan = [(m, None if m == "dense" else s, k)
             for m in methods for s in ([None] if m == "dense" else sparsities) for k in seeds]
     runs, total_time = tables.run_plan(
@@ -293,14 +284,12 @@ def main(argv):
     from configs import quickstart
 
     cfg = config_summary(num_steps)
-    f_info = None
-    if have_flops:
-        f_dense = tables.dense_flops(quickstart.get_config())
-        add_flops(runs, f_dense)
-        from sparsejax import flops
+    from sparsejax import flops
 
-        f_info = {"dense_per_layer": f_dense, "dense_total": flops.total(f_dense),
-                  "per": "one example (batch 1), inference"}
+    f_dense = tables.dense_flops(quickstart.get_config())
+    add_flops(runs, f_dense)
+    f_info = {"dense_per_layer": f_dense, "dense_total": flops.total(f_dense),
+              "per": "one example (batch 1), inference"}
     result = {
         "command": tables.command("experiments.dst_table"),
         "machine": tables.machine(), "config": cfg, "methods": methods, "sparsities": sparsities,
@@ -312,8 +301,8 @@ def main(argv):
                 ("eval_accuracy", "eval_loss", "sparsity_from_masks", "wall_time_s")},
              **{f"{k}_std": mean_std([r[k] for r in rs])[1] for k in
                 ("eval_accuracy", "eval_loss", "wall_time_s")},
-             **({"inference_flops_rel": rs[0]["inference_flops_rel"],
-                 "train_flops_rel": rs[0]["train_flops_rel"]} if have_flops else {})}
+             "inference_flops_rel": rs[0]["inference_flops_rel"],
+             "train_flops_rel": rs[0]["train_flops_rel"]}
             for (m, s), rs in group(runs, ("method", "sparsity")).items()],
     }
     tables.write_outputs(result, out_md, out_json, markdown)

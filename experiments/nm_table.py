@@ -464,9 +464,7 @@ def _frames(pattern: str) -> list[tuple[int, int]]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    tables.start(argv)
     out_md, out_json, out_png = Path(FLAGS.out_md), Path(FLAGS.out_json), Path(FLAGS.out_png)
     if FLAGS.render_only:
         result = tables.render_only(out_md, out_json, markdown)

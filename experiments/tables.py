@@ -48,6 +48,21 @@ READING_BEGIN, READING_END = "<!-- reading:begin -->", "<!-- reading:end -->"
 # ----------------------------------------------------------------------------- running
 
 
+def start(argv) -> None:
+    """The common start of a table script's ``main``: no stray arguments, quiet orbax.
+
+    Example::
+
+        def main(argv):
+            tables.start(argv)
+    """
+    from absl import app, logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+
+
 def final_state_hook(num_steps: int, into: dict) -> Callable:
     """A ``train_and_evaluate`` hook that stores the host copy of the state after the
     last step as ``into['state']`` (params, optimizer/sparsity state, step, rng)."""

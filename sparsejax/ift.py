@@ -32,8 +32,6 @@ import math
 import re
 from typing import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax import surgery

@@ -37,7 +37,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, NamedTuple, Sequence
 

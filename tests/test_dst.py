@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 from hypothesis import given, settings, strategies as st
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 import sparsejax
 from sparsejax.masks import mask_counts

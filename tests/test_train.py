@@ -1,11 +1,9 @@
 """The training loop: end to end, sharding, compilation, checkpoints, kill/resume, errors."""
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax

@@ -10,7 +10,6 @@ Example::
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.models.layers import block_stack
