@@ -17,7 +17,7 @@ from configs import common
 def get_config(arg=None):
     c = common.base(
         model=ml_collections.ConfigDict(dict(name="mlp", hidden=(256, 256), activation="relu")),
-        data=ml_collections.ConfigDict(dict(name="digits", eval_size=360)))
+        data=ml_collections.ConfigDict(dict(name="digits", eval_size=360, random_labels=False)))
     c.num_steps = 1500
     c.eval_every = 250
     c.sparsity.rules = ((r"head/kernel", "dense"), (r".*kernel", "sparse"))

@@ -21,7 +21,7 @@ def get_config(arg=None):
                                              num_layers=2, d_ff=256, activation=act,
                                              attention="dense", ffn="dense", ffn_density=0.08,
                                              attn_k=256)),
-        data=ml_collections.ConfigDict(dict(name="digits", eval_size=360)))
+        data=ml_collections.ConfigDict(dict(name="digits", eval_size=360, random_labels=False)))
     c.num_steps = 2000
     c.sparsity.rules = ((r"embed/kernel", "dense"), (r"head/kernel", "dense"),
                         (r".*kernel", "sparse"))

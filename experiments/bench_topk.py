@@ -23,8 +23,6 @@ from __future__ import annotations
 import functools
 import json
 import platform
-import statistics
-import time
 
 from absl import app, flags, logging
 
@@ -61,31 +59,16 @@ def time_dim(d: int, rows: int, density: float, repeats: int, window_s: float) -
     import jax
 
     from sparsejax.activations import k_from_density
+    from sparsejax.kernels._common import interleaved_ms
 
     k = k_from_density(d, density)
     x = jax.random.normal(jax.random.PRNGKey(0), (rows, d))
     fns = make_fns(k, density)
-    compile_s, calls = {}, {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        compile_s[name] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        once = time.perf_counter() - t0
-        calls[name] = max(1, min(1000, int(window_s / max(once, 1e-6))))
-    windows = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(calls[name]):
-                out = fn(x)
-            jax.block_until_ready(out)
-            windows[name].append((time.perf_counter() - t0) / calls[name])
-    ms = {name: 1e3 * statistics.median(w) for name, w in windows.items()}
-    return {"d": d, "k": k, "rows": rows, "ms": ms,
-            "ms_min": {name: 1e3 * min(w) for name, w in windows.items()},
-            "calls_per_window": calls, "first_call_s": compile_s,
+    t = interleaved_ms({name: functools.partial(fn, x) for name, fn in fns.items()},
+                       repeats, window_s)
+    ms = t["ms"]
+    return {"d": d, "k": k, "rows": rows, "ms": ms, "ms_min": t["ms_min"],
+            "calls_per_window": t["calls_per_window"], "first_call_s": t["first_call_s"],
             "ratio_top_k_over_stat": ms["lax_top_k"] / ms["stat_soft"],
             "ratio_approx_over_stat": ms["approx_max_k"] / ms["stat_soft"],
             "ratio_topk_exact_over_stat": ms["topk_exact"] / ms["stat_soft"]}

@@ -64,6 +64,18 @@ def test_digits_embedded():
     assert set(np.unique(b["targets"])) == set(range(10))
 
 
+def test_digits_random_labels_keep_inputs_and_eval_labels():
+    true = D.get_dataset(mc.ConfigDict({"name": "digits"}))
+    rand = D.get_dataset(mc.ConfigDict({"name": "digits", "random_labels": True}))
+    idx = np.arange(len(true.train))
+    t, r = true.train.get(idx), rand.train.get(idx)
+    np.testing.assert_array_equal(t["inputs"], r["inputs"])
+    # random labels agree with the true ones about 1 time in 10, not always
+    assert 0.05 < np.mean(t["targets"] == r["targets"]) < 0.15
+    e = np.arange(len(true.eval))
+    np.testing.assert_array_equal(true.eval.get(e)["targets"], rand.eval.get(e)["targets"])
+
+
 def test_associative_recall_answer_is_the_bound_value():
     cfg = mc.ConfigDict({"num_pairs": 5, "num_keys": 9, "num_values": 7, "train_size": 64,
                          "eval_size": 8})

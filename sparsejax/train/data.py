@@ -164,6 +164,8 @@ def _classification(x: np.ndarray, y: np.ndarray) -> ArraySource:
 def digits(cfg) -> Dataset:
     """scikit-learn's 1,797 8×8 digits (shipped with the package), pixels scaled to [0,1];
     a fixed split keeps ``eval_size`` (default 360) examples for evaluation.
+    ``random_labels=True`` replaces the training labels by uniform random ones (the
+    memorisation setting of the Lazy Neuron paper); evaluation keeps the true labels.
 
     Example::
 
@@ -177,8 +179,10 @@ def digits(cfg) -> Dataset:
     n_eval = cfg.get("eval_size", 360)
     tr, ev = perm[n_eval:], perm[:n_eval]
     info = DataInfo("classification", (8, 8, 1), 10)
-    return Dataset(_classification(x[tr], d.target[tr]), _classification(x[ev], d.target[ev]),
-                   info)
+    y_train = d.target[tr]
+    if cfg.get("random_labels", False):  # memorisation: no signal, eval labels stay true
+        y_train = np.random.default_rng(1).integers(0, 10, len(tr))
+    return Dataset(_classification(x[tr], y_train), _classification(x[ev], d.target[ev]), info)
 
 
 def synthetic_images(cfg) -> Dataset:
