@@ -20,7 +20,9 @@ def get_config(arg=None):
     c = common.base(
         model=ml_collections.ConfigDict(dict(name="lm", d_model=128, num_heads=4, num_layers=2,
                                              d_ff=512, activation="gelu", attention="dense",
-                                             ffn="dense", ffn_density=0.08, attn_k=256)),
+                                             ffn="dense", ffn_density=0.08, attn_k=256,
+                                             attn_pattern="window", attn_block=16, attn_window=32,
+                                             attn_sinks=4, attn_stride=32, attn_keep=2)),
         data=ml_collections.ConfigDict(dict(name="associative_recall", num_pairs=8,
                                             num_keys=16, num_values=16, train_size=20000,
                                             eval_size=1000, seed=0, path="", seq_len=128)))

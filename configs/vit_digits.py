@@ -20,7 +20,9 @@ def get_config(arg=None):
         model=ml_collections.ConfigDict(dict(name="vit", patch_size=2, d_model=64, num_heads=4,
                                              num_layers=2, d_ff=256, activation=act,
                                              attention="dense", ffn="dense", ffn_density=0.08,
-                                             attn_k=256)),
+                                             attn_k=256, attn_pattern="window", attn_block=16,
+                                             attn_window=32, attn_sinks=4, attn_stride=32,
+                                             attn_keep=2)),
         data=ml_collections.ConfigDict(dict(name="digits", eval_size=360, random_labels=False)))
     c.num_steps = 2000
     c.sparsity.rules = ((r"embed/kernel", "dense"), (r"head/kernel", "dense"),

@@ -51,15 +51,27 @@ def _resnet(cfg, info, rngs):
                   activation=cfg.get("activation", "relu"), rngs=rngs)
 
 
+# Model-config keys read by each attention (module keyword: config key).
+_ATTENTION_KEYS = {
+    "dense": {},
+    "spark": {"k": "attn_k"},
+    "sparse": {"pattern": "attn_pattern", "block_size": "attn_block", "window": "attn_window",
+               "sinks": "attn_sinks", "stride": "attn_stride", "keep": "attn_keep",
+               "k": "attn_k"},
+}
+
+
 def _transformer_kwargs(cfg):
     # ffn: 'dense', or activation-sparse 'topk' / 'stopk' / 'spark' (density ffn_density);
-    # attention: 'dense' or 'spark' (about attn_k keys per query).
+    # attention: 'dense', 'spark' (about attn_k keys per query) or block-sparse 'sparse'
+    # (attn_pattern full|window|strided|gated|spark on attn_block-sized blocks).
     ffn, attention = cfg.get("ffn", "dense"), cfg.get("attention", "dense")
+    keys = _ATTENTION_KEYS.get(attention, {})
     return dict(d_model=cfg.get("d_model", 64), num_heads=cfg.get("num_heads", 4),
                 num_layers=cfg.get("num_layers", 2), d_ff=cfg.get("d_ff", 256),
                 activation=cfg.get("activation", "gelu"), attention=attention, ffn=ffn,
                 ffn_options={} if ffn == "dense" else {"density": cfg.get("ffn_density", 0.08)},
-                attention_options={} if attention == "dense" else {"k": cfg.get("attn_k", 256)})
+                attention_options={opt: cfg[key] for opt, key in keys.items() if key in cfg})
 
 
 def _vit(cfg, info, rngs):
@@ -121,8 +133,9 @@ def build_model(cfg, info: DataInfo, rngs: nnx.Rngs) -> nnx.Module:
     return MODELS[name](cfg, info, rngs)
 
 
-# Activation-sparse FFNs and Spark attention register themselves in FFNS and ATTENTIONS.
+# Activation-sparse FFNs, Spark and block-sparse attention register in FFNS and ATTENTIONS.
 from sparsejax.nn import spark as _spark  # noqa: E402,F401
+from sparsejax.nn import sparse_attention as _sparse_attention  # noqa: E402,F401
 
 __all__ = ["ACTIVATIONS", "ATTENTIONS", "FFNS", "Activation", "Attention", "Block",
            "DataInfo", "DecoderLM", "FFN", "MLP", "MODELS", "ResNet", "ViT", "build_model",
