@@ -37,6 +37,8 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from typing import Any, NamedTuple, Sequence
 
@@ -416,13 +418,18 @@ def sdgf(inner, rules, *, schedule: str = "stepwise", sparse_steps: int, **kw) -
 # ----------------------------------------------------------------------------- compressed
 
 
-class NMCompressed(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "indices"],
+                   meta_fields=["n", "m", "shape", "axis"])
+@dataclasses.dataclass(frozen=True)
+class NMCompressed:
     """N:M weights stored as values and small-integer indices.
 
     The weight ``[..., K, ...]`` (``K`` along ``axis``) is moved to ``[K, rest]`` and cut
     into ``K/M`` groups; ``values[g, j, r]`` is the j-th kept entry of group ``g`` in
     column ``r`` and ``indices[g, j, r] ∈ [0, M)`` its offset in the group (uint8).
-    ``shape`` and ``axis`` give the dense layout back.
+    ``shape`` and ``axis`` give the dense layout back. A pytree whose leaves are
+    ``values`` and ``indices``; ``n, m, shape, axis`` are static, so it passes through
+    ``jax.jit`` as an argument.
 
     Example::
 

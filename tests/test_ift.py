@@ -58,7 +58,7 @@ def test_s_zero_is_the_dense_model(family):
     model, rules = ift.transform(_mlp(), family, 0.0, example_input=x)
     assert rules == []
     np.testing.assert_array_equal(model(x), ref)
-    assert all(isinstance(m, (nnx.Linear, nnx.List, type(model.act)))
+    assert all(isinstance(m, (nnx.Linear, nnx.List, type(model.acts[0])))
                for _, m in surgery.named_modules(model))
 
 
@@ -134,8 +134,8 @@ def test_bad_input():
         ift.transform(_mlp(), "doped", 1.0, example_input=x)
     with pytest.raises(ValueError, match="unknown Sparse-IFT family 'sparse_deep'"):
         ift.transform(_mlp(), "sparse_deep", 0.5, example_input=x)
-    with pytest.raises(ValueError, match=r"match no Linear/Conv module: \['act'\]"):
-        ift.transform(_mlp(), "doped", 0.5, rules=["act"])
+    with pytest.raises(ValueError, match=r"match no Linear/Conv module: \['acts/0'\]"):
+        ift.transform(_mlp(), "doped", 0.5, rules=["acts/0"])
     grouped = nnx.Conv(8, 8, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="grouped convolutions"):
         SparseParallel(grouped, 2, rngs=nnx.Rngs(0))

@@ -8,7 +8,7 @@ from flax import nnx
 from jax.scipy.special import ndtri
 
 from sparsejax import surgery
-from sparsejax.nn.spark import SparkFFN, TopKActivation
+from sparsejax.nn.spark import SparkFFN, StatisticalTopKFFN, TopKActivation, TopKFFN
 
 
 def test_topk_activation_keeps_exactly_k_per_token():
@@ -61,7 +61,7 @@ def test_surgery_inserts_topk_and_measures_lazy_neurons():
         surgery.activation_sparsity(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), jnp.ones((1, 2)))
 
 
-@pytest.mark.parametrize("ffn", ["topk", "stopk", "spark"])
+@pytest.mark.parametrize("ffn", ["topk", "stopk", "spark", "block"])
 def test_transformers_select_activation_sparse_ffn_from_config(ffn):
     from configs import lm_recall, vit_digits
     from sparsejax.train import make_trainer
@@ -80,6 +80,12 @@ def test_transformers_select_activation_sparse_ffn_from_config(ffn):
         for _ in range(2):
             state, stats = t.step(state, t.device_batch(next(it)))
     assert np.isfinite(float(stats["loss_sum"]))
+    if ffn == "block":  # block-sparse training path of the FFN kernel
+        from sparsejax.models import build_model
+        from sparsejax.nn import BlockSparseFFN
+
+        mlp = build_model(cfg.model, t.dataset.info, nnx.Rngs(0)).blocks[0].mlp
+        assert isinstance(mlp, BlockSparseFFN) and mlp.keep_blocks == 1
     if ffn == "spark":
         assert "k1" in state.params["blocks"][0]["mlp"]
         assert type(t.graphdef).__name__ and t.dataset.info.input_shape[0] > 4  # k < keys
@@ -125,3 +131,44 @@ def test_spark_attention_equals_dense_reference_with_the_same_mask():
     assert 2 <= kept.mean() <= 12  # about k = 6 keys per query
     with pytest.raises(ValueError, match="k > 0 keys"):
         SparkAttention(32, 2, causal=True, k=0, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("cls", [SparkFFN, TopKFFN, StatisticalTopKFFN])
+def test_decode_reading_selected_units_equals_the_module(cls):
+    ffn = cls(64, 512, "gelu" if cls is SparkFFN else "relu", density=0.08, rngs=nnx.Rngs(0))
+    if cls is not SparkFFN:  # nonzero biases, so their handling is checked too
+        ffn.up.bias[...] = 0.1 * jax.random.normal(jax.random.PRNGKey(5), (512,))
+        ffn.down.bias[...] = jax.random.normal(jax.random.PRNGKey(6), (64,))
+    for rows in (1, 8):
+        x = jax.random.normal(jax.random.PRNGKey(rows), (rows, 64))
+        np.testing.assert_allclose(ffn.decode(x), ffn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_block_sparse_ffn_computes_the_best_blocks_of_each_tile():
+    from sparsejax.models.layers import FFN
+    from sparsejax.nn import BlockSparseFFN
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 64))           # 64 tokens, 2 tiles
+    ffn = BlockSparseFFN(64, 256, "gelu", density=0.25, block_units=32, tile_tokens=32,
+                         rngs=nnx.Rngs(0))
+    assert ffn.keep_blocks == 2
+    # independent reference in numpy: score blocks per tile, keep the top 2, mask, project
+    xs, wu, bu = (np.asarray(a, np.float64) for a in (x.reshape(64, 64), ffn.up.kernel[...],
+                                                     ffn.up.bias[...]))
+    h = np.asarray(jax.nn.gelu(jnp.asarray(xs @ wu + bu)))
+    mask = np.zeros_like(h)
+    for tile in range(2):
+        rows = slice(32 * tile, 32 * tile + 32)
+        score = np.abs(h[rows]).reshape(32, 8, 32).sum(axis=(0, 2))
+        for blk in np.argsort(-score)[:2]:
+            mask[rows, 32 * blk: 32 * blk + 32] = 1
+    want = (h * mask) @ np.asarray(ffn.down.kernel[...]) + np.asarray(ffn.down.bias[...])
+    np.testing.assert_allclose(ffn(x).reshape(64, 64), want, rtol=1e-4, atol=1e-4)
+    full = BlockSparseFFN(64, 256, "gelu", density=1.0, block_units=32, tile_tokens=32,
+                          rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(full(x), FFN(64, 256, "gelu", rngs=nnx.Rngs(0))(x),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="block_units=48 must divide d_ff=256"):
+        BlockSparseFFN(64, 256, block_units=48, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="tile_tokens=32 must divide the token count T=40"):
+        ffn(jnp.ones((40, 64)))

@@ -30,11 +30,12 @@ class MLP(nnx.Module):
         self.layers = nnx.List(
             [nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])]
         )
-        self.act = Activation(activation)
+        # one activation module per layer, so per-layer activation sparsity can be measured
+        self.acts = nnx.List([Activation(activation) for _ in hidden])
         self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
-        for layer in self.layers:
-            x = self.act(layer(x))
+        for layer, act in zip(self.layers, self.acts):
+            x = act(layer(x))
         return self.head(x)

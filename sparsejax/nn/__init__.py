@@ -1,5 +1,5 @@
-"""Flax NNX modules: Sparse-IFT layers; top-k activation, Spark FFN and Spark attention;
-block-sparse attention on the kernels.
+"""Flax NNX modules: Sparse-IFT layers; top-k activation, Spark FFN, Spark attention, and
+the kernel-backed block-sparse attention and block-sparse FFN.
 
 Example::
 
@@ -7,10 +7,10 @@ Example::
 """
 
 from sparsejax.nn.ift import SparseDoped, SparseFactorized, SparseParallel, clone_layer
-from sparsejax.nn.spark import (SparkAttention, SparkFFN, StatisticalTopKFFN, TopKActivation,
-                                TopKFFN, spark_key_mask)
+from sparsejax.nn.spark import (BlockSparseFFN, SparkAttention, SparkFFN, StatisticalTopKFFN,
+                                TopKActivation, TopKFFN, spark_key_mask)
 from sparsejax.nn.sparse_attention import SparseAttention
 
-__all__ = ["SparkAttention", "SparkFFN", "SparseAttention", "SparseDoped", "SparseFactorized",
-           "SparseParallel", "StatisticalTopKFFN", "TopKActivation", "TopKFFN", "clone_layer",
-           "spark_key_mask"]
+__all__ = ["BlockSparseFFN", "SparkAttention", "SparkFFN", "SparseAttention", "SparseDoped",
+           "SparseFactorized", "SparseParallel", "StatisticalTopKFFN", "TopKActivation",
+           "TopKFFN", "clone_layer", "spark_key_mask"]

@@ -90,6 +90,28 @@ class SparkFFN(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.v(self.gate(x) * self.k2(x[..., self.r:]))
 
+    def decode(self, x: jax.Array, *, k_max: int | None = None, k2_unit_major=None,
+               implementation: str | None = None) -> jax.Array:
+        """The same output for a few tokens (decode, ≤ 8 rows), reading only the selected
+        units' columns of ``K2`` and rows of ``V`` (``sparsejax.kernels.sparse_ffn``).
+
+        ``k_max`` caps the units per token (default twice the expected count); if the
+        threshold keeps more, the largest gates are kept. Pass ``k2_unit_major =
+        unit_major(ffn.k2)`` once per generation to avoid a transpose per token.
+
+        Example::
+
+            y = ffn.decode(x_token)          # == ffn(x_token) when ≤ k_max units fire
+        """
+        from sparsejax.kernels.sparse_ffn import spark_ffn_decode, unit_major
+
+        f = self.v.kernel.shape[0]
+        k_max = min(f, 2 * k_from_density(f, self.density)) if k_max is None else k_max
+        k2 = unit_major(self.k2) if k2_unit_major is None else k2_unit_major
+        return spark_ffn_decode(x, self.k1.kernel[...], k2, self.v.kernel[...],
+                                v_bias=self.v.bias[...], density=self.density, k_max=k_max,
+                                activation=self.activation, implementation=implementation)
+
 
 class TopKFFN(FFN):
     """The dense FFN with its activation followed by top-k (``TopKActivation``); the
@@ -105,6 +127,25 @@ class TopKFFN(FFN):
         super().__init__(d_model, d_ff, activation, rngs=rngs)
         self.act = TopKActivation(activation, density=density, mode=mode)
 
+    def decode(self, x: jax.Array, *, implementation: str | None = None) -> jax.Array:
+        """The same output for a few tokens (decode), reading only the kept rows of
+        ``W_down`` (``sparsejax.kernels.sparse_ffn``); 'approx' selects exactly.
+
+        Example::
+
+            y = ffn.decode(x_token)          # == ffn(x_token)
+        """
+        from sparsejax.kernels.sparse_ffn import topk_ffn_decode
+
+        f = self.down.kernel.shape[0]
+        statistical = self.act.mode == "statistical"
+        k = k_from_density(f, self.act.density)
+        return topk_ffn_decode(x, self.up.kernel[...], self.up.bias[...], self.down.kernel[...],
+                               self.down.bias[...], activation=self.act.name,
+                               k=min(f, 2 * k) if statistical else k,
+                               mode="statistical" if statistical else "exact",
+                               density=self.act.density, implementation=implementation)
+
 
 class StatisticalTopKFFN(TopKFFN):
     """``TopKFFN`` with Spark's statistical top-k. Example: ``FFNS['stopk']``."""
@@ -115,7 +156,43 @@ class StatisticalTopKFFN(TopKFFN):
                          rngs=rngs)
 
 
-FFNS.update({"spark": SparkFFN, "topk": TopKFFN, "stopk": StatisticalTopKFFN})
+class BlockSparseFFN(FFN):
+    """The dense FFN trained block-sparsely: each tile of ``tile_tokens`` tokens computes
+    only its best ``density`` fraction of blocks of ``block_units`` hidden units, ranked by
+    ``Σ_tile,block |act(x W_up + b)|`` (``sparsejax.kernels.sparse_ffn.block_sparse_ffn``).
+
+    Token-level top-k cannot skip training matmuls (at 8% density a 128-token tile uses
+    nearly every unit); sharing the selection across a tile can. Tokens are the flattened
+    leading dims; their count must be a multiple of ``tile_tokens``.
+
+    Example::
+
+        BlockSparseFFN(64, 256, 'gelu', density=0.25, block_units=32, tile_tokens=32,
+                       rngs=nnx.Rngs(0))
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", *,
+                 density: float = 0.25, block_units: int = 64, tile_tokens: int = 64,
+                 rngs: nnx.Rngs):
+        super().__init__(d_model, d_ff, activation, rngs=rngs)
+        if d_ff % block_units:
+            raise ValueError(f"block_units={block_units} must divide d_ff={d_ff}")
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density {density} is outside (0, 1]")
+        self.block_units, self.tile_tokens = block_units, tile_tokens
+        self.keep_blocks = max(1, round(density * d_ff / block_units))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        from sparsejax.kernels.sparse_ffn import block_sparse_ffn
+
+        return block_sparse_ffn(x, self.up.kernel[...], self.down.kernel[...],
+                                b_up=self.up.bias[...], b_down=self.down.bias[...],
+                                activation=self.act.name, block_units=self.block_units,
+                                tile_tokens=self.tile_tokens, keep_blocks=self.keep_blocks)
+
+
+FFNS.update({"spark": SparkFFN, "topk": TopKFFN, "stopk": StatisticalTopKFFN,
+             "block": BlockSparseFFN})
 
 
 def spark_key_mask(q_low: jax.Array, k_low: jax.Array, k: int, causal: bool) -> jax.Array:

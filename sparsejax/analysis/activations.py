@@ -1,0 +1,145 @@
+"""Activation sparsity per layer and over training (Li et al. 2023, "The Lazy Neuron
+Phenomenon").
+
+The Lazy Neuron measurement is the fraction of nonzero entries of the FFN activation
+``a = σ(x W_up)`` of each token, averaged over tokens:
+``f = mean_tokens (1/d_ff) Σ_j [a_j ≠ 0]``, which is ``mean(a ≠ 0)`` over all entries
+since every token has ``d_ff`` of them. The fractions come from
+``sparsejax.surgery.activation_sparsity``; this module adds each layer's depth (the
+order in which the forward pass first calls it) and width (``d_ff``, the output's last
+dimension), and a hook that records them over training.
+
+Example::
+
+    activation_sparsity_by_layer(model, batch)   # (layer, depth, width, fraction_nonzero)
+    rec = ActivationSparsityRecorder(make_trainer(config), batch, every=100)
+    train_and_evaluate(config, workdir, hooks=[rec])
+    rec.table()               # rows (step, layer, depth, width, fraction_nonzero)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from sparsejax.analysis.table import Table
+from sparsejax.surgery import activation_sparsity, named_modules
+
+
+def _output_widths(model: nnx.Module, args, paths) -> dict[str, int]:
+    """``{path: last output dim}`` of the modules at ``paths``, in first-call order
+    (abstractly evaluated on a merged copy, so nothing is computed or mutated)."""
+    classes = {type(m) for p, m in named_modules(model) if p in paths}
+    originals = {cls: cls.__call__ for cls in classes}
+    ids: dict[int, str] = {}
+    widths: dict[str, int] = {}
+
+    def recording(cls):
+        def call(self, *a, **kw):
+            out = originals[cls](self, *a, **kw)
+            if id(self) in ids:
+                widths[ids[id(self)]] = int(out.shape[-1]) if out.ndim else 1
+            return out
+        return call
+
+    graphdef, state = nnx.split(model)
+
+    def run(state, *args):
+        copy = nnx.merge(graphdef, state)
+        ids.update({id(m): p for p, m in named_modules(copy) if p in paths})
+        return copy(*args)
+
+    try:
+        for cls in classes:
+            cls.__call__ = recording(cls)
+        jax.eval_shape(run, state, *args)
+    finally:
+        for cls, fn in originals.items():
+            cls.__call__ = fn
+    return widths
+
+
+def activation_sparsity_by_layer(model: nnx.Module, *args, kinds=None) -> Table:
+    """Rows ``(layer, depth, width, fraction_nonzero)`` for every activation module that a
+    forward pass on ``args`` calls, in call order.
+
+    ``fraction_nonzero = mean(a ≠ 0)`` (the Lazy Neuron fraction, from
+    ``surgery.activation_sparsity``); ``depth`` counts activation modules in first-call
+    order from 0; ``width`` is the activation's last dimension. ``kinds`` as in
+    ``surgery.activation_sparsity`` (sparsejax's activation modules by default). A module
+    called more than once (one module shared by several layers) gives one row: its last
+    call's fraction; give each layer its own activation module (as the reference models
+    do) to see them all.
+
+    Example::
+
+        model = ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10,
+                    activation='relu', rngs=nnx.Rngs(0))
+        activation_sparsity_by_layer(model, images)['fraction_nonzero']   # ≈ [0.5, 0.5]
+    """
+    fractions = activation_sparsity(model, *args, kinds=kinds)
+    widths = _output_widths(model, args, set(fractions))
+    order = list(widths) + [p for p in fractions if p not in widths]
+    return Table([{"layer": p, "depth": i, "width": widths.get(p), "fraction_nonzero": fractions[p]}
+                  for i, p in enumerate(order)])
+
+
+def _model_builder(model, tx) -> Callable[[Any], nnx.Module]:
+    """``state -> model`` from a Trainer, an NNX GraphDef (+ optional transform) or a
+    callable."""
+    if hasattr(model, "graphdef") and hasattr(model, "tx"):  # a Trainer
+        model, tx = model.graphdef, tx or model.tx
+    if isinstance(model, nnx.GraphDef):
+        graphdef = model
+
+        def build(state):
+            params = state.params if tx is None else tx.forward(state.params, state.opt_state)
+            m = nnx.merge(graphdef, params, state.rest)
+            m.eval()
+            return m
+        return build
+    if callable(model):
+        return model
+    raise TypeError(f"ActivationSparsityRecorder needs a Trainer, an nnx.GraphDef or a "
+                    f"callable state -> model, got {type(model).__name__}")
+
+
+class ActivationSparsityRecorder:
+    """A ``train_and_evaluate`` hook: every ``every`` steps, rebuilds the model from the
+    train state and records ``activation_sparsity_by_layer`` on the fixed input ``x``.
+
+    ``model`` is the run's ``Trainer`` (its graphdef and transform, so the model sees
+    ``tx.forward(params)`` as in training), an ``nnx.GraphDef`` of the
+    ``nnx.split(model, nnx.Param, ...)`` kind (with ``tx`` for sparse runs), or any
+    callable ``state -> nnx.Module``. The rebuilt model is put in eval mode.
+
+    Example::
+
+        trainer = make_trainer(config)
+        rec = ActivationSparsityRecorder(trainer, batch['inputs'][:64], every=100)
+        train_and_evaluate(config, workdir, hooks=[rec])
+        rec.table().where(layer='blocks/0/mlp/act')['fraction_nonzero']
+    """
+
+    def __init__(self, model, x, *, every: int = 1, kinds=None, tx=None):
+        if int(every) < 1:
+            raise ValueError(f"ActivationSparsityRecorder: every must be >= 1, got {every}")
+        self.build = _model_builder(model, tx)
+        self.x, self.every, self.kinds = x, int(every), kinds
+        self.rows: list[dict] = []
+
+    def __call__(self, step: int, state) -> None:
+        if int(step) % self.every:
+            return
+        self.record(step, self.build(state))
+
+    def record(self, step: int, model: nnx.Module) -> None:
+        """Measures ``model`` on the recorder's input and adds rows for ``step``."""
+        self.rows += [{"step": int(step), **r}
+                      for r in activation_sparsity_by_layer(model, self.x, kinds=self.kinds)]
+
+    def table(self) -> Table:
+        """Rows ``(step, layer, depth, width, fraction_nonzero)`` recorded so far."""
+        return Table(self.rows, ["step", "layer", "depth", "width", "fraction_nonzero"])

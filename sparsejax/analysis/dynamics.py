@@ -1,0 +1,324 @@
+"""Mask dynamics of sparse training: turnover, N:M flip rate, in-time over-parameterisation.
+
+Masks may be given as the params-shaped trees the transforms hold (``None`` for dense
+leaves), as flat ``{path: mask}`` dicts, or as one array; layers are named by their
+'/'-joined parameter path. Per-layer rows end with one row for all layers together,
+whose ``layer`` is ``TOTAL``.
+
+- Turnover (DST drop/grow; Evci et al. 2020, Mocanu et al. 2018): of the weights active
+  before, the fraction no longer active, ``|m_prev ∧ ¬m_next| / |m_prev|``; ``grown =
+  |¬m_prev ∧ m_next|``. SET/RigL keep ``|m|`` fixed, so ``dropped == grown``.
+- Flip rate (Zhou et al. 2021, SR-STE): ``‖m_t − m_{t−1}‖₁ / D``, the fraction of the
+  ``D`` entries whose mask changed.
+- In-time over-parameterisation rate (Liu et al. 2021, "Do We Actually Need Dense
+  Over-Parameterization? In-Time Over-Parameterization in Sparse Training"):
+  ``R_s = |∪_t m_t| / N``, the fraction of the ``N`` weights ever active so far.
+
+Example::
+
+    rec = MaskRecorder(every=100)
+    train_and_evaluate(config, workdir, hooks=[rec])
+    rec.turnover().where(layer=TOTAL)['turnover']
+    rec.ever_active().where(layer=TOTAL)['rate']      # the ITOP rate over training
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax.analysis.table import Table
+from sparsejax.masks import named_leaves, path_str, topk_mask
+
+TOTAL = "<total>"
+"""``layer`` of the row that sums over all layers."""
+
+_is_none = lambda x: x is None  # noqa: E731
+
+
+# ----------------------------------------------------------------------------- finding masks
+
+
+def find_masks(tree) -> Any:
+    """The ``masks`` field of the first NamedTuple holding one in ``tree`` (depth first),
+    e.g. ``SparseState``/``NMState`` in a train state's ``opt_state``; ``None`` if none.
+
+    Example::
+
+        masks = find_masks(state.opt_state)   # params-shaped, None for dense leaves
+    """
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        if "masks" in tree._fields:
+            return tree.masks
+        children = list(tree)
+    elif isinstance(tree, (tuple, list)):
+        children = list(tree)
+    elif isinstance(tree, dict):
+        children = list(tree.values())
+    else:
+        return None
+    for child in children:
+        found = find_masks(child)
+        if found is not None:
+            return found
+    return None
+
+
+def _host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-host: gather
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def mask_dict(masks) -> dict[str, np.ndarray]:
+    """``{path: bool numpy array}`` of every mask leaf (``None`` leaves skipped), on host.
+
+    Example::
+
+        mask_dict({'a': {'kernel': m}, 'b': {'bias': None}})   # {'a/kernel': m}
+    """
+    if masks is None:
+        raise ValueError("no masks given (None): a dense run has no masks")
+    leaves = named_leaves(masks)
+    if not leaves:
+        raise ValueError("the mask tree has no mask leaves (every leaf is None)")
+    return {path: _host(m).astype(bool) for path, m in leaves}
+
+
+def _paired(prev, nxt) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    a, b = mask_dict(prev), mask_dict(nxt)
+    if a.keys() != b.keys():
+        raise ValueError(f"the two mask trees hold different layers: only before "
+                         f"{sorted(a.keys() - b.keys())}, only after {sorted(b.keys() - a.keys())}")
+    out = []
+    for path in a:
+        if a[path].shape != b[path].shape:
+            raise ValueError(f"mask shape mismatch for layer {path!r}: {a[path].shape} before, "
+                             f"{b[path].shape} after")
+        out.append((path, a[path], b[path]))
+    return out
+
+
+# ----------------------------------------------------------------------------- turnover
+
+
+def _turnover_row(layer, size, prev_active, next_active, dropped, grown) -> dict:
+    return {"layer": layer, "size": size, "prev_active": prev_active,
+            "next_active": next_active, "dropped": dropped, "grown": grown,
+            "turnover": dropped / prev_active if prev_active else 0.0}
+
+
+def mask_turnover(prev_masks, next_masks) -> Table:
+    """Per layer and in total: ``dropped = |prev ∧ ¬next|``, ``grown = |¬prev ∧ next|``,
+    active counts, and ``turnover = dropped / |prev|`` (0 when nothing was active).
+
+    Example::
+
+        t = mask_turnover(masks_before, masks_after)
+        t.value('turnover', layer=TOTAL)    # e.g. 0.3 right after a RigL update
+    """
+    rows, totals = [], np.zeros(5, np.int64)
+    for path, a, b in _paired(prev_masks, next_masks):
+        counts = np.array([a.size, a.sum(), b.sum(), (a & ~b).sum(), (~a & b).sum()], np.int64)
+        totals += counts
+        rows.append(_turnover_row(path, *(int(c) for c in counts)))
+    rows.append(_turnover_row(TOTAL, *(int(c) for c in totals)))
+    return Table(rows)
+
+
+def flip_rate(prev_mask, next_mask) -> Table:
+    """SR-STE flip rate ``‖m_t − m_{t−1}‖₁ / D`` per layer and in total (``D`` entries).
+
+    Example::
+
+        flip_rate(nm_masks_from_params(p0, rules), nm_masks_from_params(p1, rules))
+    """
+    rows, flips_total, size_total = [], 0, 0
+    for path, a, b in _paired(prev_mask, next_mask):
+        flips = int((a != b).sum())
+        rows.append({"layer": path, "size": a.size, "flips": flips, "flip_rate": flips / a.size})
+        flips_total, size_total = flips_total + flips, size_total + a.size
+    rows.append({"layer": TOTAL, "size": size_total, "flips": flips_total,
+                 "flip_rate": flips_total / size_total})
+    return Table(rows)
+
+
+def nm_masks_from_params(params, rules: Sequence[tuple[str, Any]], axis: int = -2):
+    """The masks an N:M transform would use for ``params`` now: per path rule, ``'N:M'``
+    keeps the ``N`` largest ``|w|`` of every ``M`` along ``axis`` (``sparsejax.nm.nm_mask``),
+    a float ``s`` keeps the ``round((1−s)·size)`` largest ``|w|``; other leaves ``None``.
+
+    Example::
+
+        m = nm_masks_from_params(params, [(r'.*kernel', '2:4')])
+    """
+    from sparsejax.nm import nm_mask, resolve_nm_rules
+
+    specs = resolve_nm_rules(params, rules, axis)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = []
+    for path, w in flat:
+        spec = specs.get(path_str(path))
+        if spec is None:
+            out.append(None)
+        elif spec.sparsity:
+            out.append(topk_mask(jnp.abs(w), round((1.0 - spec.sparsity) * w.size)))
+        else:
+            out.append(nm_mask(w, spec.n, spec.m, spec.axis))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- ITOP
+
+
+class InTimeOverParam:
+    """Running union of masks: ``R_s = |∪_t m_t| / N`` (Liu et al. 2021), per layer and
+    in total. ``update(masks)`` adds one snapshot.
+
+    Example::
+
+        itop = InTimeOverParam()
+        for masks in snapshots:
+            itop.update(masks)
+        itop.rate, itop.layer_rates
+    """
+
+    def __init__(self):
+        self.union: dict[str, np.ndarray] = {}
+        self.snapshots = 0
+
+    def update(self, masks) -> "InTimeOverParam":
+        """Adds one mask snapshot to the union; returns ``self``."""
+        current = mask_dict(masks)
+        if self.union:
+            _paired(self.union, current)  # same layers and shapes, or a clear error
+            self.union = {p: self.union[p] | current[p] for p in self.union}
+        else:
+            self.union = {p: m.copy() for p, m in current.items()}
+        self.snapshots += 1
+        return self
+
+    def _check(self):
+        if not self.union:
+            raise ValueError("InTimeOverParam has seen no masks yet; call update(masks)")
+
+    @property
+    def layer_rates(self) -> dict[str, float]:
+        """``{path: |∪ m| / size}``."""
+        self._check()
+        return {p: float(u.mean()) for p, u in self.union.items()}
+
+    @property
+    def rate(self) -> float:
+        """``|∪ m| / N`` over all layers together."""
+        self._check()
+        union = self.union.values()
+        return sum(int(u.sum()) for u in union) / sum(u.size for u in union)
+
+    def rows(self) -> list[dict]:
+        """Per layer and total: ``ever_active`` count, ``size``, ``rate``."""
+        self._check()
+        rows = [{"layer": p, "ever_active": int(u.sum()), "size": u.size, "rate": float(u.mean())}
+                for p, u in self.union.items()]
+        n, size = sum(r["ever_active"] for r in rows), sum(r["size"] for r in rows)
+        return rows + [{"layer": TOTAL, "ever_active": n, "size": size, "rate": n / size}]
+
+
+def ever_active(mask_sequence: Sequence, steps: Sequence[int] | None = None) -> Table:
+    """Cumulative fraction of weights ever active after each snapshot (the ITOP rate
+    ``R_s = |∪_{τ≤t} m_τ| / N``), per layer and in total; ``step`` is ``steps[t]`` or
+    the snapshot index.
+
+    Example::
+
+        ever_active([m0, m1, m2]).where(layer=TOTAL)['rate']   # non-decreasing
+    """
+    mask_sequence = list(mask_sequence)
+    if not mask_sequence:
+        raise ValueError("ever_active needs at least one mask snapshot, got none")
+    if steps is not None and len(steps) != len(mask_sequence):
+        raise ValueError(f"{len(steps)} steps for {len(mask_sequence)} mask snapshots")
+    itop, rows = InTimeOverParam(), []
+    for t, masks in enumerate(mask_sequence):
+        itop.update(masks)
+        step = t if steps is None else steps[t]
+        rows += [{"step": step, **r} for r in itop.rows()]
+    return Table(rows)
+
+
+# ----------------------------------------------------------------------------- recorder
+
+
+class MaskRecorder:
+    """A ``train_and_evaluate`` hook that keeps a host copy of the masks every ``every``
+    steps (found in ``state.opt_state`` by ``find_masks``), then tabulates their dynamics.
+
+    Snapshots are bool numpy arrays, one byte per weight of every sparse layer; choose
+    ``every`` accordingly for large models. ``record(step, masks)`` adds a snapshot by hand
+    (e.g. the masks at init).
+
+    Example::
+
+        rec = MaskRecorder(every=100)
+        train_and_evaluate(config, workdir, hooks=[rec])
+        rec.turnover()       # rows (step, layer, dropped, grown, turnover, ...)
+        rec.ever_active()    # rows (step, layer, ever_active, size, rate)
+    """
+
+    def __init__(self, every: int = 1):
+        if int(every) < 1:
+            raise ValueError(f"MaskRecorder: every must be >= 1, got {every}")
+        self.every = int(every)
+        self.steps: list[int] = []
+        self.masks: list[dict[str, np.ndarray]] = []
+
+    def __call__(self, step: int, state) -> None:
+        if int(step) % self.every:
+            return
+        masks = find_masks(getattr(state, "opt_state", state))
+        if masks is None:
+            raise ValueError("MaskRecorder: the train state holds no masks (no NamedTuple "
+                             "with a `masks` field, such as SparseState or NMState, in "
+                             "opt_state); is this a dense run?")
+        self.record(step, masks)
+
+    def record(self, step: int, masks) -> None:
+        """Adds a host copy of ``masks`` taken at ``step``."""
+        self.steps.append(int(step))
+        self.masks.append(mask_dict(masks))
+
+    def _pairs(self):
+        if len(self.masks) < 2:
+            raise ValueError(f"MaskRecorder has {len(self.masks)} snapshot(s); dynamics need "
+                             "at least two")
+        return zip(self.steps[1:], self.masks[:-1], self.masks[1:])
+
+    def counts(self) -> Table:
+        """Rows ``(step, layer, active, size)``, with a ``TOTAL`` row per step."""
+        rows = []
+        for step, masks in zip(self.steps, self.masks):
+            layer = [{"step": step, "layer": p, "active": int(m.sum()), "size": m.size}
+                     for p, m in masks.items()]
+            rows += layer + [{"step": step, "layer": TOTAL,
+                              "active": sum(r["active"] for r in layer),
+                              "size": sum(r["size"] for r in layer)}]
+        return Table(rows)
+
+    def turnover(self) -> Table:
+        """``mask_turnover`` between consecutive snapshots, labelled by the later step."""
+        return Table([{"step": step, **r} for step, a, b in self._pairs()
+                      for r in mask_turnover(a, b)])
+
+    def flip_rate(self) -> Table:
+        """``flip_rate`` between consecutive snapshots, labelled by the later step."""
+        return Table([{"step": step, **r} for step, a, b in self._pairs()
+                      for r in flip_rate(a, b)])
+
+    def ever_active(self) -> Table:
+        """``ever_active`` over the snapshots so far."""
+        return ever_active(self.masks, self.steps)
