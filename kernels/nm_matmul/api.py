@@ -196,9 +196,6 @@ def nm_matmul(x: jax.Array, c: NMCompressed, *, implementation: str | None = Non
     :func:`default_tiles`; with ``implementation=None`` tiles that do not fit fall back
     to XLA, with ``"pallas"`` they raise. Differentiable in ``x`` and ``c.values``.
 
-    ``c`` must carry Python-int metadata: under ``jax.jit`` close over it rather than
-    passing it as an argument (see ``reference.static_meta``).
-
     Example::
 
         c = compress_nm(kernel, 2, 4, axis=0)

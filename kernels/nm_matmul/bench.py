@@ -58,24 +58,23 @@ def weight_bytes(k: int, out: int, n: int, m: int, dtype) -> dict:
 
 
 def _variants(x, c: NMCompressed, dense_w, gather_limit: int, gpu: bool) -> tuple[dict, dict]:
-    """Thunks to time (arrays as jit arguments) and the variants left out, with why."""
+    """Thunks to time (arrays and the compressed kernel as jit arguments) and the variants
+    left out, with why."""
     n, m, shape = c.n, c.m, c.shape
-    rebuild = lambda v, i: NMCompressed(v, i, n, m, shape, 0)  # noqa: E731
     dense_f = jax.jit(lambda x, w: x @ w)
-    xla_f = jax.jit(lambda x, v, i: nm_matmul_xla(x, rebuild(v, i)))
-    ref_f = jax.jit(lambda x, v, i: nm_matmul_reference(x, rebuild(v, i)))
-    fns = {"dense": lambda: dense_f(x, dense_w),
-           "xla": lambda: xla_f(x, c.values, c.indices)}
+    xla_f = jax.jit(nm_matmul_xla)
+    ref_f = jax.jit(nm_matmul_reference)
+    fns = {"dense": lambda: dense_f(x, dense_w), "xla": lambda: xla_f(x, c)}
     skipped = {}
     inter = x.shape[0] * (shape[0] // m) * n * shape[1]
     if inter <= gather_limit:
-        fns["reference"] = lambda: ref_f(x, c.values, c.indices)
+        fns["reference"] = lambda: ref_f(x, c)
     else:
         skipped["reference"] = (f"gather intermediate [rows, K/M, N, out] has {inter} "
                                 f"elements > --gather_limit {gather_limit}")
     if gpu and default_tiles(x.shape[0], shape[0], shape[1], m) is not None:
-        pal_f = jax.jit(lambda x, v, i: nm_matmul(x, rebuild(v, i), implementation="pallas"))
-        fns["pallas"] = lambda: pal_f(x, c.values, c.indices)
+        pal_f = jax.jit(lambda x, c: nm_matmul(x, c, implementation="pallas"))
+        fns["pallas"] = lambda: pal_f(x, c)
     elif gpu:
         skipped["pallas"] = "no power-of-two tiling fits this shape"
     else:

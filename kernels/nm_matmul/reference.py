@@ -17,38 +17,11 @@ Example::
 
 from __future__ import annotations
 
-import operator
-
 import jax
 
 from sparsejax.nm import NMCompressed, compress_nm, decompress_nm, nm_matmul
 
-__all__ = ["NMCompressed", "compress_nm", "decompress_nm", "nm_matmul", "static_meta",
-           "check_args"]
-
-
-def static_meta(c: NMCompressed) -> tuple[int, int, tuple[int, ...], int]:
-    """``(n, m, shape, axis)`` of ``c`` as Python ints, or a clear error if they are traced.
-
-    ``NMCompressed`` is a NamedTuple, so when it is passed as an argument of
-    ``jax.jit`` its int fields become traced arrays. Close over it instead
-    (``jax.jit(lambda x: nm_matmul(x, c))``).
-
-    Example::
-
-        n, m, shape, axis = static_meta(compress_nm(w, 2, 4, axis=0))   # 2, 4, w.shape, 0
-    """
-    try:
-        n, m, axis = operator.index(c.n), operator.index(c.m), operator.index(c.axis)
-        shape = tuple(operator.index(s) for s in c.shape)
-    except (TypeError, jax.errors.ConcretizationTypeError,
-            jax.errors.TracerIntegerConversionError) as e:
-        raise ValueError(
-            "NMCompressed metadata (n, m, shape, axis) must be Python ints, but it is "
-            "traced: jax.jit flattens the NamedTuple's int fields into arrays when it is "
-            "passed as an argument. Close over it instead, e.g. "
-            "jax.jit(lambda x: nm_matmul(x, c))") from e
-    return n, m, shape, axis
+__all__ = ["NMCompressed", "compress_nm", "decompress_nm", "nm_matmul", "check_args"]
 
 
 def check_args(x: jax.Array, c: NMCompressed, axes: tuple[int, ...] = (0,)
@@ -61,7 +34,7 @@ def check_args(x: jax.Array, c: NMCompressed, axes: tuple[int, ...] = (0,)
 
         n, m, k, out = check_args(x, compress_nm(w, 2, 4, axis=0))
     """
-    n, m, shape, axis = static_meta(c)
+    n, m, shape, axis = c.n, c.m, tuple(c.shape), c.axis
     if len(shape) != 2:
         raise ValueError(f"nm_matmul needs a 2-D [K, out] kernel, got shape {shape}")
     axis %= 2

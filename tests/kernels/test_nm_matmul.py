@@ -1,5 +1,6 @@
 """kernels/nm_matmul: Pallas (interpreted here) == reference gather == x @ (W ⊙ N:M mask)."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,7 +130,7 @@ def test_bad_inputs_raise_clear_errors(impl):
         nm_matmul(x[:, :128], c, implementation=impl, interpret=True)
     with pytest.raises(ValueError, match=r"K=10 is not divisible by M=4"):
         nm_matmul(jnp.ones((16, 10)), _bad_k_kernel(), implementation=impl, interpret=True)
-    bad = c._replace(values=c.values[:, :1])
+    bad = dataclasses.replace(c, values=c.values[:, :1])
     with pytest.raises(ValueError, match=r"needs values and indices of shape \(64, 2, 128\)"):
         nm_matmul(x, bad, implementation=impl, interpret=True)
 
@@ -163,10 +164,10 @@ def test_explicit_pallas_on_bad_input_raises():
                          block_n=32, block_k=64)
 
 
-def test_traced_metadata_has_a_clear_error_and_closure_works():
+def test_compressed_kernel_passes_through_jit_as_an_argument():
     x, c, want = _problem(16, 64, 32, 2, 4)
-    with pytest.raises(ValueError, match=r"traced"):
-        jax.jit(lambda x, c: nm_matmul(x, c))(x, c)
+    assert jax.tree.leaves(c) == [c.values, c.indices]  # n, m, shape, axis are static
+    _close(jax.jit(lambda x, c: nm_matmul(x, c))(x, c), want, jnp.float32)
     _close(jax.jit(lambda x: nm_matmul(x, c))(x), want, jnp.float32)
 
 
@@ -174,7 +175,7 @@ def test_gradient_of_pallas_path_matches_reference():
     x, c, _ = _problem(32, 128, 64, 1, 4, lead=(2,))
 
     def loss(impl):
-        return lambda x, v: jnp.sum(jnp.sin(nm_matmul(x, c._replace(values=v),
+        return lambda x, v: jnp.sum(jnp.sin(nm_matmul(x, dataclasses.replace(c, values=v),
                                                       implementation=impl, interpret=True,
                                                       block_m=16, block_n=32, block_k=32)))
 
