@@ -1,10 +1,19 @@
 """sparsejax.kernels: hot-path kernels, one folder per op.
 
 Installed as ``sparsejax.kernels`` from the top-level ``kernels/`` folder. Each op has a
-pure-jnp ``reference.py`` that defines the answer, Pallas / jax-triton implementations,
-an ``api.py`` that picks one (falling back to XLA) and a ``bench.py``.
+pure-jnp ``reference.py`` that defines the answer, a Pallas implementation written in the
+portable ``pallas_call`` + BlockSpec form (Triton lowering on GPU; ``interpret=True`` on
+CPU, which is how CI tests it), an ``api.py`` that picks one (falling back to XLA) and a
+``bench.py`` that writes JSON:
+
+- ``block_sparse_attention``: flash attention that skips masked-out blocks, forward and
+  backward, with causal / sliding-window + sinks / strided / arbitrary / gated masks;
+- ``sparse_ffn``: decode-time FFN reading only the selected units, and a block-granular
+  training path;
+- ``nm_matmul``: matmul on the compressed N:M format of ``sparsejax.nm``.
 
 Example::
 
-    import sparsejax.kernels
+    from sparsejax.kernels.block_sparse_attention import block_sparse_attention, masks
+    out = block_sparse_attention(q, k, v, masks.causal_mask(q.shape[1], block_q=64, block_k=64))
 """

@@ -14,7 +14,7 @@ Example::
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 from flax import nnx
@@ -78,6 +78,62 @@ def replace(model: nnx.Module, rules: Sequence[Rule]) -> nnx.Module:
     return model
 
 
+class Call(NamedTuple):
+    """One call of a submodule during a forward pass: its path, inputs and output."""
+
+    path: str
+    args: tuple
+    out: Any
+
+
+def trace_calls(model: nnx.Module, *args, kinds: tuple, abstract: bool = False) -> list[Call]:
+    """Every call of a submodule of one of ``kinds`` during ``model(*args)``, in call order.
+
+    The model's code is untouched: the classes' ``__call__`` is wrapped for the duration.
+    ``abstract=True`` evaluates a merged copy with ``jax.eval_shape`` (nothing is computed,
+    stateful layers such as BatchNorm are not mutated) and records shapes
+    (``jax.ShapeDtypeStruct``) instead of arrays.
+
+    Example::
+
+        [c.path for c in trace_calls(model, x, kinds=(nnx.Linear,), abstract=True)]
+    """
+    kinds = tuple(kinds)
+    originals = {cls: cls.__call__ for cls in kinds}
+    paths: dict[int, str] = {}
+    calls: list[Call] = []
+    shapes = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),  # noqa: E731
+                                       tree)
+
+    def recording(cls):
+        def call(self, *a, **kw):
+            out = originals[cls](self, *a, **kw)
+            if id(self) in paths:
+                calls.append(Call(paths[id(self)], shapes(a) if abstract else a,
+                                  shapes(out) if abstract else out))
+            return out
+        return call
+
+    def run(state, *args):
+        copy = nnx.merge(graphdef, state)
+        paths.update({id(m): p for p, m in named_modules(copy) if isinstance(m, kinds)})
+        return copy(*args)
+
+    try:
+        for cls in kinds:
+            cls.__call__ = recording(cls)
+        if abstract:
+            graphdef, state = nnx.split(model)
+            jax.eval_shape(run, state, *args)
+        else:
+            paths.update({id(m): p for p, m in named_modules(model) if isinstance(m, kinds)})
+            model(*args)
+    finally:
+        for cls, fn in originals.items():
+            cls.__call__ = fn
+    return calls
+
+
 def call_order(model: nnx.Module, *example_args, kinds=(nnx.Linear, nnx.Conv)) -> list[str]:
     """Paths of the ``kinds`` modules in the order a forward pass calls them (abstractly
     evaluated, so nothing is computed). The first is the stem, the last the head.
@@ -86,32 +142,8 @@ def call_order(model: nnx.Module, *example_args, kinds=(nnx.Linear, nnx.Conv)) -
 
         call_order(model, jnp.ones((1, 32, 32, 3)))   # ['stem', 'blocks/0/conv1', …, 'head']
     """
-    order: list[str] = []
-    ids: dict[int, str] = {}
-    originals = {cls: cls.__call__ for cls in kinds}
-
-    def recording(cls):
-        def call(self, *args, **kwargs):
-            if id(self) in ids and ids[id(self)] not in order:
-                order.append(ids[id(self)])
-            return originals[cls](self, *args, **kwargs)
-        return call
-
-    graphdef, state = nnx.split(model)
-
-    def run(state, *args):  # a merged copy, so stateful layers (BatchNorm) can trace
-        copy = nnx.merge(graphdef, state)
-        ids.update({id(m): p for p, m in named_modules(copy) if isinstance(m, kinds)})
-        return copy(*args)
-
-    try:
-        for cls in kinds:
-            cls.__call__ = recording(cls)
-        jax.eval_shape(run, state, *example_args)
-    finally:
-        for cls, fn in originals.items():
-            cls.__call__ = fn
-    return order
+    calls = trace_calls(model, *example_args, kinds=kinds, abstract=True)
+    return list(dict.fromkeys(c.path for c in calls))
 
 
 def activation_sparsity(model: nnx.Module, *args, kinds=None) -> dict[str, float]:
@@ -135,25 +167,8 @@ def activation_sparsity(model: nnx.Module, *args, kinds=None) -> dict[str, float
             kinds = kinds + (TopKActivation,)
         except ImportError:
             pass
-    paths = {id(m): p for p, m in named_modules(model) if isinstance(m, kinds)}
-    if not paths:
+    if not any(isinstance(m, kinds) for _, m in named_modules(model)):
         raise ValueError(f"no activation module of kinds {[k.__name__ for k in kinds]} in the model")
-    seen: dict[str, float] = {}
-    originals = {cls: cls.__call__ for cls in kinds}
-
-    def recording(cls):
-        def call(self, *a, **kw):
-            out = originals[cls](self, *a, **kw)
-            if id(self) in paths:
-                seen[paths[id(self)]] = float(jax.numpy.mean(out != 0))
-            return out
-        return call
-
-    try:
-        for cls in kinds:
-            cls.__call__ = recording(cls)
-        model(*args)
-    finally:
-        for cls, fn in originals.items():
-            cls.__call__ = fn
+    seen = {c.path: float(jax.numpy.mean(c.out != 0))
+            for c in trace_calls(model, *args, kinds=kinds)}   # a module called twice: last call
     return dict(sorted(seen.items()))

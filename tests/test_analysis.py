@@ -280,21 +280,32 @@ class Wrap(nnx.Module):
         return self.attn(self.ln(x))
 
 
-@pytest.mark.parametrize("spark", [False, True])
+@pytest.mark.parametrize("spark", [False, True, "block"])
 def test_attention_probs_reproduce_the_module_output(spark):
-    attn = (SparkAttention(8, 2, causal=True, k=2, rngs=nnx.Rngs(1)) if spark
-            else Attention(8, 2, causal=True, rngs=nnx.Rngs(1)))
+    from sparsejax.nn import SparseAttention
+
+    t = 5
+    if spark == "block":  # block-sparse: window of 16 keys on 16-token blocks, 48 tokens
+        attn, t = SparseAttention(8, 2, causal=True, pattern="window", window=16,
+                                  block_size=16, rngs=nnx.Rngs(1)), 48
+    elif spark:
+        attn = SparkAttention(8, 2, causal=True, k=2, rngs=nnx.Rngs(1))
+    else:
+        attn = Attention(8, 2, causal=True, rngs=nnx.Rngs(1))
     model = Wrap(attn)
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, t, 8))
     probs = A.attention_probs(model, x, "attn")
-    assert probs.shape == (2, 2, 5, 5)
+    assert probs.shape == (2, 2, t, t)
+    if spark == "block":  # nothing outside the window: keys i-15..i only
+        i, j = np.indices((t, t))
+        assert float(jnp.abs(jnp.where((i - j >= 16), probs, 0)).max()) == 0.0
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
     assert float(jnp.abs(jnp.triu(probs, 1)).max()) == 0.0  # causal
     h = model.ln(x)
     v = attn._heads(attn.v(h))
     out = attn.o(jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape))
     np.testing.assert_allclose(out, model(x), rtol=1e-5, atol=1e-6)
-    if spark:  # the first query has one valid key: its row is all mass, concentration 1
+    if spark is True:  # the first query has one valid key: its row is all mass
         assert float(probs[:, :, 0, 0].min()) == 1.0
     with pytest.raises(ValueError, match="no module at path 'blocks/0/attn'"):
         A.attention_probs(model, x, "blocks/0/attn")

@@ -83,6 +83,20 @@ def _element_mask(rule: ElementRule, q_block, k_block, block_q: int, block_k: in
     return rule(qpos, kpos)
 
 
+def _scores(q, k, qi, kj, masked: bool, cfg) -> jax.Array:
+    """``scale · q kᵀ`` of one (query block, key block) pair, f32; with ``masked`` the
+    element rule hides invisible entries (-inf)."""
+    s = _dot_nt(q, k) * cfg.scale
+    if masked:
+        s = jnp.where(_element_mask(cfg.rule, qi, kj, cfg.block_q, cfg.block_k), s, -jnp.inf)
+    return s
+
+
+def _load_kv(k_ref, v_ref, kj, bk: int):
+    start = pl.multiple_of(kj * bk, bk)
+    return k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
+
+
 def _mask_index_map(mask_shape: tuple[int, int], batch_pos: int, head_pos: int, grid_block):
     """Index map for a ``[Bm, Hm, n, ...]`` mask array broadcast over batch and heads."""
     bm, hm = mask_shape
@@ -107,12 +121,8 @@ def _fwd_kernel(cnt_f_ref, idx_f_ref, cnt_p_ref, idx_p_ref, q_ref, k_ref, v_ref,
         def body(t, carry):
             acc, m, l = carry
             kj = idx_ref[t]
-            start = pl.multiple_of(kj * bk, bk)
-            k = k_ref[pl.ds(start, bk), :]
-            v = v_ref[pl.ds(start, bk), :]
-            s = _dot_nt(q, k) * cfg.scale
-            if masked:
-                s = jnp.where(_element_mask(cfg.rule, qi, kj, bq, bk), s, -jnp.inf)
+            k, v = _load_kv(k_ref, v_ref, kj, bk)
+            s = _scores(q, k, qi, kj, masked, cfg)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
             alpha = jnp.exp(m - m_safe)
@@ -180,9 +190,7 @@ def _dkdv_kernel(cnt_f_ref, idx_f_ref, cnt_p_ref, idx_p_ref, q_ref, k_ref, v_ref
             do = do_ref[pl.ds(start, bq), :]
             lse = lse_ref[pl.ds(start, bq)]
             delta = delta_ref[pl.ds(start, bq)]
-            s = _dot_nt(q, k) * cfg.scale
-            if masked:
-                s = jnp.where(_element_mask(cfg.rule, qi, kj, bq, bk), s, -jnp.inf)
+            s = _scores(q, k, qi, kj, masked, cfg)
             p = jnp.exp(s - lse[:, None])
             dv = dv + _dot_tn(p.astype(do.dtype), do)
             dp = _dot_nt(do, v)
@@ -212,12 +220,8 @@ def _dq_kernel(cnt_f_ref, idx_f_ref, cnt_p_ref, idx_p_ref, q_ref, k_ref, v_ref, 
     def step(masked, idx_ref):
         def body(t, dq):
             kj = idx_ref[t]
-            start = pl.multiple_of(kj * bk, bk)
-            k = k_ref[pl.ds(start, bk), :]
-            v = v_ref[pl.ds(start, bk), :]
-            s = _dot_nt(q, k) * cfg.scale
-            if masked:
-                s = jnp.where(_element_mask(cfg.rule, qi, kj, bq, bk), s, -jnp.inf)
+            k, v = _load_kv(k_ref, v_ref, kj, bk)
+            s = _scores(q, k, qi, kj, masked, cfg)
             p = jnp.exp(s - lse[:, None])
             dp = _dot_nt(do, v)
             ds = p * (dp - delta[:, None])

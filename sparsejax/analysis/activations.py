@@ -21,43 +21,20 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax
 from flax import nnx
 
 from sparsejax.analysis.table import Table
-from sparsejax.surgery import activation_sparsity, named_modules
+from sparsejax.surgery import activation_sparsity, named_modules, trace_calls
 
 
 def _output_widths(model: nnx.Module, args, paths) -> dict[str, int]:
     """``{path: last output dim}`` of the modules at ``paths``, in first-call order
     (abstractly evaluated on a merged copy, so nothing is computed or mutated)."""
-    classes = {type(m) for p, m in named_modules(model) if p in paths}
-    originals = {cls: cls.__call__ for cls in classes}
-    ids: dict[int, str] = {}
+    kinds = tuple({type(m) for p, m in named_modules(model) if p in paths})
     widths: dict[str, int] = {}
-
-    def recording(cls):
-        def call(self, *a, **kw):
-            out = originals[cls](self, *a, **kw)
-            if id(self) in ids:
-                widths[ids[id(self)]] = int(out.shape[-1]) if out.ndim else 1
-            return out
-        return call
-
-    graphdef, state = nnx.split(model)
-
-    def run(state, *args):
-        copy = nnx.merge(graphdef, state)
-        ids.update({id(m): p for p, m in named_modules(copy) if p in paths})
-        return copy(*args)
-
-    try:
-        for cls in classes:
-            cls.__call__ = recording(cls)
-        jax.eval_shape(run, state, *args)
-    finally:
-        for cls, fn in originals.items():
-            cls.__call__ = fn
+    for c in trace_calls(model, *args, kinds=kinds, abstract=True):
+        if c.path in paths:
+            widths[c.path] = int(c.out.shape[-1]) if c.out.ndim else 1
     return widths
 
 

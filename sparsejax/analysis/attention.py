@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.surgery import named_modules
+from sparsejax.surgery import named_modules, trace_calls
 
 
 def attention_concentration(probs, k: int) -> np.ndarray:
@@ -46,24 +46,6 @@ def attention_concentration(probs, k: int) -> np.ndarray:
     return np.asarray(jnp.mean(mass, axis=(0, 2)))
 
 
-def _recorded_input(model: nnx.Module, module: nnx.Module, args):
-    """The first positional input ``module`` receives during ``model(*args)``."""
-    cls, seen = type(module), []
-    original = cls.__call__
-
-    def call(self, *a, **kw):
-        if self is module and not seen:
-            seen.append(a[0])
-        return original(self, *a, **kw)
-
-    try:
-        cls.__call__ = call
-        model(*args)
-    finally:
-        cls.__call__ = original
-    return seen[0] if seen else None
-
-
 def attention_probs(model: nnx.Module, x, layer: str) -> jax.Array:
     """Attention probabilities ``[B, H, Tq, Tk]`` of the attention module at path
     ``layer`` when ``model(x)`` runs.
@@ -82,16 +64,18 @@ def attention_probs(model: nnx.Module, x, layer: str) -> jax.Array:
     """
     from sparsejax.models.layers import Attention
     from sparsejax.nn.spark import SparkAttention, spark_key_mask
+    from sparsejax.nn.sparse_attention import SparseAttention
 
     modules = dict(named_modules(model))
     if layer not in modules:
         attn = [p for p, m in modules.items() if isinstance(m, Attention)]
         raise ValueError(f"no module at path {layer!r}; attention modules: {attn}")
     module = modules[layer]
-    if type(module) not in (Attention, SparkAttention):
+    if type(module) not in (Attention, SparkAttention, SparseAttention):
         raise ValueError(f"module {layer!r} is a {type(module).__name__}; attention_probs "
-                         "supports sparsejax Attention and SparkAttention")
-    h = _recorded_input(model, module, (x,))
+                         "supports sparsejax Attention, SparkAttention and SparseAttention")
+    calls = [c for c in trace_calls(model, x, kinds=(type(module),)) if c.path == layer]
+    h = calls[0].args[0] if calls else None
     if h is None:
         raise ValueError(f"attention module {layer!r} is not called by model(x)")
     q, k = module._heads(module.q(h)), module._heads(module.k(h))
@@ -102,4 +86,6 @@ def attention_probs(model: nnx.Module, x, layer: str) -> jax.Array:
     if isinstance(module, SparkAttention):
         keep = keep & spark_key_mask(q[..., :module.d_low], k[..., :module.d_low],
                                      module.keys_per_query, module.causal)
+    if isinstance(module, SparseAttention):  # the block mask carries the causal rule too
+        keep = keep & module.block_mask(q, k).dense()
     return jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1)
