@@ -114,6 +114,12 @@ def test_surgery_on_a_model_defined_here():
     x = jnp.ones((2, 8, 8, 3))
     model = _Foreign(nnx.Rngs(0))
     assert surgery.call_order(model, x) == ["entry", "trunk/0", "trunk/1", "readout"]
+    calls = surgery.trace_calls(model, x, kinds=(nnx.Conv,))      # eager: real arrays
+    assert [c.path for c in calls] == ["entry", "trunk/0", "trunk/1"]
+    np.testing.assert_array_equal(calls[1].args[0], jax.nn.relu(calls[0].out))
+    np.testing.assert_array_equal(calls[2].out, model.trunk[1](calls[2].args[0]))
+    shapes = surgery.trace_calls(model, x, kinds=(nnx.Linear,), abstract=True)
+    assert [(c.path, c.args[0].shape, c.out.shape) for c in shapes] == [("readout", (2, 8), (2, 5))]
     model, rules = ift.transform(model, "parallel", 0.75, example_input=x)
     assert isinstance(model.trunk[0], SparseParallel) and len(model.trunk[1].branches) == 4
     assert isinstance(model.entry, nnx.Conv) and isinstance(model.readout, nnx.Linear)
