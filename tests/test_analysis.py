@@ -233,6 +233,11 @@ def test_sharp_drop_by_hand():
                         higher_is_better=False)[:2] == (0.1, 1)
     # an explicit dense metric no point reaches
     assert A.sharp_drop([0.5], [0.5], 0.01, dense=0.9) == (None, None, 0.9)
+    # two patterns at one sparsity (1:2 fails, 2:4 holds): the level counts as its best,
+    # whatever the order, and the index points at the best one
+    nm_s, nm_acc = [0, 0.5, 0.5, 0.75], [0.9, 0.80, 0.895, 0.6]
+    assert A.sharp_drop(nm_s, nm_acc, 0.01)[:2] == (0.5, 2)
+    assert A.sharp_drop(nm_s[::-1], nm_acc[::-1], 0.01)[:2] == (0.5, 1)
 
 
 def test_essential_bad_input_is_a_clear_error():

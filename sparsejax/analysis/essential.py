@@ -165,7 +165,8 @@ def sharp_drop(sparsities: Sequence[float], metric: Sequence[float], tolerance: 
     ``dense`` defaults to the metric at sparsity 0. With ``contiguous`` (default), points
     are scanned by increasing sparsity and the scan stops at the first one outside the
     tolerance, so a noisy recovery after the drop does not count; with
-    ``contiguous=False`` it is the largest qualifying sparsity anywhere.
+    ``contiguous=False`` it is the largest qualifying sparsity anywhere. Several points at
+    one sparsity (N:M patterns 1:2 and 2:4) count as the best of them.
 
     Example::
 
@@ -184,13 +185,12 @@ def sharp_drop(sparsities: Sequence[float], metric: Sequence[float], tolerance: 
         if not zero:
             raise ValueError("no dense point (sparsity 0) in the sweep; pass dense=<metric>")
         dense = y[zero[0]]
+    loss = [dense - v if higher_is_better else v - dense for v in y]
     best = None
-    for i in sorted(range(len(s)), key=lambda i: s[i]):
-        loss = dense - y[i] if higher_is_better else y[i] - dense
-        ok = loss <= tolerance + _SLACK
-        if ok:
-            if best is None or s[i] >= s[best]:
-                best = i
+    for level in sorted(set(s)):  # points at one sparsity (1:2 and 2:4) count as their best
+        i = min((j for j in range(len(s)) if s[j] == level), key=lambda j: loss[j])
+        if loss[i] <= tolerance + _SLACK:
+            best = i
         elif contiguous:
             break
     return SharpDrop(None if best is None else s[best], best, float(dense))
