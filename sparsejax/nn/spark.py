@@ -224,7 +224,9 @@ def spark_key_mask(q_low: jax.Array, k_low: jax.Array, k: int, causal: bool) -> 
 class SparkAttention(Attention):
     """Spark attention: each query attends to about ``k`` keys, chosen by statistical
     top-k on scores from the first ``d_low`` dims of each head (default half), with a
-    softmax over the kept keys only (the rest are −∞).
+    softmax over the kept keys only (the rest are −∞). Every score is computed densely;
+    ``SparseAttention(pattern='spark')`` makes the same statistical choice over key blocks,
+    so that the block-sparse kernel skips the rest.
 
     Example::
 
