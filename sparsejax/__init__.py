@@ -20,7 +20,8 @@ from sparsejax.flops import (densities_from_masks, layer_flops, model_flops, spa
 from sparsejax.dst import (SparseState, gradual_magnitude, init_masks, one_shot_magnitude,
                            rigl, set_, sparse_layer_counts, static_sparse)
 from sparsejax.nm import (NMCompressed, NMState, compress_nm, decompress_nm, export_nm,
-                          import_nm, mdgf, nm_mask, nm_matmul, nm_sparse, nm_ste, sdgf, sr_ste)
+                          import_nm, mdgf, nm_mask, nm_masks_from_params, nm_matmul, nm_sparse,
+                          nm_ste, sdgf, sr_ste)
 from sparsejax.masks import (apply_masks, global_sparsity, global_topk_masks, mask_counts,
                              pack_masks, resolve_rules, topk_mask, unpack_masks)
 
@@ -29,7 +30,8 @@ __version__ = "0.1.0"
 __all__ = [
     "k_from_density", "realised_density", "statistical_threshold", "statistical_topk", "topk",
     "NMCompressed", "NMState", "compress_nm", "decompress_nm", "export_nm", "import_nm",
-    "mdgf", "nm_mask", "nm_matmul", "nm_sparse", "nm_ste", "sdgf", "sr_ste",
+    "mdgf", "nm_mask", "nm_masks_from_params", "nm_matmul", "nm_sparse", "nm_ste", "sdgf",
+    "sr_ste",
     "Distribution", "SparseState", "SparseTransformation", "apply_masks",
     "as_sparse_transformation", "densities_from_masks", "dense", "er", "erk", "get_distribution", "global_sparsity",
     "global_topk_masks", "gradual_magnitude", "init_masks", "layer_counts", "layer_densities",

@@ -264,6 +264,30 @@ def _leaf_mask(w, spec: LeafSpec, frames: list[tuple[int, int]], frame) -> jax.A
     return jax.lax.switch(frame, [lambda w, f=f: nm_mask(w, *f, axis=spec.axis) for f in frames], w)
 
 
+def _masks_by_spec(params, specs: dict, leaf_mask) -> Any:
+    """``leaf_mask(w, spec)`` for every parameter with a spec, ``None`` elsewhere."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = []
+    for p, w in flat:
+        spec = specs.get(path_str(p))
+        out.append(None if spec is None else leaf_mask(w, spec))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def nm_masks_from_params(params, rules: Sequence[tuple[str, Any]], axis: int = -2):
+    """The masks a fixed-pattern N:M transform would use for ``params`` now: per path rule,
+    ``'N:M'`` keeps the ``N`` largest ``|w|`` of every ``M`` along ``axis``, a float ``s``
+    keeps the ``round((1−s)·size)`` largest ``|w|``; other leaves ``None``.
+
+    Example::
+
+        m = nm_masks_from_params(params, [(r'.*kernel', '2:4')])
+    """
+    specs = resolve_nm_rules(params, rules, axis)
+    return _masks_by_spec(params, specs,
+                          lambda w, spec: _leaf_mask(w, spec, [(spec.n, spec.m)], 0))
+
+
 def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[tuple[str, Any]], *,
               axis: int = -2, sr_ste_lambda: float = 0.0, decay: str | None = None,
               alpha: float = 2e-4, backward: str = "ste", schedule: str = "fixed",
@@ -322,20 +346,13 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[tuple[str, An
         return jnp.clip(t_sparse // length, 0, n_frames - 1).astype(jnp.int32)
 
     def masks_at(params, t):
-        specs = plan(params)
         t_sparse, beta, warm = phase(t)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        out = []
-        for p, w in flat:
-            spec = specs.get(path_str(p))
-            if spec is None:
-                out.append(None)
-                continue
+
+        def leaf(w, spec):
             frames = _frames(spec, schedule)
             frame = frame_index(t_sparse, len(frames)) if len(frames) > 1 else 0
-            m = _leaf_mask(w, spec, frames, frame)
-            out.append(m | warm)  # dense warm-up: everything kept
-        return jax.tree_util.tree_unflatten(treedef, out), beta
+            return _leaf_mask(w, spec, frames, frame) | warm  # dense warm-up: all kept
+        return _masks_by_spec(params, plan(params), leaf), beta
 
     def init(params):
         masks, _ = masks_at(params, 0)

@@ -31,8 +31,7 @@ Example::
 from sparsejax.analysis.activations import ActivationSparsityRecorder, activation_sparsity_by_layer
 from sparsejax.analysis.attention import attention_concentration, attention_probs
 from sparsejax.analysis.dynamics import (TOTAL, InTimeOverParam, MaskRecorder, ever_active,
-                                         find_masks, flip_rate, mask_dict, mask_turnover,
-                                         nm_masks_from_params)
+                                         find_masks, flip_rate, mask_dict, mask_turnover)
 from sparsejax.analysis.essential import (SharpDrop, essential_sparsity_sweep, magnitude_masks,
                                           sharp_drop)
 from sparsejax.analysis.frontier import (pareto_frontier, plot_activation_sparsity,
@@ -41,6 +40,7 @@ from sparsejax.analysis.runs import (DEFAULT_RUN_KEYS, Checkpoint, checkpoint_st
                                      config_value, load_checkpoint, read_config, read_metrics,
                                      read_runs, read_summary)
 from sparsejax.analysis.table import Table, as_table
+from sparsejax.nm import nm_masks_from_params  # the N:M masks live with the transforms
 
 __all__ = [
     "ActivationSparsityRecorder", "Checkpoint", "DEFAULT_RUN_KEYS", "InTimeOverParam",

@@ -27,11 +27,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.analysis.table import Table
-from sparsejax.masks import named_leaves, path_str, topk_mask
+from sparsejax.masks import named_leaves
 
 TOTAL = "<total>"
 """``layer`` of the row that sums over all layers."""
@@ -146,31 +145,6 @@ def flip_rate(prev_mask, next_mask) -> Table:
     rows.append({"layer": TOTAL, "size": size_total, "flips": flips_total,
                  "flip_rate": flips_total / size_total})
     return Table(rows)
-
-
-def nm_masks_from_params(params, rules: Sequence[tuple[str, Any]], axis: int = -2):
-    """The masks an N:M transform would use for ``params`` now: per path rule, ``'N:M'``
-    keeps the ``N`` largest ``|w|`` of every ``M`` along ``axis`` (``sparsejax.nm.nm_mask``),
-    a float ``s`` keeps the ``round((1−s)·size)`` largest ``|w|``; other leaves ``None``.
-
-    Example::
-
-        m = nm_masks_from_params(params, [(r'.*kernel', '2:4')])
-    """
-    from sparsejax.nm import nm_mask, resolve_nm_rules
-
-    specs = resolve_nm_rules(params, rules, axis)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    out = []
-    for path, w in flat:
-        spec = specs.get(path_str(path))
-        if spec is None:
-            out.append(None)
-        elif spec.sparsity:
-            out.append(topk_mask(jnp.abs(w), round((1.0 - spec.sparsity) * w.size)))
-        else:
-            out.append(nm_mask(w, spec.n, spec.m, spec.axis))
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # ----------------------------------------------------------------------------- ITOP

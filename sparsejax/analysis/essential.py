@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.analysis.dynamics import nm_masks_from_params
+from sparsejax.nm import nm_masks_from_params
 from sparsejax.analysis.table import Table
 from sparsejax.masks import (apply_masks, global_sparsity, global_topk_masks, path_str,
                              resolve_rules, topk_mask)
@@ -75,7 +75,7 @@ def magnitude_masks(params, sparsity: float, *, rules=None, scope: str = "global
 
 def _nm_masks(params, n: int, m: int, rules, axis: int):
     """N:M masks for every leaf a non-dense rule selects (``'sparse'`` or a sparsity
-    become ``'n:m'``), through ``dynamics.nm_masks_from_params``."""
+    become ``'n:m'``), through ``sparsejax.nm.nm_masks_from_params``."""
     from sparsejax.masks import DEFAULT_RULES
 
     nm_rules = [(pattern, "dense" if spec in (None, "dense") else f"{n}:{m}")
