@@ -8,7 +8,7 @@ from flax import nnx
 
 from sparsejax.models.layers import Attention, dot_product_attention
 from sparsejax.nn import SparseAttention
-from sparsejax.nn.sparse_attention import block_mean
+from sparsejax.kernels.block_sparse_attention.masks import block_mean
 
 D_MODEL, HEADS, T = 64, 4, 64
 

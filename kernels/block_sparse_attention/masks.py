@@ -475,8 +475,8 @@ def gated_block_mask(q: jax.Array, k: jax.Array, keep: int, *, block_q: int = 12
     _check_positive(keep=keep)
     check_block_sizes(block_q, block_k)
     n_k = -(-s // block_k)
-    pooled_q = _block_mean(q, block_q)                         # [B, nQ, H, D]
-    pooled_k = jnp.repeat(_block_mean(k, block_k), h // h_kv, axis=2)   # [B, nK, H, D]
+    pooled_q = block_mean(q, block_q)                         # [B, nQ, H, D]
+    pooled_k = jnp.repeat(block_mean(k, block_k), h // h_kv, axis=2)   # [B, nK, H, D]
     scores = jnp.einsum("bqhd,bkhd->bhqk", pooled_q, pooled_k)
     scores = lax.stop_gradient(scores)
     rule = ElementRule(causal=causal, offset=s - t if causal else 0)
@@ -494,9 +494,14 @@ def gated_block_mask(q: jax.Array, k: jax.Array, keep: int, *, block_q: int = 12
                           kv_length=keep)
 
 
-def _block_mean(x: jax.Array, block: int) -> jax.Array:
-    """Mean over each block of ``block`` positions along axis 1 (ragged last block padded
-    with zeros and averaged over its real length), in f32."""
+def block_mean(x: jax.Array, block: int) -> jax.Array:
+    """Mean over each block of ``block`` positions along axis 1 of ``[B, T, H, D]`` →
+    ``[B, ⌈T/block⌉, H, D]`` in f32; a ragged last block averages only its real positions.
+
+    Example::
+
+        block_mean(jnp.ones((1, 40, 2, 8)), 16).shape   # (1, 3, 2, 8)
+    """
     b, n, h, d = x.shape
     nb = -(-n // block)
     xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nb * block - n), (0, 0), (0, 0)))

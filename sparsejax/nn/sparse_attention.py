@@ -44,22 +44,6 @@ from sparsejax.nn import spark  # used at call time: spark may still be initiali
 PATTERNS = ("full", "window", "strided", "gated", "spark")
 
 
-def block_mean(x: jax.Array, block: int) -> jax.Array:
-    """Mean over each block of ``block`` positions of ``[B, T, H, D]`` → ``[B, ⌈T/block⌉, H, D]``;
-    a ragged last block averages only its real positions.
-
-    Example::
-
-        block_mean(jnp.ones((1, 40, 2, 8)), 16).shape   # (1, 3, 2, 8)
-    """
-    b, t, h, d = x.shape
-    n = -(-t // block)
-    padded = jnp.pad(x, ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
-    sums = padded.reshape(b, n, block, h, d).sum(axis=2)
-    counts = jnp.minimum(block, t - block * jnp.arange(n)).astype(x.dtype)
-    return sums / counts[None, :, None, None]
-
-
 class SparseAttention(Attention):
     """Multi-head self-attention computed by the block-sparse kernel on a ``pattern`` mask.
 
@@ -115,8 +99,8 @@ class SparseAttention(Attention):
         if self.pattern == "gated":
             return bsm.gated_block_mask(q, k, self.keep, causal=self.causal, **blocks)
         # 'spark': statistical top-k over pooled low-dimensional block scores.
-        pooled_q = block_mean(q[..., :self.d_low], bs)
-        pooled_k = block_mean(k[..., :self.d_low], bs)
+        pooled_q = bsm.block_mean(q[..., :self.d_low], bs)
+        pooled_k = bsm.block_mean(k[..., :self.d_low], bs)
         select = spark.spark_key_mask(pooled_q, pooled_k, max(1, self.keys_per_query // bs),
                                 self.causal)
         return bsm.from_selection(select, rule, seq_q=t, seq_k=s, **blocks)
