@@ -1,25 +1,45 @@
 """The sparsity-transform contract: ``init``, ``update`` and ``forward``.
 
 A weight-sparsity transform is optax's ``GradientTransformationExtraArgs`` extended by
-one pure function, ``forward(params, state) -> params_seen_by_the_model``. It wraps
-an inner optax optimizer, keeps its masks (and the inner optimizer state) in a pytree of
-arrays, and never needs the model's code to change. See DESIGN.md, "The transform
-contract".
+one pure function, ``forward(params, state) -> params_seen_by_the_model``. It wraps an
+inner optax optimizer and keeps its masks (and the inner optimizer state) in a pytree
+of arrays, and never needs the model's code to change. See docs/architecture.md, "The
+transform contract".
+
+What the model sees is a function of ``(params, opt_state)`` alone. Every sparsejax
+state (a *sparsity state*: ``SparseState``, ``NMState``) carries what its ``forward``
+needs as arrays, so ``forward(params, opt_state)`` finds every sparsity state anywhere
+inside any optax state (``chain``, ``masked``, ``multi_transform``, ``MultiSteps``,
+``inject_hyperparams``, ``nnx.Optimizer``'s wrapped state) and applies each to the
+parameters it owns. Placements that would silently lose sparsity are errors:
+
+- a transformation after a sparsity transform in ``optax.chain`` changes the updates
+  after the masks were applied, so pruned weights would not stay zero and regrown
+  weights would not start at zero: put it inside, ``rigl(optax.chain(adamw, scale))``;
+- ``optax.MultiSteps`` inside a sparsity transform would count micro-steps: put it
+  outside, ``optax.MultiSteps(rigl(...), k)``;
+- two sparsity transforms owning one parameter.
 
 Example::
 
-    import optax, sparsejax
-    tx = sparsejax.dense(optax.adam(1e-3))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), sparsejax.rigl(optax.adam(1e-3), 0.9,
+                                                                    end_step=1000))
     state = tx.init(params)
-    fwd = tx.forward(params, state)               # what the model sees
-    updates, state = tx.update(grads, state, params)
+    loss = lambda p: loss_fn(model_apply(sparsejax.forward(p, state), x))   # what the model sees
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, NamedTuple
 
+import jax
 import optax
+from flax import nnx
+
+from sparsejax.masks import is_unowned
+from sparsejax.paths import path_str, unbox
 
 Params = Any
 State = Any
@@ -29,9 +49,10 @@ class SparseTransformation(NamedTuple):
     """A sparsity transform: optax's ``(init, update)`` plus ``forward``.
 
     ``init(params) -> state``; ``update(grads, state, params=None, **extra) ->
-    (updates, state)`` with the optax signature, so it drops into any loop that takes
-    an optax transformation; ``forward(params, state) -> params`` gives the parameters
-    the model computes with (``W ⊙ m`` and any custom gradient).
+    (updates, state)`` with the optax signature, so it drops into any loop or wrapper
+    that takes an optax transformation; ``forward(params, state) -> params`` gives the
+    parameters the model computes with (``W ⊙ m`` and any custom gradient). ``forward``
+    is ``sparsejax.forward`` for every transform: the state says what to apply.
 
     Example::
 
@@ -44,16 +65,252 @@ class SparseTransformation(NamedTuple):
     forward: Callable[[Params, State], Params]
 
 
-def _identity_forward(params: Params, state: State) -> Params:
-    del state
+def is_sparsity_state(x) -> bool:
+    """Whether ``x`` is a sparsejax sparsity state: it has ``masks`` (``None`` or
+    ``optax.MaskedNode`` for parameters it does not make sparse) and a
+    ``sparsify(params, differentiable)`` method.
+
+    Example::
+
+        is_sparsity_state(sparsejax.rigl(optax.sgd(.1), .9, end_step=9).init(params))  # True
+    """
+    return hasattr(x, "masks") and callable(getattr(type(x), "sparsify", None))
+
+
+def _child(node, key):
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return node[key.idx]
+    if isinstance(key, jax.tree_util.DictKey):
+        return node[key.key]
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return getattr(node, key.name)
+    return None  # a custom node (FlattenedIndexKey): no chain below it to check
+
+
+def _check_placement(opt_state, path) -> None:
+    """Raises if a sparsity state at ``path`` is followed by more of an ``optax.chain``."""
+    node = opt_state
+    for depth, key in enumerate(path):
+        if type(node) is tuple and isinstance(key, jax.tree_util.SequenceKey):
+            after = len(node) - 1 - key.idx
+            if after:
+                where = jax.tree_util.keystr(tuple(path[:depth + 1]))
+                raise ValueError(
+                    f"a sparsity transform (state at opt_state{where}) is followed by {after} "
+                    "more transformation(s) in optax.chain. They would change the updates "
+                    "after the masks are applied, so pruned weights would not stay zero and "
+                    "regrown weights would not start at zero. Put them inside the sparsity "
+                    "transform, e.g. sparsejax.rigl(optax.chain(optax.adamw(lr), "
+                    "optax.scale(0.5)), ...), or before it in the chain.")
+        node = _child(node, key)
+        if node is None:
+            return
+
+
+def sparsity_states(opt_state) -> list[tuple[str, Any]]:
+    """``(where, state)`` for every sparsity state inside ``opt_state``, outermost first.
+
+    ``opt_state`` may be any optax state (``nnx.Optimizer.opt_state`` included). Raises
+    if a sparsity state is placed where it would silently lose sparsity (see the module
+    docstring).
+
+    Example::
+
+        [type(s).__name__ for _, s in sparsity_states(optax.chain(clip, rigl).init(p))]
+        # ['SparseState']
+    """
+    opt_state = unbox(opt_state)
+    found = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_sparsity_state)[0]
+    out = []
+    for path, node in found:
+        if is_sparsity_state(node):
+            _check_placement(opt_state, path)
+            out.append((jax.tree_util.keystr(path), node))
+            out.extend((jax.tree_util.keystr(path) + w, s) for w, s in sparsity_states(node.inner))
+    return out
+
+
+def _owned(state) -> set[str]:
+    flat = jax.tree_util.tree_flatten_with_path(state.masks, is_leaf=is_unowned)[0]
+    return {path_str(p) for p, m in flat if not is_unowned(m)}
+
+
+def _apply(params, opt_state, differentiable: bool):
+    states = sparsity_states(opt_state)
+    owner: dict[str, str] = {}
+    for where, state in states:
+        for path in _owned(state):
+            if path in owner:
+                raise ValueError(f"parameter {path!r} is made sparse by two sparsity transforms "
+                                 f"(states at opt_state{owner[path]} and opt_state{where}); "
+                                 "give each parameter to one of them with rules")
+            owner[path] = where
+    params = unbox(params)
+    for _, state in states:
+        params = state.sparsify(params, differentiable)
     return params
 
 
-def dense(inner: optax.GradientTransformation) -> SparseTransformation:
-    """The identity sparsity transform: ``inner`` unchanged, ``forward`` returns params.
+def forward(params: Params, opt_state: State) -> Params:
+    """What the model computes with: every sparsity state found in ``opt_state`` applied to
+    the parameters it owns, with its training gradient (RigL's dense ``∂L/∂(W⊙m)``, STE,
+    SR-STE, MDGF). Parameters no state owns pass through unchanged.
 
-    This is what the training loop uses before any sparsity exists, and the dense
-    baseline every sparse run is compared against.
+    Works for any optax state that holds sparsejax transforms, however wrapped; a plain
+    optax state gives ``params`` back. ``nnx.Variable`` leaves are read as their values.
+
+    Example::
+
+        tx = optax.MultiSteps(sparsejax.sr_ste(optax.adam(1e-3), [(r'.*kernel', '2:4')]), 4)
+        state = tx.init(params)
+        grads = jax.grad(lambda p: loss(sparsejax.forward(p, state)))(params)
+    """
+    return _apply(params, opt_state, differentiable=True)
+
+
+def materialize(params: Params, opt_state: State) -> Params:
+    """The effective weights as a plain params tree: what ``forward`` computes, with no
+    custom gradient, as arrays a model loads without sparsejax (for export, evaluation,
+    serving).
+
+    Example::
+
+        effective = sparsejax.materialize(params, state)   # exact zeros where masked
+        nnx.update(model, effective)
+    """
+    return jax.lax.stop_gradient(_apply(params, opt_state, differentiable=False))
+
+
+# ----------------------------------------------------------------------------- nnx
+
+
+def _opt_state(optimizer) -> State:
+    if not hasattr(optimizer, "opt_state") or not hasattr(optimizer, "wrt"):
+        raise TypeError(f"expected an nnx.Optimizer, got {type(optimizer).__name__}")
+    return unbox(optimizer.opt_state)
+
+
+@contextlib.contextmanager
+def sparse_weights(model: nnx.Module, optimizer):
+    """Within the block, ``model``'s parameters are what the model should compute with
+    (``forward(params, optimizer.opt_state)``); on exit they are the stored ones again.
+
+    Made for ``nnx.Optimizer`` loops: inside ``nnx.value_and_grad`` the gradient reaches
+    the stored parameters through the transform's custom backward. Other state the model
+    changes in the block (BatchNorm statistics, Dropout rng counts) is kept.
+
+    Example::
+
+        with sparsejax.sparse_weights(model, optimizer):
+            logits = model(x)
+    """
+    pure = nnx.to_pure_dict(nnx.state(model, optimizer.wrt))
+    _set_params(model, optimizer.wrt, forward(pure, _opt_state(optimizer)))
+    try:
+        yield model
+    finally:
+        _set_params(model, optimizer.wrt, pure)
+
+
+def _set_params(model: nnx.Module, wrt, pure) -> None:
+    state = nnx.state(model, wrt)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+
+
+def value_and_grad(fn: Callable, optimizer, *, has_aux: bool = False, **grad_kw) -> Callable:
+    """``nnx.value_and_grad(fn)`` where ``fn(model, *args)`` sees the sparse weights.
+
+    The drop-in for the Flax training loop: replace
+    ``nnx.value_and_grad(loss_fn, has_aux=True)`` with
+    ``sparsejax.value_and_grad(loss_fn, optimizer, has_aux=True)``; ``optimizer`` is the
+    ``nnx.Optimizer`` holding a sparsejax transform (inside ``nnx.jit``, the traced one
+    passed to the step). Gradients are with respect to the stored parameters, ready for
+    ``optimizer.update(model, grads)``.
+
+    Example::
+
+        grad_fn = sparsejax.value_and_grad(loss_fn, optimizer, has_aux=True)
+        (loss, logits), grads = grad_fn(model, batch)
+        optimizer.update(model, grads)
+    """
+
+    def sparse_fn(model, *args, **kw):
+        with sparse_weights(model, optimizer):
+            return fn(model, *args, **kw)
+
+    return nnx.value_and_grad(sparse_fn, has_aux=has_aux, **grad_kw)
+
+
+def sparse_model(model: nnx.Module, optimizer) -> nnx.Module:
+    """A copy of ``model`` whose parameters are ``materialize(params, opt_state)``: the
+    model to evaluate or export. ``model`` is not changed.
+
+    Example::
+
+        eval_step(sparsejax.sparse_model(model, optimizer), metrics, batch)
+    """
+    copy = nnx.clone(model)
+    pure = nnx.to_pure_dict(nnx.state(copy, optimizer.wrt))
+    _set_params(copy, optimizer.wrt, materialize(pure, _opt_state(optimizer)))
+    return copy
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_static(**args) -> None:
+    """Raises a TypeError naming any argument that is a JAX array: what these arguments
+    fix (mask sizes, schedules) must be known when the transform is built.
+
+    ``optax.inject_hyperparams`` turns every numeric argument of the factory it wraps into
+    an array; a sparsity transform cannot be rebuilt with traced sizes.
+
+    Example::
+
+        check_static(sparsity=0.9, end_step=100)   # fine; check_static(sparsity=jnp.float32(.9)) raises
+    """
+    for name, value in args.items():
+        if isinstance(value, jax.Array):  # tracers included
+            raise TypeError(
+                f"{name}={value!r} is a JAX array, but it fixes the masks and schedules and "
+                "must be a Python number. optax.inject_hyperparams makes every numeric "
+                "argument an array: inject the inner optimizer's hyperparameters instead, "
+                "e.g. sparsejax.rigl(optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3)"
+                ", 0.9, end_step=...), or list this argument in static_args.")
+
+
+def check_inner_state(inner_state, name: str = "sparsity transform") -> None:
+    """Raises if the inner optimizer's state holds ``optax.MultiSteps``: the transform
+    would count micro-steps and update masks from one micro-batch's gradient.
+
+    Example::
+
+        check_inner_state(optax.adam(1e-3).init(params))   # fine
+    """
+    multi = lambda x: isinstance(x, optax.MultiStepsState)  # noqa: E731
+    if any(multi(x) for x in jax.tree.leaves(inner_state, is_leaf=multi)):
+        raise ValueError(f"optax.MultiSteps inside a {name} would count micro-steps and "
+                         "change masks on one micro-batch: put it outside, "
+                         "optax.MultiSteps(sparsejax.rigl(optax.adam(lr), ...), "
+                         "every_k_schedule=k)")
+
+
+
+# ----------------------------------------------------------------------------- wrapping
+
+
+def _checked_init(init: Callable) -> Callable:
+    def checked(params):
+        state = init(params)
+        sparsity_states(state)  # raises on a placement that would lose sparsity
+        return state
+    return checked
+
+
+def dense(inner: optax.GradientTransformation) -> SparseTransformation:
+    """``inner`` as a ``SparseTransformation``: ``forward`` applies whatever sparsity
+    states ``inner`` holds (none for a plain optimizer: the dense baseline).
 
     Example::
 
@@ -62,11 +319,13 @@ def dense(inner: optax.GradientTransformation) -> SparseTransformation:
         assert tx.forward({'w': jnp.ones(3)}, state)['w'].sum() == 3
     """
     inner = optax.with_extra_args_support(inner)
-    return SparseTransformation(inner.init, inner.update, _identity_forward)
+    return SparseTransformation(_checked_init(inner.init), inner.update, forward)
 
 
 def as_sparse_transformation(tx: Any) -> SparseTransformation:
-    """Returns ``tx`` if it already has ``forward``; wraps a plain optax one in ``dense``.
+    """Any optax transformation as a ``SparseTransformation``: ``tx`` itself if it is
+    one, else ``dense(tx)``, whose ``forward`` finds the sparsity states inside (so
+    ``optax.chain(clip, sparsejax.sr_ste(...))`` keeps its N:M forward).
 
     Example::
 
@@ -76,8 +335,6 @@ def as_sparse_transformation(tx: Any) -> SparseTransformation:
     if isinstance(tx, SparseTransformation):
         return tx
     if hasattr(tx, "init") and hasattr(tx, "update"):
-        if hasattr(tx, "forward"):
-            return SparseTransformation(tx.init, tx.update, tx.forward)
         return dense(tx)
     raise TypeError(
         f"expected an optax GradientTransformation or a sparsejax SparseTransformation, "

@@ -14,8 +14,9 @@ What every transform guarantees:
   inf when dropped cannot be zeroed through optax's additive ``params + updates``; the
   model still sees exact zeros there, since ``forward`` selects rather than multiplies);
 - each sparse layer's nonzero count is exactly preserved by SET/RigL updates;
-- new connections start at 0, and their optimizer moments (any state leaf with the
-  parameter's path and shape, whatever the optimizer) are reset to 0.
+- new connections start at 0, and so does every parameter-shaped leaf of the inner
+  optimizer's state at inactive positions (moments, schedule-free's ``z``), found by tree
+  structure with ``optax.tree_utils.tree_map_params``, whatever the optimizer.
 
 Drop/grow update (Evci et al. 2020, RigL, Alg. 1; Mocanu et al. 2018, SET), per layer
 at update steps ``t = begin, begin+ΔT, … ≤ T_end``:
@@ -42,21 +43,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax.base import SparseTransformation
+from sparsejax.base import SparseTransformation, check_inner_state, check_static, forward
 from sparsejax.distributions import Distribution, layer_counts, uniform
-from sparsejax.masks import (SELECTION_METHODS, global_topk_masks, magnitude_score,
-                             masked_with_dense_grad, named_leaves, path_str, random_score,
-                             resolve_rules, topk_mask, zero_where)
+from sparsejax.masks import (SELECTION_METHODS, _masked_dense_grad, global_topk_masks,
+                             is_unowned, magnitude_score, map_masked, map_masked_by_path,
+                             random_score, resolve_rules, topk_mask)
+from sparsejax.paths import named_leaves, path_str, unbox
 from sparsejax.schedules import drop_fraction_schedule, gradual_sparsity, is_update_step
 
-_is_none = lambda x: x is None  # noqa: E731
 
 
 class SparseState(NamedTuple):
     """State of a weight-sparsity transform.
 
     ``inner``: the wrapped optimizer's state; ``masks``: bool arrays for sparse leaves,
-    ``None`` for dense ones; ``count``: updates applied so far (the step ``t``);
+    ``None`` for dense ones (``optax.MaskedNode`` for parameters a wrapper gives to
+    another transform); ``count``: updates applied so far (the step ``t``);
     ``key``: PRNG key for random masks, SET growth and tie-breaking noise.
 
     Example::
@@ -69,6 +71,12 @@ class SparseState(NamedTuple):
     count: jax.Array
     key: jax.Array
 
+    def sparsify(self, params, differentiable: bool = True):
+        """``W ⊙ m`` on the leaves this state owns; with ``differentiable`` the gradient is
+        the dense ``∂L/∂(W⊙m)`` at every entry (what RigL grows by)."""
+        fn = _masked_dense_grad if differentiable else lambda w, m: jnp.where(m, w, 0)
+        return map_masked_by_path(lambda m, w: fn(w, m), self.masks, params)
+
 
 # A mask update: (t, weights, dense grads, masks, key) -> (new masks, new connections).
 MaskUpdate = Callable[..., tuple[Any, Any]]
@@ -80,8 +88,26 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def _check_sparsity(sparsity: float) -> None:
+    check_static(sparsity=sparsity)
     _check(isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0,
            f"sparsity {sparsity!r} is outside [0, 1)")
+
+
+def mask_param_state(initable, inner_state, keep):
+    """Zeros every parameter-shaped leaf of an optimizer state where ``keep`` is False.
+
+    Parameter-shaped leaves (Adam's moments, momentum, schedule-free's ``z``) are found by
+    tree structure (``optax.tree_utils.tree_map_params`` re-runs ``initable`` on a
+    placeholder), not by the state's types; ``keep`` is a mask tree (``None`` or
+    ``optax.MaskedNode`` leaves are left alone).
+
+    Example::
+
+        inner = mask_param_state(optax.adam(1e-3), adam_state, masks)
+    """
+    def f(x, k):
+        return x if is_unowned(k) or is_unowned(x) else jnp.where(k, x, jnp.zeros_like(x))
+    return optax.tree_utils.tree_map_params(initable, f, inner_state, keep, is_leaf=is_unowned)
 
 
 def sparse_layer_counts(params, sparsity: float, distribution: Distribution,
@@ -100,7 +126,7 @@ def sparse_layer_counts(params, sparsity: float, distribution: Distribution,
 
 
 def _flat_masks(masks):
-    return jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
+    return jax.tree_util.tree_flatten(masks, is_leaf=is_unowned)
 
 
 def init_masks(params, counts: dict[str, int], how: str, key, selection: str = "threshold"):
@@ -112,11 +138,11 @@ def init_masks(params, counts: dict[str, int], how: str, key, selection: str = "
     """
     _check(how in ("random", "magnitude"), f"unknown mask_init {how!r}; known: "
                                             "['magnitude', 'random']")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(unbox(params), is_leaf=is_unowned)
     out = []
     for i, (path, w) in enumerate(flat):
         name = path_str(path)
-        if name not in counts:
+        if is_unowned(w) or name not in counts:
             out.append(None)
             continue
         score = (random_score(jax.random.fold_in(key, i), w.shape) if how == "random"
@@ -135,24 +161,24 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
     inner = optax.with_extra_args_support(inner)
 
     def init(params):
+        params = unbox(params)
         key, sub = jax.random.split(jax.random.PRNGKey(seed))
         masks = init_masks(params, init_counts(params), mask_init, sub, selection)
-        return SparseState(inner.init(params), masks, jnp.zeros((), jnp.int32), key)
-
-    def forward(params, state):
-        return masked_with_dense_grad(params, state.masks)
+        inner_state = inner.init(params)
+        check_inner_state(inner_state)
+        return SparseState(inner_state, masks, jnp.zeros((), jnp.int32), key)
 
     def update(grads, state, params=None, **extra):
         if params is None:
             raise ValueError("sparsity transforms need params: call update(grads, state, params)")
+        grads, params = unbox(grads), unbox(params)
         masks, t = state.masks, state.count
-        masked_grads = jax.tree.map(lambda m, g: g if m is None else jnp.where(m, g, 0),
-                                    masks, grads, is_leaf=_is_none)
+        masked_grads = map_masked(lambda m, g: jnp.where(m, g, 0), masks, grads)
         u, inner_state = inner.update(masked_grads, state.inner, params, **extra)
         # params + step: active entries move, inactive ones become exactly 0.
-        step_updates = jax.tree.map(lambda m, p, d: d if m is None else jnp.where(m, d, -p),
-                                    masks, params, u, is_leaf=_is_none)
+        step_updates = map_masked(lambda m, d, p: jnp.where(m, d, -p), masks, u, params)
         if mask_update is None:
+            inner_state = mask_param_state(inner, inner_state, masks)
             return step_updates, SparseState(inner_state, masks, t + 1, state.key)
 
         def with_mask_update(_):
@@ -163,17 +189,16 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
             weights = optax.apply_updates(params, base_updates)
             key, sub = jax.random.split(state.key)
             new_masks, new_conn = mask_update(t, weights, grads, masks, sub)
-            updates = jax.tree.map(
-                lambda m, c, p, d: d if m is None else jnp.where(m & ~c, d, -p),
-                new_masks, new_conn, params, base_updates, is_leaf=_is_none)
-            conn = {p: c for p, c in named_leaves(new_conn)}
-            return updates, zero_where(base_inner, params, conn), new_masks, key
+            keep = map_masked(lambda m, c: m & ~c, new_masks, new_conn)  # new ones start at 0
+            updates = map_masked(lambda k, d, p: jnp.where(k, d, -p), keep, base_updates, params)
+            return updates, base_inner, new_masks, keep, key
 
         def without(_):
-            return step_updates, inner_state, masks, state.key
+            return step_updates, inner_state, masks, masks, state.key
 
-        updates, inner_state, masks, key = jax.lax.cond(update_due(t), with_mask_update,
-                                                        without, None)
+        updates, inner_state, masks, keep, key = jax.lax.cond(update_due(t), with_mask_update,
+                                                              without, None)
+        inner_state = mask_param_state(inner, inner_state, keep)
         return updates, SparseState(inner_state, masks, t + 1, key)
 
     return SparseTransformation(init, update, forward)
@@ -223,6 +248,7 @@ def one_shot_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
                            selection=selection)
 
     def init(params):
+        params = unbox(params)
         state = tx.init(params)
         specs = resolve_rules(params, rules)
         scores = jax.tree_util.tree_unflatten(
@@ -249,6 +275,7 @@ def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
         tx = sparsejax.gradual_magnitude(optax.adam(1e-3), 0.9, begin_step=1000,
                                          end_step=8000, update_every=100)
     """
+    check_static(update_every=update_every, begin_step=begin_step, end_step=end_step)
     _check_sparsity(sparsity)
     _check_sparsity(initial_sparsity)
     _check(update_every > 0, f"update_every must be positive, got {update_every}")
@@ -267,11 +294,11 @@ def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
         flat, treedef = _flat_masks(masks)
         w_by = dict(named_leaves(weights))
         paths = [path_str(p) for p, _ in
-                 jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]]
+                 jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_unowned)[0]]
         out = []
         for path, m in zip(paths, flat):
-            if m is None:
-                out.append(None)
+            if is_unowned(m):
+                out.append(m)
                 continue
             size = m.size
             s_final = 1.0 - final[path] / size
@@ -280,8 +307,7 @@ def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
             keep = jnp.maximum(keep, final[path])
             out.append(topk_mask(magnitude_score(w_by[path]), keep, eligible=m, method=selection))
         new_masks = jax.tree_util.tree_unflatten(treedef, out)
-        return new_masks, jax.tree.map(lambda m: None if m is None else jnp.zeros_like(m),
-                                       new_masks, is_leaf=_is_none)
+        return new_masks, map_masked(jnp.zeros_like, new_masks)
 
     return _sparse_transform(
         inner, init_counts=init_counts, mask_init="magnitude", seed=0, selection=selection,
@@ -300,9 +326,9 @@ def _drop_and_grow(grow: str, drop_fraction_fn, noise_std: float, selection: str
         flat_g = treedef.flatten_up_to(grads)
         new_m, new_c = [], []
         for i, (m, w, g) in enumerate(zip(flat_m, flat_w, flat_g)):
-            if m is None:
-                new_m.append(None)
-                new_c.append(None)
+            if is_unowned(m):
+                new_m.append(m)
+                new_c.append(m)
                 continue
             k_drop, k_grow = jax.random.split(jax.random.fold_in(key, i))
             n_active = jnp.sum(m, dtype=jnp.int32)
@@ -324,6 +350,8 @@ def _drop_and_grow(grow: str, drop_fraction_fn, noise_std: float, selection: str
 def _dynamic(inner, sparsity, *, grow: str, distribution, rules, update_every, begin_step,
              end_step, drop_fraction, drop_fraction_anneal, skip_gradient_on_update,
              mask_init, seed, selection, drop_noise_std, reinit_when_same):
+    check_static(update_every=update_every, begin_step=begin_step, end_step=end_step,
+                 drop_fraction=drop_fraction, drop_noise_std=drop_noise_std, seed=seed)
     _check_sparsity(sparsity)
     _check(update_every > 0, f"update_every must be positive, got {update_every}")
     _check(0 <= begin_step <= end_step, f"need 0 <= begin_step <= end_step, got "
@@ -385,5 +413,5 @@ def rigl(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
                     reinit_when_same=reinit_when_same)
 
 
-__all__ = ["SparseState", "gradual_magnitude", "init_masks", "one_shot_magnitude", "rigl",
+__all__ = ["SparseState", "gradual_magnitude", "mask_param_state", "init_masks", "one_shot_magnitude", "rigl",
            "set_", "sparse_layer_counts", "static_sparse"]

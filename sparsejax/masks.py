@@ -26,100 +26,53 @@ Example::
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+from sparsejax.paths import DEFAULT_RULES, match_rules, named_leaves, path_str, pattern_name, unbox
 
 
-DEFAULT_RULES = ((r".*kernel", "sparse"),)
-_is_none = lambda x: x is None  # noqa: E731
-
-
-# ----------------------------------------------------------------------------- paths
-
-
-def path_str(path) -> str:
-    """'/'-joined key path of a pytree leaf, e.g. ``layers/0/kernel``.
+def is_unowned(x) -> bool:
+    """A mask-tree leaf that is not a mask: ``None`` (a dense parameter) or
+    ``optax.MaskedNode`` (a parameter another transform owns, under ``optax.masked`` or
+    ``optax.multi_transform``).
 
     Example::
 
-        [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({'a': {'b': 1}})[0]]
-        # ['a/b']
+        is_unowned(None), is_unowned(optax.MaskedNode())   # (True, True)
     """
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return x is None or isinstance(x, optax.MaskedNode)
 
-
-def named_leaves(tree) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` pairs of a pytree, paths as in ``path_str``.
-
-    Example::
-
-        named_leaves({'w': 1, 'b': {'c': 2}})   # [('b/c', 2), ('w', 1)]
-    """
-    return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 # ----------------------------------------------------------------------------- rules
 
 
-def _normalize_spec(spec, path: str, pattern: str):
+def _normalize_spec(spec, path: str, pattern):
+    pattern = pattern_name(pattern)
     if spec is None or spec == "dense":
         return "dense"
     if spec == "sparse":
         return "sparse"
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         if not 0.0 <= float(spec) < 1.0:
-            raise ValueError(f"rule {pattern!r}: sparsity {spec} for parameter {path!r} is "
+            raise ValueError(f"rule {pattern}: sparsity {spec} for parameter {path!r} is "
                              "outside [0, 1)")
         return float(spec)
-    raise ValueError(f"rule {pattern!r}: unknown spec {spec!r} for parameter {path!r}; use "
+    raise ValueError(f"rule {pattern}: unknown spec {spec!r} for parameter {path!r}; use "
                      "'sparse', 'dense'/None, or a sparsity in [0, 1)")
-
-
-def match_rules(params, rules: Sequence[tuple[str, Any]], kind: str) -> list[tuple[str, Any, str | None, Any]]:
-    """``(path, leaf, pattern, spec)`` for every parameter leaf, from the first rule whose
-    regex fully matches its path (``pattern`` and ``spec`` are None when none does).
-
-    The one implementation of path rules (sparsity, N:M, sharding): a rule that matches
-    no parameter is an error, since it is almost always a typo; ``kind`` names the rules
-    in that error.
-
-    Example::
-
-        match_rules({'a': {'kernel': w}}, [(r'.*kernel', 'sparse')], 'sparsity')
-        # [('a/kernel', w, '.*kernel', 'sparse')]
-    """
-    rules = tuple(tuple(r) for r in rules)
-    used, out = set(), []
-    leaves = named_leaves(params)
-    for path, leaf in leaves:
-        hit = next((i for i, (pattern, _) in enumerate(rules) if re.fullmatch(pattern, path)), None)
-        if hit is not None:
-            used.add(hit)
-        out.append((path, leaf) + ((None, None) if hit is None else tuple(rules[hit][:2])))
-    unused = [rules[i][0] for i in range(len(rules)) if i not in used]
-    if unused:
-        raise ValueError(f"{kind} rules match no parameter: {unused}; parameter paths look "
-                         f"like {[p for p, _ in leaves[:4]]}")
-    return out
 
 
 def resolve_rules(params, rules: Sequence[tuple[str, Any]] | None = None) -> dict[str, Any]:
     """``{path: 'sparse' | 'dense' | sparsity}`` for every parameter leaf.
 
-    First full regex match wins; unmatched parameters are dense. Raises if a rule
-    matches nothing or a sparse rule hits a scalar.
+    Rules are ``sparsejax.paths`` rules (regex or predicate); the first match wins,
+    unmatched parameters are dense, ``None`` means ``paths.DEFAULT_RULES``. Raises if a
+    rule matches nothing or a sparse rule hits a scalar.
 
     Example::
 
@@ -131,7 +84,7 @@ def resolve_rules(params, rules: Sequence[tuple[str, Any]] | None = None) -> dic
                                                  "sparsity"):
         out[path] = "dense" if pattern is None else _normalize_spec(spec, path, pattern)
         if out[path] != "dense" and np.ndim(leaf) == 0:
-            raise ValueError(f"rule {pattern!r} makes scalar parameter {path!r} sparse; a "
+            raise ValueError(f"rule {pattern_name(pattern)} makes scalar parameter {path!r} sparse; a "
                              "mask needs at least one dimension")
     return out
 
@@ -140,15 +93,50 @@ def resolve_rules(params, rules: Sequence[tuple[str, Any]] | None = None) -> dic
 
 
 def map_masked(fn, masks, *trees):
-    """``fn(mask, *leaves)`` on sparse leaves; dense leaves (mask ``None``) pass the first
-    tree's leaf through (or stay ``None`` when no other tree is given).
+    """``fn(mask, *leaves)`` on sparse leaves; other leaves (mask ``None`` or
+    ``optax.MaskedNode``) pass the first tree's leaf through (or stay as they are when no
+    other tree is given).
 
     Example::
 
         map_masked(lambda m, w: jnp.where(m, w, 0), masks, params)
     """
-    return jax.tree.map(lambda m, *xs: (xs[0] if xs else None) if m is None else fn(m, *xs),
-                        masks, *trees, is_leaf=_is_none)
+    return jax.tree.map(lambda m, *xs: (xs[0] if xs else m) if is_unowned(m) else fn(m, *xs),
+                        masks, *trees, is_leaf=is_unowned)
+
+
+def map_masked_by_path(fn, masks, params):
+    """``fn(mask, leaf)`` on every leaf of ``params`` whose path has a mask in ``masks``;
+    other leaves unchanged. Matching is by path (``sparsejax.paths``), so the containers
+    may differ (``nnx.State`` masks, plain-dict params). A mask whose parameter is
+    missing, or has another shape, is an error: the masks belong to other parameters.
+
+    Example::
+
+        map_masked_by_path(lambda m, w: jnp.where(m, w, 0), state.masks, params)
+    """
+    flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_unowned)[0]
+    by_path = {path_str(p): m for p, m in flat if not is_unowned(m)}
+    seen = set()
+
+    def f(path, w):
+        name = path_str(path)
+        m = by_path.get(name)
+        if m is None or is_unowned(w):
+            return w
+        if tuple(np.shape(w)) != tuple(m.shape):
+            raise ValueError(f"parameter {name!r} has shape {tuple(np.shape(w))}, its mask "
+                             f"{tuple(m.shape)}: these masks were made for other parameters")
+        seen.add(name)
+        return fn(m, w)
+
+    out = jax.tree_util.tree_map_with_path(f, unbox(params), is_leaf=is_unowned)
+    missing = sorted(set(by_path) - seen)
+    if missing:
+        raise ValueError(f"masks for {missing[:4]} have no parameter in the params given "
+                         f"(paths there look like {[p for p, _ in named_leaves(params)[:4]]}): "
+                         "these masks were made for other parameters")
+    return out
 
 
 def apply_masks(params, masks):
@@ -199,8 +187,8 @@ def mask_counts(masks) -> dict[str, tuple[int, int]]:
 
         mask_counts({'w': jnp.array([True, False])})   # {'w': (1, 2)}
     """
-    flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]
-    return {path_str(p): (int(jnp.sum(m)), int(m.size)) for p, m in flat if m is not None}
+    flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_unowned)[0]
+    return {path_str(p): (int(jnp.sum(m)), int(m.size)) for p, m in flat if not is_unowned(m)}
 
 
 def global_sparsity(masks) -> float:
@@ -233,9 +221,9 @@ def unpack_masks(packed, like):
         unpack_masks(pack_masks(masks), masks)
     """
     return jax.tree.map(
-        lambda p, x: None if p is None else
+        lambda p, x: p if is_unowned(p) else
         jnp.unpackbits(p, count=math.prod(x.shape)).reshape(x.shape).astype(bool),
-        packed, like, is_leaf=_is_none)
+        packed, like, is_leaf=is_unowned)
 
 
 def param_like_paths(tree, params) -> Any:
@@ -396,7 +384,7 @@ def global_topk_masks(scores, k, eligible=None, method: str = "sort"):
 
         global_topk_masks({'a': jnp.abs(w1), 'b': jnp.abs(w2)}, k=1000)
     """
-    flat, treedef = jax.tree_util.tree_flatten(scores, is_leaf=_is_none)
+    flat, treedef = jax.tree_util.tree_flatten(scores, is_leaf=is_unowned)
     el = [None] * len(flat) if eligible is None else treedef.flatten_up_to(eligible)
     live = [i for i, s in enumerate(flat) if s is not None]
     chosen = _select([flat[i] for i in live], k, [el[i] for i in live], method)

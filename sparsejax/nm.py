@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Mapping
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -47,10 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparsejax.base import SparseTransformation
-from sparsejax.masks import match_rules, named_leaves, path_str, topk_mask
+from sparsejax.base import SparseTransformation, check_inner_state, check_static, forward
+from sparsejax.masks import is_unowned, map_masked_by_path, topk_mask
+from sparsejax.paths import DEFAULT_RULES, match_rules, named_leaves, path_str, pattern_name, unbox
 
-_is_none = lambda x: x is None  # noqa: E731
 
 DECAYS = ("linear", "exp")
 SCHEDULES = ("fixed", "stepwise", "geometric")
@@ -187,22 +188,36 @@ class LeafSpec(NamedTuple):
     sparsity: float = 0.0
 
 
-def _parse(path: str, pattern: str, spec, shape, axis: int) -> LeafSpec | None:
-    if spec is None or spec == "dense":
-        return None
-    where = f"rule {pattern!r} on parameter {path!r}: "
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        if not 0.0 <= float(spec) < 1.0:
-            raise ValueError(f"{where}sparsity {spec} is outside [0, 1)")
-        return LeafSpec(path, sparsity=float(spec), axis=axis)
+def parse_pattern(spec, where: str = "") -> tuple[int, int]:
+    """``(N, M)`` from ``'N:M'`` or ``(N, M)``, checked (``0 < N < M``).
+
+    Example::
+
+        parse_pattern('2:4')   # (2, 4)
+    """
     if isinstance(spec, str):
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", spec)
         if not match:
-            raise ValueError(f"{where}unknown spec {spec!r}; use 'N:M', a sparsity, or 'dense'")
+            raise ValueError(f"{where}unknown spec {spec!r}; use 'N:M', a sparsity, 'sparse' "
+                             "(the transform's pattern) or 'dense'")
         n, m = int(match.group(1)), int(match.group(2))
     else:
         n, m = (int(x) for x in spec)
     _check_nm(n, m, where)
+    return n, m
+
+
+def _parse(path: str, pattern, spec, shape, axis: int, default: str) -> LeafSpec | None:
+    if spec is None or spec == "dense":
+        return None
+    where = f"rule {pattern_name(pattern)} on parameter {path!r}: "
+    if spec == "sparse":
+        spec = default
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        if not 0.0 <= float(spec) < 1.0:
+            raise ValueError(f"{where}sparsity {spec} is outside [0, 1)")
+        return LeafSpec(path, sparsity=float(spec), axis=axis)
+    n, m = parse_pattern(spec, where)
     if len(shape) == 0:
         raise ValueError(f"{where}scalar parameter cannot hold an N:M pattern")
     ax = axis % len(shape)
@@ -212,17 +227,22 @@ def _parse(path: str, pattern: str, spec, shape, axis: int) -> LeafSpec | None:
     return LeafSpec(path, n=n, m=m, axis=axis)
 
 
-def resolve_nm_rules(params, rules: Sequence[tuple[str, Any]], axis: int = -2) -> dict[str, LeafSpec]:
-    """``{path: LeafSpec}`` for every sparse parameter; first full match wins; a rule that
-    matches nothing, N ≥ M, or an axis M does not divide is an error naming the path.
+def resolve_nm_rules(params, rules=None, axis: int = -2,
+                     pattern: str = "2:4") -> dict[str, LeafSpec]:
+    """``{path: LeafSpec}`` for every sparse parameter. Rules are ``sparsejax.paths`` rules
+    (regex or predicate; first match wins; ``None`` means ``paths.DEFAULT_RULES``) whose
+    spec is ``'N:M'``, a float sparsity, ``'sparse'`` (meaning ``pattern``) or ``'dense'``.
+    A rule that matches nothing, N ≥ M, or an axis M does not divide is an error naming
+    the path.
 
     Example::
 
         resolve_nm_rules(params, [(r'.*mlp/.*kernel', '2:4')])
     """
     out = {}
-    for path, leaf, pattern, spec in match_rules(params, rules, "N:M"):
-        parsed = None if pattern is None else _parse(path, pattern, spec, np.shape(leaf), axis)
+    rules = DEFAULT_RULES if rules is None else rules
+    for path, leaf, pat, spec in match_rules(params, rules, "N:M"):
+        parsed = None if pat is None else _parse(path, pat, spec, np.shape(leaf), axis, pattern)
         if parsed is not None:
             out[path] = parsed
     return out
@@ -232,11 +252,14 @@ def resolve_nm_rules(params, rules: Sequence[tuple[str, Any]], axis: int = -2) -
 
 
 class NMState(NamedTuple):
-    """State of an N:M transform.
+    """State of an N:M transform; everything its forward pass needs, as arrays.
 
-    ``inner``: the wrapped optimizer's state; ``masks``: the masks of the last update
-    (bool, ``None`` for dense leaves), for diagnostics; ``count``: optimizer steps so
-    far; ``diagnostics``: per-step scalars (mask flip rate, norm and variance of the
+    ``inner``: the wrapped optimizer's state; ``masks``: the N:M masks of the parameters
+    as they are after the last update (bool; ``None`` for dense leaves,
+    ``optax.MaskedNode`` for leaves a wrapper gives to another transform); ``count``:
+    optimizer steps so far (``t``); ``beta``: MDGF's ``β(t)`` (0 outside MDGF and in the
+    fine-tune phase); ``sr_ste_lambda`` and ``scaled_backward``: the backward's
+    settings; ``diagnostics``: per-step scalars (mask flip rate, norm and variance of the
     gradient on pruned weights) that the training loop logs.
 
     Example::
@@ -247,7 +270,20 @@ class NMState(NamedTuple):
     inner: Any
     masks: Any
     count: jax.Array
+    beta: jax.Array
+    sr_ste_lambda: jax.Array
+    scaled_backward: jax.Array
     diagnostics: dict
+
+    def sparsify(self, params, differentiable: bool = True):
+        """``w ⊙ (m + (1−m) β)`` on the leaves this state owns; with ``differentiable`` the
+        STE / SR-STE / MDGF backward of ``nm_weights``."""
+        if differentiable:
+            fn = lambda m, w: nm_weights(w, m, self.beta, self.sr_ste_lambda,  # noqa: E731
+                                         self.scaled_backward)
+        else:
+            fn = lambda m, w: _nm_weights_fwd_impl(w, m, self.beta)  # noqa: E731
+        return map_masked_by_path(fn, self.masks, params)
 
 
 def _frames(spec: LeafSpec, schedule: str) -> list[tuple[int, int]]:
@@ -274,7 +310,7 @@ def _masks_by_spec(params, specs: dict, leaf_mask) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def nm_masks_from_params(params, rules: Sequence[tuple[str, Any]], axis: int = -2):
+def nm_masks_from_params(params, rules=None, axis: int = -2, pattern: str = "2:4"):
     """The masks a fixed-pattern N:M transform would use for ``params`` now: per path rule,
     ``'N:M'`` keeps the ``N`` largest ``|w|`` of every ``M`` along ``axis``, a float ``s``
     keeps the ``round((1−s)·size)`` largest ``|w|``; other leaves ``None``.
@@ -283,26 +319,37 @@ def nm_masks_from_params(params, rules: Sequence[tuple[str, Any]], axis: int = -
 
         m = nm_masks_from_params(params, [(r'.*kernel', '2:4')])
     """
-    specs = resolve_nm_rules(params, rules, axis)
+    params = unbox(params)
+    specs = resolve_nm_rules(params, rules, axis, pattern)
     return _masks_by_spec(params, specs,
                           lambda w, spec: _leaf_mask(w, spec, [(spec.n, spec.m)], 0))
 
 
-def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[tuple[str, Any]], *,
+def nm_sparse(inner: optax.GradientTransformation, rules=None, *, pattern: str = "2:4",
               axis: int = -2, sr_ste_lambda: float = 0.0, decay: str | None = None,
               alpha: float = 2e-4, backward: str = "ste", schedule: str = "fixed",
               dense_steps: int = 0, sparse_steps: int | None = None,
               finetune_steps: int = 0) -> SparseTransformation:
     """The general N:M transform; ``nm_ste``, ``sr_ste``, ``mdgf`` and ``sdgf`` fix its knobs.
 
-    ``sparse_steps`` is the length of the sparse phase that SDGF splits into frames
-    (required for 'stepwise'/'geometric'); the fine-tune phase starts at
+    ``rules``: ``sparsejax.paths`` rules whose spec is ``'N:M'``, a float sparsity,
+    ``'sparse'`` (meaning ``pattern``) or ``'dense'``; ``None`` makes every ≥2-D kernel
+    ``pattern``. ``sparse_steps`` is the length of the sparse phase that SDGF splits into
+    frames (required for 'stepwise'/'geometric'); the fine-tune phase starts at
     ``dense_steps + sparse_steps``.
+
+    The masks are those of the weights the next forward pass sees: ``init`` computes them
+    from the initial weights and every ``update`` from the updated ones (``params +
+    updates``), so ``sparsejax.forward(params, state)`` needs nothing but the state.
 
     Example::
 
         tx = nm_sparse(optax.adam(1e-3), [(r'.*kernel', '2:4')], sr_ste_lambda=2e-4)
     """
+    check_static(pattern=pattern, axis=axis, sr_ste_lambda=sr_ste_lambda, alpha=alpha,
+                 dense_steps=dense_steps, sparse_steps=sparse_steps,
+                 finetune_steps=finetune_steps)
+    parse_pattern(pattern, "pattern: ")
     if decay is not None and decay not in DECAYS:
         raise ValueError(f"unknown decay {decay!r}; known: {DECAYS}")
     if schedule not in SCHEDULES:
@@ -316,16 +363,17 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[tuple[str, An
                     ("sr_ste_lambda", sr_ste_lambda), ("alpha", alpha)):
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
-    rules = tuple(tuple(r) for r in rules)
+    rules = None if rules is None else tuple(tuple(r) for r in rules)
     inner = optax.with_extra_args_support(inner)
 
     def plan(params):
-        specs = resolve_nm_rules(params, rules, axis)
+        specs = resolve_nm_rules(params, rules, axis, pattern)
+        shapes = dict(named_leaves(params))
         for spec in specs.values():
             if spec.sparsity:  # unstructured: no groups to check
                 continue
             for n, m in _frames(spec, schedule):
-                shape = dict(named_leaves(params))[spec.path].shape
+                shape = shapes[spec.path].shape
                 if shape[spec.axis % len(shape)] % m:
                     raise ValueError(f"parameter {spec.path!r}: SDGF {schedule} frame {n}:{m} "
                                      f"needs axis size {shape[spec.axis % len(shape)]} "
@@ -345,51 +393,52 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[tuple[str, An
         length = max(sparse_steps // n_frames, 1)
         return jnp.clip(t_sparse // length, 0, n_frames - 1).astype(jnp.int32)
 
-    def masks_at(params, t):
+    def state_at(inner_state, params, t, diagnostics) -> NMState:
+        """The state whose forward is the N:M weights of ``params`` at step ``t``."""
         t_sparse, beta, warm = phase(t)
 
         def leaf(w, spec):
             frames = _frames(spec, schedule)
             frame = frame_index(t_sparse, len(frames)) if len(frames) > 1 else 0
             return _leaf_mask(w, spec, frames, frame) | warm  # dense warm-up: all kept
-        return _masks_by_spec(params, plan(params), leaf), beta
+        masks = _masks_by_spec(params, plan(params), leaf)
+        return NMState(inner_state, masks, jnp.asarray(t, jnp.int32), beta,
+                       jnp.asarray(sr_ste_lambda, jnp.float32),
+                       jnp.asarray(backward == "scaled", jnp.bool_), diagnostics)
 
     def init(params):
-        masks, _ = masks_at(params, 0)
+        params = unbox(params)
+        inner_state = inner.init(params)
+        check_inner_state(inner_state, "N:M transform")
         diag = {"flip_rate": jnp.zeros(()), "pruned_grad_norm": jnp.zeros(()),
                 "pruned_grad_var": jnp.zeros(())}
-        return NMState(inner.init(params), masks, jnp.zeros((), jnp.int32), diag)
-
-    def forward(params, state):
-        masks, beta = masks_at(params, state.count)
-        return jax.tree.map(
-            lambda m, w: w if m is None else nm_weights(w, m, beta, sr_ste_lambda,
-                                                        backward == "scaled"),
-            masks, params, is_leaf=_is_none)
+        return state_at(inner_state, params, 0, diag)
 
     def update(grads, state, params=None, **extra):
         if params is None:
             raise ValueError("N:M transforms need params: call update(grads, state, params)")
+        grads, params = unbox(grads), unbox(params)
         updates, inner_state = inner.update(grads, state.inner, params, **extra)
-        masks, _ = masks_at(params, state.count)  # the mask this step's forward used
-        flat_m, treedef = jax.tree_util.tree_flatten(masks, is_leaf=_is_none)
-        live = [(m, g, old) for m, g, old in zip(flat_m, treedef.flatten_up_to(grads),
-                                                  treedef.flatten_up_to(state.masks))
-                if m is not None]
+        new = state_at(inner_state, optax.apply_updates(params, updates), state.count + 1, {})
+        # this step's forward used state.masks; the next one uses new.masks
+        flat_m, treedef = jax.tree_util.tree_flatten(state.masks, is_leaf=is_unowned)
+        live = [(m, g, nxt) for m, g, nxt in zip(flat_m, treedef.flatten_up_to(grads),
+                                                 treedef.flatten_up_to(new.masks))
+                if not is_unowned(m)]
         size = max(sum(m.size for m, _, _ in live), 1)
         g_pruned = [jnp.where(m, 0.0, g.astype(jnp.float32)) for m, g, _ in live]
         n_pruned = jnp.maximum(sum(jnp.sum(~m) for m, _, _ in live), 1)
         total = sum(jnp.sum(x) for x in g_pruned)
         sq = sum(jnp.sum(x * x) for x in g_pruned)
-        diag = {"flip_rate": sum(jnp.sum(m != old) for m, _, old in live) / size,
+        diag = {"flip_rate": sum(jnp.sum(m != nxt) for m, _, nxt in live) / size,
                 "pruned_grad_norm": jnp.sqrt(sq),
                 "pruned_grad_var": sq / n_pruned - (total / n_pruned) ** 2}
-        return updates, NMState(inner_state, masks, state.count + 1, diag)
+        return updates, new._replace(diagnostics=diag)
 
     return SparseTransformation(init, update, forward)
 
 
-def nm_ste(inner, rules, **kw) -> SparseTransformation:
+def nm_ste(inner, rules=None, **kw) -> SparseTransformation:
     """N:M with the plain straight-through estimator.
 
     Example::
@@ -399,7 +448,7 @@ def nm_ste(inner, rules, **kw) -> SparseTransformation:
     return nm_sparse(inner, rules, **kw)
 
 
-def sr_ste(inner, rules, *, sr_ste_lambda: float = 2e-4, **kw) -> SparseTransformation:
+def sr_ste(inner, rules=None, *, sr_ste_lambda: float = 2e-4, **kw) -> SparseTransformation:
     """N:M with SR-STE (Zhou et al. 2021): backward ``g + λ_w (1 − m) ⊙ w``, λ_w = 2e-4.
 
     Example::
@@ -409,7 +458,7 @@ def sr_ste(inner, rules, *, sr_ste_lambda: float = 2e-4, **kw) -> SparseTransfor
     return nm_sparse(inner, rules, sr_ste_lambda=sr_ste_lambda, **kw)
 
 
-def mdgf(inner, rules, *, decay: str = "exp", alpha: float = 2e-4, backward: str = "ste",
+def mdgf(inner, rules=None, *, decay: str = "exp", alpha: float = 2e-4, backward: str = "ste",
          **kw) -> SparseTransformation:
     """Mask Decay Gradient Flow: forward ``w ⊙ (m + (1−m) β(t))``; backward 'ste' (the
     authors' code) or 'scaled'.
@@ -421,7 +470,8 @@ def mdgf(inner, rules, *, decay: str = "exp", alpha: float = 2e-4, backward: str
     return nm_sparse(inner, rules, decay=decay, alpha=alpha, backward=backward, **kw)
 
 
-def sdgf(inner, rules, *, schedule: str = "stepwise", sparse_steps: int, **kw) -> SparseTransformation:
+def sdgf(inner, rules=None, *, schedule: str = "stepwise", sparse_steps: int,
+         **kw) -> SparseTransformation:
     """Structure Decay Gradient Flow: the pattern tightens over equal frames of the
     sparse phase, 'stepwise' ``(M−1):M → … → N:M`` or 'geometric' ``8N:8M → … → N:M``.
 
@@ -434,6 +484,43 @@ def sdgf(inner, rules, *, schedule: str = "stepwise", sparse_steps: int, **kw) -
 
 # ----------------------------------------------------------------------------- compressed
 
+EXPORT_KEYS = ("values", "indices", "pattern")
+"""The keys of one exported N:M leaf: ``values`` and ``indices`` ``[G, N, *rest]`` and
+``pattern``, the int32 array ``[n, m, axis]``."""
+
+MAX_M = 256  # indices are stored as uint8
+
+
+def _integer_dtype(x) -> bool:
+    return np.issubdtype(np.dtype(x.dtype), np.integer)
+
+
+def _concrete(x):
+    """``x`` as a numpy array, or ``None`` when it is traced (inside ``jax.jit``)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _dense_shape(values_shape, m: int, axis: int) -> tuple:
+    """The dense shape of ``[G, N, *rest]`` values: ``rest`` with ``G·M`` put back at ``axis``."""
+    rest = tuple(int(s) for s in values_shape[2:])
+    return rest[:axis] + (int(values_shape[0]) * m,) + rest[axis:]
+
+
+def _check_indices(indices, m: int, where: str) -> None:
+    """Offsets in ``[0, m)``, strictly increasing within each group (skipped when traced)."""
+    idx = _concrete(indices)
+    if idx is None or idx.size == 0:
+        return
+    idx = idx.astype(np.int64)
+    if idx.min() < 0 or idx.max() >= m:
+        raise ValueError(f"{where}indices must lie in [0, M={m}), got [{idx.min()}, {idx.max()}]")
+    if idx.shape[1] > 1 and not np.all(np.diff(idx, axis=1) > 0):
+        raise ValueError(f"{where}indices must be distinct and increasing within each group "
+                         f"(axis 1), as compress_nm writes them")
+
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "indices"],
                    meta_fields=["n", "m", "shape", "axis"])
@@ -442,15 +529,19 @@ class NMCompressed:
     """N:M weights stored as values and small-integer indices.
 
     The weight ``[..., K, ...]`` (``K`` along ``axis``) is moved to ``[K, rest]`` and cut
-    into ``K/M`` groups; ``values[g, j, r]`` is the j-th kept entry of group ``g`` in
-    column ``r`` and ``indices[g, j, r] ∈ [0, M)`` its offset in the group (uint8).
-    ``shape`` and ``axis`` give the dense layout back. A pytree whose leaves are
-    ``values`` and ``indices``; ``n, m, shape, axis`` are static, so it passes through
-    ``jax.jit`` as an argument.
+    into ``G = K/M`` groups; ``values[g, j, *r]`` is the j-th kept entry of group ``g`` at
+    position ``r`` of the other axes and ``indices[g, j, *r] ∈ [0, M)`` its offset in the
+    group (uint8, increasing in ``j``). ``shape`` and ``axis`` give the dense layout back.
+    A pytree whose leaves are ``values`` and ``indices``; ``n, m, shape, axis`` are static,
+    so it passes through ``jax.jit`` as an argument.
+
+    For checkpoints, ``to_export()`` gives a plain dict of arrays (``EXPORT_KEYS``) that
+    any checkpointer saves and restores as is, and ``from_export`` reads it back.
 
     Example::
 
         c = compress_nm(w, 2, 4); c.values.shape   # (K/4, 2, out)
+        decompress_nm(NMCompressed.from_export(c.to_export()))   # == decompress_nm(c)
     """
 
     values: jax.Array
@@ -459,6 +550,93 @@ class NMCompressed:
     m: int
     shape: tuple
     axis: int
+
+    def to_export(self) -> dict:
+        """``{'values', 'indices', 'pattern'}``: arrays only, ``pattern`` the int32 array
+        ``[n, m, axis]`` (axis non-negative). The dense shape follows from them.
+
+        Example::
+
+            leaf = compress_nm(w, 2, 4).to_export()
+            leaf['pattern']   # array([2, 4, 0], dtype=int32) for a 2-D w
+        """
+        shape = tuple(int(s) for s in self.shape)
+        _check_nm(self.n, self.m, "NMCompressed: ")
+        if self.m > MAX_M:
+            raise ValueError(f"NMCompressed: M={self.m} does not fit uint8 indices "
+                             f"(M <= {MAX_M})")
+        axis = self.axis % len(shape)
+        expect = (shape[axis] // self.m, self.n) + shape[:axis] + shape[axis + 1:]
+        if (shape[axis] % self.m or tuple(self.values.shape) != expect
+                or tuple(self.indices.shape) != expect):
+            raise ValueError(f"NMCompressed: a {self.n}:{self.m} weight of shape {shape} along "
+                             f"axis {axis} needs values and indices of shape {expect}, got "
+                             f"{tuple(self.values.shape)} and {tuple(self.indices.shape)}")
+        return {"values": self.values, "indices": self.indices,
+                "pattern": np.array([self.n, self.m, axis], np.int32)}
+
+    @classmethod
+    def from_export(cls, leaf, path: str = "") -> NMCompressed:
+        """Reads one leaf written by ``to_export``/``export_nm`` (also after a checkpoint
+        restored without a target). A missing key, a malformed ``pattern``, shapes that do
+        not agree with it, or M > 256 is a ValueError naming the problem (and ``path``).
+
+        Example::
+
+            restored = ocp.StandardCheckpointer().restore(path)
+            c = NMCompressed.from_export(restored['mlp']['fc1']['kernel'])
+        """
+        where = f"N:M export leaf {path!r}: " if path else "N:M export leaf: "
+        if not isinstance(leaf, Mapping):
+            raise TypeError(f"{where}expected a dict with keys {list(EXPORT_KEYS)}, got "
+                            f"{type(leaf).__name__}")
+        missing = [k for k in EXPORT_KEYS if k not in leaf]
+        extra = sorted(str(k) for k in leaf if k not in EXPORT_KEYS)
+        if missing or extra:
+            raise ValueError(f"{where}needs exactly the keys {list(EXPORT_KEYS)}; missing "
+                             f"{missing}, unexpected {extra}")
+        pattern = _concrete(leaf["pattern"])
+        if pattern is None:
+            raise ValueError(f"{where}'pattern' is traced; n, m and axis are static, so read "
+                             "the export outside jax.jit")
+        if pattern.shape != (3,) or not _integer_dtype(pattern):
+            raise ValueError(f"{where}'pattern' must be 3 integers [n, m, axis], got "
+                             f"{pattern.dtype} array of shape {pattern.shape}")
+        n, m, axis = (int(v) for v in pattern)
+        _check_nm(n, m, where)
+        if m > MAX_M:
+            raise ValueError(f"{where}M={m} does not fit uint8 indices (M <= {MAX_M})")
+        values, indices = leaf["values"], leaf["indices"]
+        vshape, ishape = tuple(np.shape(values)), tuple(np.shape(indices))
+        if len(vshape) < 2:
+            raise ValueError(f"{where}'values' must be [G, N, ...], got shape {vshape}")
+        if vshape != ishape:
+            raise ValueError(f"{where}'values' {vshape} and 'indices' {ishape} differ in shape")
+        if vshape[1] != n:
+            raise ValueError(f"{where}'values' {vshape} keep {vshape[1]} entries per group "
+                             f"(axis 1) but pattern says N={n}")
+        if not 0 <= axis < len(vshape) - 1:
+            raise ValueError(f"{where}pattern axis {axis} is not an axis of the "
+                             f"{len(vshape) - 1}-D weight (must be in [0, {len(vshape) - 1}))")
+        if not _integer_dtype(indices):
+            raise ValueError(f"{where}'indices' must be integers, got {indices.dtype}")
+        _check_indices(indices, m, where)
+        return cls(jnp.asarray(values), jnp.asarray(indices).astype(jnp.uint8), n, m,
+                   _dense_shape(vshape, m, axis), axis)
+
+
+def is_nm_export(x) -> bool:
+    """Whether ``x`` is one exported N:M leaf: a dict whose keys are two or three of
+    ``EXPORT_KEYS`` and nothing else (two, so a leaf missing a key is still recognised
+    and then rejected by ``NMCompressed.from_export``). Use it as ``is_leaf`` to walk an
+    exported tree.
+
+    Example::
+
+        jax.tree.map(lambda x: is_nm_export(x), exported, is_leaf=is_nm_export)
+    """
+    return (isinstance(x, Mapping) and len(x) >= 2
+            and all(isinstance(k, str) and k in EXPORT_KEYS for k in x))
 
 
 def compress_nm(w: jax.Array, n: int, m: int, axis: int = -2) -> NMCompressed:
@@ -469,8 +647,8 @@ def compress_nm(w: jax.Array, n: int, m: int, axis: int = -2) -> NMCompressed:
         c = compress_nm(kernel, 2, 4); jnp.allclose(decompress_nm(c), w * nm_mask(w, 2, 4))
     """
     _check_nm(n, m)
-    if m > 256:
-        raise ValueError(f"M={m} does not fit uint8 indices")
+    if m > MAX_M:
+        raise ValueError(f"M={m} does not fit uint8 indices (M <= {MAX_M})")
     axis = axis % w.ndim
     if w.shape[axis] % m:
         raise ValueError(f"N:M {n}:{m}: axis {axis} of size {w.shape[axis]} is not divisible by M")
@@ -494,7 +672,8 @@ def decompress_nm(c: NMCompressed) -> jax.Array:
     g, n = c.values.shape[:2]
     vals = c.values.reshape(g, n, -1)
     idx = c.indices.reshape(g, n, -1).astype(jnp.int32)
-    dense = jnp.sum(jax.nn.one_hot(idx, c.m, axis=1, dtype=vals.dtype) * vals[:, None], axis=2)
+    hit = jax.nn.one_hot(idx, c.m, axis=1, dtype=jnp.bool_)               # [G, M, N, R]
+    dense = jnp.sum(jnp.where(hit, vals[:, None], jnp.zeros((), vals.dtype)), axis=2)
     moved_shape = (c.shape[c.axis],) + tuple(s for i, s in enumerate(c.shape) if i != c.axis)
     return jnp.moveaxis(dense.reshape(moved_shape), 0, c.axis)
 
@@ -519,30 +698,55 @@ def nm_matmul(x: jax.Array, c: NMCompressed) -> jax.Array:
     return jnp.einsum("...gno,gno->...o", picked, c.values.astype(x.dtype))
 
 
-def export_nm(params, rules: Sequence[tuple[str, Any]], axis: int = -2) -> dict[str, NMCompressed]:
-    """Compresses every N:M parameter of a trained model: ``{path: NMCompressed}``.
+def _plain(tree):
+    """``tree`` with ``nnx.Variable``s unboxed and every mapping (``nnx.State``, dict) a
+    plain dict; lists and tuples kept. What a checkpointer restores without a target."""
+    def walk(x):
+        if isinstance(x, Mapping):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+            return type(x)(walk(v) for v in x)
+        return x
+    return walk(unbox(tree))
+
+
+def export_nm(params, rules=None, axis: int = -2, pattern: str = "2:4"):
+    """``params`` with every N:M parameter replaced by its compressed export leaf
+    (``NMCompressed.to_export()``: ``{'values', 'indices', 'pattern'}``, arrays only).
+
+    Same nesting and keys as ``params``; ``nnx.Variable``s are unboxed and an
+    ``nnx.State`` becomes nested dicts. Parameters that no N:M rule selects (dense,
+    unstructured-sparsity floats, biases, norms) are kept unchanged. The result is a plain
+    pytree of arrays: a checkpointer saves it as is and restores it without a target, and
+    ``import_nm`` (dense params) or ``NMCompressed.from_export`` (one leaf) read it back.
+    ``rules``, ``axis`` and ``pattern`` are those of ``resolve_nm_rules``.
 
     Example::
 
-        packed = export_nm(params, [(r'.*mlp/.*kernel', '2:4')])
+        exported = export_nm(nnx.state(model, nnx.Param), [(r'.*mlp/.*kernel', '2:4')])
+        ocp.StandardCheckpointer().save(path, exported)
     """
-    specs = resolve_nm_rules(params, rules, axis)
+    specs = resolve_nm_rules(params, rules, axis, pattern)
     leaves = dict(named_leaves(params))
-    return {p: compress_nm(leaves[p], s.n, s.m, s.axis) for p, s in specs.items() if s.n}
+    packed = {p: compress_nm(leaves[p], s.n, s.m, s.axis).to_export()
+              for p, s in specs.items() if s.n}
+    return jax.tree_util.tree_map_with_path(lambda p, x: packed.get(path_str(p), x),
+                                            _plain(params))
 
 
-def import_nm(params, packed: dict[str, NMCompressed]):
-    """Params with every compressed entry of ``packed`` replaced by its dense form.
+def import_nm(exported):
+    """The dense params of an ``export_nm`` tree: every export leaf decompressed (zeros at
+    pruned entries, the values' dtype), every other leaf unchanged. A malformed export
+    leaf is a ValueError naming its path.
 
     Example::
 
-        params = import_nm(params, export_nm(params, rules))
+        dense = import_nm(ocp.StandardCheckpointer().restore(path))
+        state = nnx.state(model, nnx.Param)
+        nnx.replace_by_pure_dict(state, dense); nnx.update(model, state)
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    out = []
-    for p, w in flat:
-        c = packed.get(path_str(p))
-        if c is not None and tuple(c.shape) != tuple(w.shape):
-            raise ValueError(f"compressed {path_str(p)!r} has shape {c.shape}, params {w.shape}")
-        out.append(w if c is None else decompress_nm(c).astype(w.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    def leaf(p, x):
+        if not is_nm_export(x):
+            return x
+        return decompress_nm(NMCompressed.from_export(x, path_str(p)))
+    return jax.tree_util.tree_map_with_path(leaf, exported, is_leaf=is_nm_export)

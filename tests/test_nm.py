@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+import sparsejax
 import pytest
 from hypothesis import given, settings, strategies as st
 from jax.sharding import PartitionSpec as P
@@ -83,6 +85,17 @@ def test_beta_schedules():
         assert float(nm.decay_beta(t, "exp", 2e-4)) == pytest.approx(math.exp(-2e-4 * t), rel=1e-6)
 
 
+def _states(tx, params, ts):
+    """``{t: state}`` after ``t`` updates with zero gradients (params unchanged)."""
+    state, out, zeros = tx.init(params), {}, jax.tree.map(jnp.zeros_like, params)
+    step = jax.jit(lambda s: tx.update(zeros, s, params)[1])
+    for t in range(max(ts) + 1):
+        if t in ts:
+            out[t] = state
+        state = step(state)
+    return out
+
+
 def test_sdgf_frames_and_boundaries():
     assert nm.stepwise_frames(1, 8) == [(7, 8), (4, 8), (2, 8), (1, 8)]
     assert nm.stepwise_frames(2, 4) == [(3, 4), (2, 4)]
@@ -91,17 +104,17 @@ def test_sdgf_frames_and_boundaries():
     params = {"k": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (64, 4))}}
     tx = nm.sdgf(optax.sgd(0.0), [(r".*kernel", "1:8")], sparse_steps=100, dense_steps=10,
                  finetune_steps=20)
-    state = tx.init(params)
-    kept = lambda t: int(jnp.sum(tx.forward(params, state._replace(count=jnp.int32(t)))["k"]["kernel"] != 0))  # noqa: E731
     groups = 64 // 8 * 4
     # dense warm-up, then 4 frames of 25 steps: 7:8, 4:8, 2:8, 1:8; fine-tune keeps 1:8
     expect = {0: 256, 9: 256, 10: 7 * groups, 34: 7 * groups, 35: 4 * groups, 59: 4 * groups,
               60: 2 * groups, 85: 1 * groups, 110: 1 * groups, 125: 1 * groups}
+    states = _states(tx, params, set(expect))
+    kept = lambda t: int(jnp.sum(sparsejax.forward(params, states[t])["k"]["kernel"] != 0))  # noqa: E731
     assert {t: kept(t) for t in expect} == expect
     geo = nm.sdgf(optax.sgd(0.0), [(r".*kernel", "1:4")], schedule="geometric", sparse_steps=40)
-    s = geo.init(params)
+    states = _states(geo, params, {0, 10, 20, 30})
     for t, (n, m) in zip((0, 10, 20, 30), nm.geometric_frames(1, 4)):
-        got = geo.forward(params, s._replace(count=jnp.int32(t)))["k"]["kernel"]
+        got = geo.forward(params, states[t])["k"]["kernel"]
         np.testing.assert_array_equal(got != 0, reference_nm(np.asarray(params["k"]["kernel"]), n, m, 0))
 
 
@@ -109,10 +122,10 @@ def test_mdgf_phases_dense_then_decay_then_binary():
     params = {"k": {"kernel": jax.random.normal(jax.random.PRNGKey(1), (16, 4))}}
     tx = nm.mdgf(optax.sgd(0.0), [(r".*kernel", "2:4")], decay="linear", alpha=0.01,
                  dense_steps=5, sparse_steps=50, finetune_steps=10)
-    s = tx.init(params)
     w = params["k"]["kernel"]
     m = nm.nm_mask(w, 2, 4)
-    at = lambda t: tx.forward(params, s._replace(count=jnp.int32(t)))["k"]["kernel"]  # noqa: E731
+    states = _states(tx, params, {3, 25, 55})
+    at = lambda t: sparsejax.forward(params, states[t])["k"]["kernel"]  # noqa: E731
     np.testing.assert_array_equal(at(3), w)  # dense warm-up
     np.testing.assert_allclose(at(5 + 20), jnp.where(m, w, w * (1 - 0.01 * 20)), rtol=1e-6)
     np.testing.assert_array_equal(at(5 + 50), jnp.where(m, w, 0))  # fine-tune: binary
@@ -123,14 +136,15 @@ def test_compressed_export_import_matmul():
     params = {"a": {"kernel": jax.random.normal(k[0], (32, 12))},
               "b": {"kernel": jax.random.normal(k[1], (12, 3))}}
     rules = [(r"a/kernel", "2:8")]
-    packed = nm.export_nm(params, rules)
-    c = packed["a/kernel"]
+    exported = nm.export_nm(params, rules)
+    c = nm.NMCompressed.from_export(exported["a"]["kernel"])
     assert c.values.shape == (4, 2, 12) and c.indices.dtype == jnp.uint8
     assert int(c.indices.max()) < 8
+    assert exported["b"]["kernel"] is params["b"]["kernel"]  # not selected: kept as is
     w = params["a"]["kernel"]
     masked = jnp.where(nm.nm_mask(w, 2, 8, axis=0), w, 0)
-    np.testing.assert_array_equal(nm.import_nm(params, packed)["a"]["kernel"], masked)
-    np.testing.assert_array_equal(nm.import_nm(params, packed)["b"]["kernel"], params["b"]["kernel"])
+    np.testing.assert_array_equal(nm.import_nm(exported)["a"]["kernel"], masked)
+    np.testing.assert_array_equal(nm.import_nm(exported)["b"]["kernel"], params["b"]["kernel"])
     x = jax.random.normal(k[2], (7, 32))
     np.testing.assert_allclose(nm.nm_matmul(x, c), x @ masked, rtol=1e-5, atol=1e-5)
     conv = jax.random.normal(k[0], (3, 3, 16, 8))
@@ -151,10 +165,13 @@ def test_diagnostics_flip_rate_and_pruned_gradients():
     g_pruned = np.asarray(grads["k"]["kernel"])[~np.asarray(m0)]
     assert float(state.diagnostics["pruned_grad_norm"]) == pytest.approx(np.linalg.norm(g_pruned), rel=1e-5)
     assert float(state.diagnostics["pruned_grad_var"]) == pytest.approx(np.var(g_pruned), rel=1e-4)
-    assert float(state.diagnostics["flip_rate"]) == 0.0
-    _, state = tx.update(grads, state, p1)
+    # flips between the mask this step's forward used and the next one's (of p1)
     m1 = nm.nm_mask(p1["k"]["kernel"], 1, 4)
+    assert float(jnp.mean(m1 != m0)) > 0
     assert float(state.diagnostics["flip_rate"]) == pytest.approx(float(jnp.mean(m1 != m0)))
+    np.testing.assert_array_equal(state.masks["k"]["kernel"], m1)
+    _, state = tx.update(jax.tree.map(jnp.zeros_like, grads), state, p1)  # p1 unchanged
+    assert float(state.diagnostics["flip_rate"]) == 0.0
 
 
 def test_sharded_equals_single_device_and_orbax_round_trip(tmp_path):

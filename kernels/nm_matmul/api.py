@@ -224,8 +224,9 @@ def nm_linear_apply(x: jax.Array, c: NMCompressed, bias: jax.Array | None = None
 
     Example::
 
-        packed = sparsejax.export_nm(params, [(r'.*kernel', '2:4')], axis=0)
-        y = nm_linear_apply(x, packed['mlp/fc1/kernel'], params['mlp']['fc1']['bias'])
+        exported = sparsejax.export_nm(params, [(r'.*kernel', '2:4')], axis=0)
+        fc1 = exported['mlp']['fc1']
+        y = nm_linear_apply(x, NMCompressed.from_export(fc1['kernel']), fc1['bias'])
     """
     y = nm_matmul(x, c, **kwargs)
     return y if bias is None else y + bias.astype(y.dtype)
