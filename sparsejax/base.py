@@ -270,14 +270,14 @@ def check_static(**args) -> None:
 
         check_static(sparsity=0.9, end_step=100)   # fine; check_static(sparsity=jnp.float32(.9)) raises
     """
-    for name, value in args.items():
-        if isinstance(value, jax.Array):  # tracers included
-            raise TypeError(
-                f"{name}={value!r} is a JAX array, but it fixes the masks and schedules and "
-                "must be a Python number. optax.inject_hyperparams makes every numeric "
+    arrays = [name for name, value in args.items() if isinstance(value, jax.Array)]
+    if arrays:  # (tracers are jax.Array too)
+        raise TypeError(
+                f"{', '.join(arrays)}: JAX array(s), but they fix the masks and schedules and "
+                "must be Python numbers. optax.inject_hyperparams makes every numeric "
                 "argument an array: inject the inner optimizer's hyperparameters instead, "
                 "e.g. sparsejax.rigl(optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3)"
-                ", 0.9, end_step=...), or list this argument in static_args.")
+                ", 0.9, end_step=...), or list these arguments in static_args.")
 
 
 def check_inner_state(inner_state, name: str = "sparsity transform") -> None:

@@ -143,7 +143,7 @@ def init_masks(params, counts: dict[str, int], how: str, key, selection: str = "
     for i, (path, w) in enumerate(flat):
         name = path_str(path)
         if is_unowned(w) or name not in counts:
-            out.append(None)
+            out.append(w if is_unowned(w) else None)  # keep optax.MaskedNode
             continue
         score = (random_score(jax.random.fold_in(key, i), w.shape) if how == "random"
                  else magnitude_score(w))
@@ -275,7 +275,8 @@ def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
         tx = sparsejax.gradual_magnitude(optax.adam(1e-3), 0.9, begin_step=1000,
                                          end_step=8000, update_every=100)
     """
-    check_static(update_every=update_every, begin_step=begin_step, end_step=end_step)
+    check_static(sparsity=sparsity, initial_sparsity=initial_sparsity,
+                 update_every=update_every, begin_step=begin_step, end_step=end_step)
     _check_sparsity(sparsity)
     _check_sparsity(initial_sparsity)
     _check(update_every > 0, f"update_every must be positive, got {update_every}")
@@ -350,8 +351,9 @@ def _drop_and_grow(grow: str, drop_fraction_fn, noise_std: float, selection: str
 def _dynamic(inner, sparsity, *, grow: str, distribution, rules, update_every, begin_step,
              end_step, drop_fraction, drop_fraction_anneal, skip_gradient_on_update,
              mask_init, seed, selection, drop_noise_std, reinit_when_same):
-    check_static(update_every=update_every, begin_step=begin_step, end_step=end_step,
-                 drop_fraction=drop_fraction, drop_noise_std=drop_noise_std, seed=seed)
+    check_static(sparsity=sparsity, update_every=update_every, begin_step=begin_step,
+                 end_step=end_step, drop_fraction=drop_fraction, drop_noise_std=drop_noise_std,
+                 seed=seed)
     _check_sparsity(sparsity)
     _check(update_every > 0, f"update_every must be positive, got {update_every}")
     _check(0 <= begin_step <= end_step, f"need 0 <= begin_step <= end_step, got "

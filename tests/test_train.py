@@ -243,3 +243,29 @@ def test_corrupt_checkpoint_is_a_clear_error_and_kept(trained_workdir):
     with pytest.raises(CheckpointError, match=f"checkpoint {step_dir} could not be restored"):
         train_and_evaluate(quickstart.get_config("tiny"), trained_workdir, progress=False)
     assert tree_digest(trained_workdir) == before
+
+
+def test_wrapped_sparse_transform_trains_sparse_in_the_loop(tmp_path):
+    # was: chain(clip, sr_ste) lost `forward`, so the loop trained N:M dense with no error
+    import optax
+
+    import sparsejax
+    from sparsejax.train.checkpoint import Checkpointer, abstract_like
+    from sparsejax.train.loop import make_trainer
+
+    cfg = quickstart.get_config("tiny")
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     sparsejax.sr_ste(optax.adam(1e-2), [(r"layers/.*/kernel", "2:4")]))
+    summary = train_and_evaluate(cfg, tmp_path, tx=tx, progress=False)
+    assert summary["train_sparsity"] == pytest.approx(0.5)  # the loop found the N:M state
+    assert "train_flip_rate" in summary
+    trainer = make_trainer(cfg, tx)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    state, _ = ckpt.restore(abstract_like(trainer.abstract_state, trainer.state_shardings))
+    ckpt.close()
+    seen = sparsejax.materialize(state.params, state.opt_state)
+    k = np.asarray(seen["layers"][0]["kernel"])
+    assert (np.count_nonzero(k.reshape(-1, 4, k.shape[-1]), axis=1) == 2).all()
+    with pytest.raises(ValueError, match="followed by 1 more transformation"):
+        make_trainer(cfg, optax.chain(sparsejax.rigl(optax.adam(1e-2), 0.9, end_step=10),
+                                      optax.scale(0.5)))

@@ -94,14 +94,13 @@ def _dynamic(factory):
 
 
 def _nm(factory, **fixed):
-    """N:M methods reuse ``cfg.rules`` with 'sparse' meaning ``cfg.pattern`` (e.g. '2:4')."""
+    """N:M methods take ``cfg.rules``, where 'sparse' means ``cfg.pattern`` (e.g. '2:4')."""
 
     def make(inner, cfg, num_steps):
-        pattern = cfg.get("pattern", "2:4")
-        rules = tuple((r, pattern if spec == "sparse" else spec)
-                      for r, spec in (cfg.get("rules", ()) or ((r".*kernel", "sparse"),)))
+        rules = tuple(tuple(r) for r in cfg.get("rules", ())) or None
         dense, finetune = cfg.get("dense_steps", 0), cfg.get("finetune_steps", 0)
-        kw = dict(axis=cfg.get("axis", -2), dense_steps=dense, finetune_steps=finetune,
+        kw = dict(pattern=cfg.get("pattern", "2:4"), axis=cfg.get("axis", -2),
+                  dense_steps=dense, finetune_steps=finetune,
                   sparse_steps=max(num_steps - dense - finetune, 1), **fixed)
         if factory is nm.sr_ste:
             kw["sr_ste_lambda"] = cfg.get("sr_ste_lambda", 2e-4)
