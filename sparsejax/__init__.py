@@ -25,6 +25,7 @@ from sparsejax.dst import (SparseState, gradual_magnitude, init_masks, one_shot_
 from sparsejax.nm import (NMCompressed, NMState, compress_nm, decompress_nm, export_nm,
                           import_nm, mdgf, nm_mask, nm_masks_from_params, nm_matmul, nm_sparse,
                           nm_ste, sdgf, sr_ste)
+from sparsejax.surgery import default_rules
 from sparsejax.masks import (apply_masks, global_sparsity, global_topk_masks, mask_counts,
                              pack_masks, resolve_rules, topk_mask, unpack_masks)
 
@@ -35,7 +36,7 @@ __all__ = [
     "NMCompressed", "NMState", "compress_nm", "decompress_nm", "export_nm", "import_nm",
     "mdgf", "nm_mask", "nm_masks_from_params", "nm_matmul", "nm_sparse", "nm_ste", "sdgf",
     "sr_ste",
-    "forward", "is_sparsity_state", "materialize", "paths", "sparse_model", "sparse_weights",
+    "default_rules", "forward", "is_sparsity_state", "materialize", "paths", "sparse_model", "sparse_weights",
     "sparsity_states", "value_and_grad",
     "Distribution", "SparseState", "SparseTransformation", "apply_masks",
     "as_sparse_transformation", "densities_from_masks", "dense", "er", "erk", "get_distribution", "global_sparsity",

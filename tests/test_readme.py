@@ -1,4 +1,4 @@
-"""README's commands and its "use your own Flax model" example are real."""
+"""README's commands, its "sparsify your own Flax model" example and its loops are real."""
 
 import re
 
@@ -14,11 +14,16 @@ def _bash_lines(text: str) -> list[str]:
     return [line for b in blocks for line in b.replace("\\\n", " ").splitlines() if line.strip()]
 
 
-def test_own_model_example_runs_and_learns(root):
-    (code,) = _python_blocks((root / "README.md").read_text())
-    assert len([l for l in code.strip().splitlines() if l.strip()]) <= 18
+def _run(code: str) -> dict:
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
+    return ns
+
+
+def test_own_model_example_runs_and_learns(root):
+    code = _python_blocks((root / "README.md").read_text())[0]
+    assert len([l for l in code.strip().splitlines() if l.strip()]) <= 18
+    ns = _run(code)
     final = float(ns["loss"](ns["params"], ns["state"]))
     zero = float(np.mean(np.asarray(ns["y"]) ** 2))  # loss of predicting 0
     assert final < 0.25 * zero
@@ -31,6 +36,36 @@ def test_own_model_example_runs_and_learns(root):
                       "layers/2/kernel": (round(eps * 257), 256)}
     w = np.asarray(ns["params"]["layers"][0]["kernel"])
     assert np.count_nonzero(w) <= counts["layers/0/kernel"][0]  # stored weights are sparse
+
+
+def test_nnx_loop_diff_is_three_lines_and_the_loop_trains_sparse(root):
+    text = (root / "README.md").read_text()
+    (diff,) = re.findall(r"```diff\n(.*?)```", text, flags=re.S)
+    minus = [l[1:] for l in diff.splitlines() if l.startswith("-")]
+    plus = [l[1:] for l in diff.splitlines() if l.startswith("+")]
+    assert len(minus) == len(plus) <= 3
+    code = _python_blocks(text)[1]
+    lines = code.splitlines()
+    for line in plus:  # the loop shown is the diff applied
+        assert line in lines, line
+    # Reversed, the diff gives a loop with no sparsejax in it: the Flax tutorial's.
+    dense = code
+    for old, new in zip(minus, plus):
+        dense = dense.replace(new, old)
+    assert "sparsejax." not in dense
+    ns = _run(code)
+    import sparsejax
+    from flax import nnx
+
+    result = {k: float(v) for k, v in ns["metrics"].compute().items()}
+    assert result["accuracy"] > 0.85, result
+    seen = sparsejax.sparse_model(ns["model"], ns["optimizer"])
+    params = nnx.to_pure_dict(nnx.state(seen, nnx.Param))
+    sparse = [np.asarray(params[k]["kernel"]) for k in ("conv2", "linear1")]
+    density = sum(np.count_nonzero(w) for w in sparse) / sum(w.size for w in sparse)
+    assert density <= 0.1 + 1e-9  # 90% sparse (new connections may still be exactly 0)
+    for k in ("conv1", "linear2"):  # default_rules keeps stem and head dense
+        assert np.count_nonzero(np.asarray(params[k]["kernel"])) == params[k]["kernel"].size
 
 
 def test_ci_runs_the_readme_test_command(root):
