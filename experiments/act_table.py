@@ -134,7 +134,7 @@ def ffn_flops(model) -> dict:
 
     from sparsejax import flops
 
-    f = flops.model_flops(model, jnp.ones((1, 8, 8, 1), jnp.float32))
+    f = flops.model_flops(model, lambda m: m(jnp.ones((1, 8, 8, 1), jnp.float32)))
     tokens = model.pos.shape[1]
     return {"all_per_token": flops.total(f) / tokens,
             "ffn": {p: v / tokens for p, v in f.items() if "/mlp/" in p}}
@@ -163,7 +163,7 @@ def run_one(variant: str, seed: int, num_steps: int, ffn_density: float, attn_k:
     inputs = ds.eval.get(__import__("numpy").arange(len(ds.eval)))["inputs"]
     dens = activation_density(model, inputs)
     if VARIANTS[variant][0] != "spark":  # cross-check with the library's measurement
-        lib = surgery.activation_sparsity(model, inputs)
+        lib = surgery.activation_sparsity(model, lambda m: m(inputs))
         lib = [lib[f"blocks/{i}/mlp/act"] for i in range(len(dens))]
         if max(abs(a - b) for a, b in zip(lib, dens)) > 1e-6:
             raise RuntimeError(f"{variant}: densities {dens} != activation_sparsity {lib}")

@@ -91,13 +91,14 @@ def architecture(config) -> dict:
 
     info = get_dataset(config.data).info
     x = jnp.zeros((1, *info.input_shape), jnp.float32)
+    call = lambda m: m(x)  # noqa: E731
     model_cfg, paths, rules = sparse_ift_plan(config, info)
     rules = list(rules or [])
     model = build_model(model_cfg, info, nnx.Rngs(params=0))
     c = config.ift
     transformed, geometry = [], {}
     if c.family != "none":
-        transformed = ift.select(model, tuple(c.get("rules", ())) or None, x)
+        transformed = ift.select(model, tuple(c.get("rules", ())) or None, call)
         modules = dict(surgery.named_modules(model))
         geometry = {p: (modules[p].in_features, modules[p].out_features) for p in transformed}
     if paths:  # as make_trainer's make_model
@@ -108,8 +109,8 @@ def architecture(config) -> dict:
               named_leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
     out = {"model_hidden": list(model_cfg.hidden), "rules": [list(r) for r in rules],
            "transformed": transformed, "geometry": {p: list(g) for p, g in geometry.items()},
-           "flops": ift.measured_flops(model, rules, x),
-           "flops_dense_model": flops.model_flops(model, x), "param_shapes": shapes}
+           "flops": ift.measured_flops(model, rules, call),
+           "flops_dense_model": flops.model_flops(model, call), "param_shapes": shapes}
     if c.family != "none":
         s = float(c.sparsity)
         if len(set(geometry.values())) != 1:

@@ -119,7 +119,8 @@ def dense_flops(config) -> dict:
 
     info = get_dataset(config.data).info
     model = build_model(config.model, info, nnx.Rngs(params=0))
-    return flops.model_flops(model, jnp.ones((1, *info.input_shape), jnp.float32))
+    x = jnp.ones((1, *info.input_shape), jnp.float32)
+    return flops.model_flops(model, lambda m: m(x))
 
 
 # ----------------------------------------------------------------------------- statistics

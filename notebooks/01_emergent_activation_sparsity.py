@@ -91,7 +91,7 @@ def train(name: str, random_labels: bool):
     config = make_config(random_labels)
     trainer = make_trainer(config)
     images = trainer.dataset.eval.get(np.arange(256))["inputs"]  # fixed held-out probe batch
-    rec = analysis.ActivationSparsityRecorder(trainer, images, every=RECORD_EVERY)
+    rec = analysis.ActivationSparsityRecorder(trainer, lambda m: m(images), every=RECORD_EVERY)
     with jax.set_mesh(trainer.mesh):  # step 0: the model at initialisation
         rec(0, trainer.init(jax.random.PRNGKey(config.seed)))
     workdir = RUNS / "01_activation_sparsity" / name
@@ -176,7 +176,7 @@ model = rec.build(ckpt.state)
 treescope.show(model)
 
 # %%
-analysis.activation_sparsity_by_layer(model, rec.x)
+analysis.activation_sparsity_by_layer(model, rec.call)
 
 # %% [markdown]
 # ## What we saw

@@ -110,7 +110,8 @@ def run_flops(config, workdir):
     trainer = make_trainer(config)
     abstract = trainer.abstract_state
     model = nnx.merge(trainer.graphdef, abstract.params, abstract.rest)  # shapes only
-    dense = flops.model_flops(model, jnp.zeros((1, *trainer.dataset.info.input_shape)))
+    x = jnp.zeros((1, *trainer.dataset.info.input_shape))
+    dense = flops.model_flops(model, lambda m: m(x))
     ckpt = analysis.load_checkpoint(workdir, NUM_STEPS, trainer)
     densities = {} if ckpt.masks is None else flops.densities_from_masks(ckpt.masks)
     masks = {} if ckpt.masks is None else analysis.mask_dict(ckpt.masks)

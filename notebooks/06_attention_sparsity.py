@@ -120,8 +120,9 @@ plt.show()
 # %% [markdown]
 # ## How concentrated is the attention?
 #
-# `attention_probs(model, tokens, 'blocks/1/attn')` recomputes a layer's attention
-# probabilities `[B, H, T, T]` from its own `q`/`k` projections during a forward pass;
+# `attention_probs(model, lambda m: m(tokens), 'blocks/1/attn')` recomputes a layer's
+# attention probabilities `[B, H, T, T]` from its own `q`/`k` projections during the
+# forward pass that the call runs;
 # `attention_concentration(probs, k)` is, per head, the mean over queries of the mass that
 # each query's `k` largest keys hold. We compare the trained model with the same model at
 # initialisation, and with uniform causal attention (query `i` spreading its mass evenly
@@ -142,7 +143,9 @@ KS = [k for k in (1, 2, 4, 8, 16) if k <= T]
 causal = jnp.tril(jnp.ones((T, T)))
 uniform = jnp.broadcast_to(causal / causal.sum(-1, keepdims=True), (len(tokens), 4, T, T))
 
-attention_probs = nnx.jit(analysis.attention_probs, static_argnums=2)  # compiled once per layer
+attention_probs = nnx.jit(  # compiled once per layer
+    lambda m, tokens, layer: analysis.attention_probs(m, lambda mm: mm(tokens), layer),
+    static_argnums=2)
 probs = {(name, layer): attention_probs(m, tokens, layer)
          for name, m in (("trained", model), ("init", init_model)) for layer in LAYERS}
 fig, axes = plt.subplots(1, 2 * len(LAYERS), figsize=(16, 3.6), sharey=True)

@@ -3,7 +3,7 @@
 ``layer_flops`` traces a function with ``jax.make_jaxpr`` and prices every contraction
 (``dot_general``, ``conv_general_dilated``) at 2 FLOPs per multiply-add, attributing
 each to the parameter leaf that feeds it (by '/'-joined path, as in
-``sparsejax.masks.path_str``). Contractions between activations only (the
+``sparsejax.paths.path_str``). Contractions between activations only (the
 attention scores ``q·kᵀ`` and ``probs·v``) go under ``ACTIVATION_KEY``, so the total is
 complete. Elementwise work (bias adds, norms, softmax, activations) is not counted, as
 in the RigL paper's accounting.
@@ -15,7 +15,7 @@ Lottery", Section 4 and Appendix H).
 Example::
 
     model = MLP(64, (32,), 10, rngs=nnx.Rngs(0))
-    dense = model_flops(model, jnp.ones((4, 64)))
+    dense = model_flops(model, lambda m: m(jnp.ones((4, 64))))
     # {'head/kernel': 2560, 'layers/0/kernel': 16384, '<activations>': 0}
     sparse = sparse_flops(dense, {'layers/0/kernel': 0.1})
     training_flops_per_step('rigl', total(dense), total(sparse), update_every=100)
@@ -28,10 +28,13 @@ import warnings
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
+from flax import errors as flax_errors
 from flax import nnx
 from jax.extend import core as jcore
 
-from sparsejax.masks import mask_counts, named_leaves
+from sparsejax.masks import mask_counts
+from sparsejax.paths import named_leaves
+from sparsejax.surgery import OUTSIDE_OBJECT_HINT, check_call
 
 ACTIVATION_KEY = "<activations>"
 """Key of the FLOPs whose operands come from no parameter (e.g. attention q·kᵀ, probs·v)."""
@@ -396,21 +399,28 @@ def gradual_training_flops(dense: Mapping[str, int],
     return sum(per_step) / len(per_step)
 
 
-def model_flops(model: nnx.Module, *args) -> dict[str, int]:
-    """``layer_flops`` of an NNX model's call ``model(*args)``, by ``nnx.Param`` path.
+def model_flops(model: nnx.Module, call: Callable[[nnx.Module], Any]) -> dict[str, int]:
+    """``layer_flops`` of one forward pass ``call(model)``, by ``nnx.Param`` path.
 
-    The model is split into its parameters (as a pure dict) and the rest, and traced as
-    ``nnx.merge(graphdef, params, rest)(*args)``; the model itself is not changed.
+    ``call(model) -> output`` runs the model however it is called, e.g.
+    ``lambda m: m(x)``, ``lambda m: m(tokens, positions)`` or ``lambda m: m(x, nnx.Rngs(0))``
+    (create such objects inside the call: it is traced). The model is split into its
+    parameters (as a pure dict) and the rest, and traced as
+    ``call(nnx.merge(graphdef, params, rest))``; the model itself is not changed.
 
     Example::
 
-        model_flops(MLP(64, (32,), 10, rngs=nnx.Rngs(0)), jnp.ones((4, 64)))
+        model_flops(MLP(64, (32,), 10, rngs=nnx.Rngs(0)), lambda m: m(jnp.ones((4, 64))))
         # {'head/kernel': 2560, 'layers/0/kernel': 16384, '<activations>': 0}
     """
+    check_call(call)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     # rest (BatchNorm statistics) is traced too, so abstract models (eval_shape) work
-    return layer_flops(lambda p, r, *a: nnx.merge(graphdef, p, r)(*a), params, rest, *args)
+    try:
+        return layer_flops(lambda p, r: call(nnx.merge(graphdef, p, r)), params, rest)
+    except flax_errors.TraceContextError as e:
+        raise ValueError(OUTSIDE_OBJECT_HINT) from e
 
 
 __all__ = ["ACTIVATION_KEY", "TRAINING_METHODS", "conv_flops", "densities_from_masks",

@@ -15,14 +15,16 @@ The rounding in ``d_sf`` (ceil) and ``r`` (floor) is the paper's; on very narrow
 it shows (ResNet-8 with 16–64 channels: Doped at 0.96–0.99 of the dense FLOPs), from 64
 channels up every family is within 1%.
 
-``transform`` rewrites the selected layers of any NNX model by surgery and returns the
+``transform`` rewrites the selected layers of any NNX model by surgery (by default every
+Linear/Conv that ``call(model)`` calls between the stem and the head, the first and last
+layers holding weights, ``nnx.Embed`` and tied heads included) and returns the
 path rules that make the new sparse kernels exactly ``s`` sparse; train with
 ``sparsejax.rigl(..., rules=rules)`` (the reference recipe) or ``static_sparse``. At
 ``s = 0`` every family is the dense model itself.
 
 Example::
 
-    model, rules = ift.transform(model, 'doped', 0.75, example_input=x)
+    model, rules = ift.transform(model, 'doped', 0.75, call=lambda m: m(x))
     tx = sparsejax.rigl(optax.sgd(0.1, 0.9), 0.75, rules=rules, end_step=7500)
 """
 
@@ -36,7 +38,7 @@ from flax import nnx
 
 from sparsejax import surgery
 from sparsejax.flops import model_flops, sparse_flops, total
-from sparsejax.masks import named_leaves
+from sparsejax.paths import match_rules, pattern_name
 from sparsejax.nn.ift import SparseDoped, SparseFactorized, SparseParallel, check_layer
 
 FAMILIES = ("wide", "parallel", "factorized", "doped")
@@ -75,31 +77,54 @@ def window(layer) -> int:
     return math.prod(layer.kernel_size) if isinstance(layer, nnx.Conv) else 1
 
 
-def select(model: nnx.Module, rules: Sequence[str] | None = None, example_input=None) -> list[str]:
-    """Module paths to transform: those matching ``rules`` (regexes; each must match a
-    Linear/Conv), or by default every Linear/Conv except the first and last that a
-    forward pass calls (the stem and head).
+def select(model: nnx.Module, rules: Sequence[str] | None = None,
+           call: surgery.ModelCall | None = None) -> list[str]:
+    """Module paths to transform: those matching ``rules`` (regexes over module paths;
+    each must match an ``nnx.Linear``/``nnx.Conv``), or by default every Linear/Conv that
+    ``call(model)`` calls strictly between the stem and the head.
+
+    The stem and head are the first and last layers holding a parameter with two or more
+    dims that the call calls (``surgery.stem_and_head``: Linear, Conv, Einsum, Embed, a
+    tied ``embed.attend`` head, any module holding a kernel); they stay dense. Other
+    kinds of layer (``nnx.Einsum``, ``nnx.Embed``) are left alone; a rule selecting one
+    is an error.
 
     Example::
 
-        select(model, example_input=jnp.ones((1, 32, 32, 3)))   # all but stem and head
+        select(model, call=lambda m: m(tokens, positions))   # the Linears between embed and head
     """
-    layers = {p: m for p, m in surgery.named_modules(model) if isinstance(m, (nnx.Linear, nnx.Conv))}
+    modules = dict(surgery.named_modules(model))
+    kinds = (nnx.Linear, nnx.Conv)
     if rules:
         chosen, unused = [], []
         for pattern in rules:
-            hits = [p for p in layers if re.fullmatch(pattern, p)]
-            (chosen.extend(h for h in hits if h not in chosen) if hits else unused.append(pattern))
+            hits = [p for p in modules if re.fullmatch(pattern, p)]
+            for p in hits:
+                if not isinstance(modules[p], kinds) and surgery.holds_weights(modules[p]):
+                    raise TypeError(f"Sparse-IFT rule {pattern!r} selects module {p!r} "
+                                    f"({type(modules[p]).__name__}); Sparse-IFT transforms "
+                                    "nnx.Linear and nnx.Conv layers only")
+            layers = [p for p in hits if isinstance(modules[p], kinds)]
+            chosen.extend(p for p in layers if p not in chosen)
+            if not layers:
+                unused.append(pattern)
         if unused:
+            names = sorted(p for p, m in modules.items() if isinstance(m, kinds))
             raise ValueError(f"Sparse-IFT rules match no Linear/Conv module: {unused}; layers "
-                             f"are {sorted(layers)[:6]}")
+                             f"are {names[:6]}")
     else:
-        if example_input is None:
-            raise ValueError("Sparse-IFT needs rules, or example_input to find the stem and head")
-        order = surgery.call_order(model, example_input)
-        chosen = order[1:-1]
+        if call is None:
+            raise ValueError("Sparse-IFT needs rules, or call (call=lambda m: m(x)) to find "
+                             "the stem and head")
+        order = surgery.layer_calls(model, call)
+        if not order:
+            raise ValueError("call(model) calls no layer holding a parameter with 2 or more "
+                             "dims; there is nothing to transform")
+        edges = {order[0], order[-1]}
+        chosen = [p for p in dict.fromkeys(order[1:-1])
+                  if p not in edges and isinstance(modules[p], kinds)]
     for p in chosen:
-        check_layer(layers[p], p)
+        check_layer(modules[p], p)
     return chosen
 
 
@@ -125,59 +150,78 @@ def sparsity_rules(family: str, sparsity: float, paths: Sequence[str]) -> list[t
             for pattern in sparse_kernel_patterns(family, path)]
 
 
-def _replacement(family: str, s: float, norm: str | None, sigma: str, rngs: nnx.Rngs):
+def _replacement(family: str, s: float, norm: str | None, sigma: str, rngs: nnx.Rngs,
+                 layer_kwargs: dict):
     def make(path, layer):
         c, d_in, d_out = window(layer), layer.in_features, layer.out_features
         if family == "parallel":
-            return SparseParallel(layer, num_branches(s), norm=norm, rngs=rngs)
+            return SparseParallel(layer, num_branches(s), norm=norm, rngs=rngs, **layer_kwargs)
         if family == "factorized":
-            return SparseFactorized(layer, factorized_dim(d_in, d_out, s, c), sigma=sigma, rngs=rngs)
-        return SparseDoped(layer, doped_rank(d_in, d_out, s, c), rngs=rngs)
+            return SparseFactorized(layer, factorized_dim(d_in, d_out, s, c), sigma=sigma,
+                                    rngs=rngs, **layer_kwargs)
+        return SparseDoped(layer, doped_rank(d_in, d_out, s, c), rngs=rngs, **layer_kwargs)
     return make
 
 
 def transform(model: nnx.Module, family: str, sparsity: float, rules: Sequence[str] | None = None,
-              *, example_input=None, norm: str | None = None, sigma: str = "norm_relu",
-              rngs: nnx.Rngs | None = None) -> tuple[nnx.Module, list[tuple[str, float]]]:
-    """Rewrites the selected layers (see ``select``) into ``family`` at sparsity ``s``;
-    returns ``(model, sparsity_rules)``. The model is edited in place.
+              *, call: surgery.ModelCall | None = None, norm: str | None = None,
+              sigma: str = "norm_relu", rngs: nnx.Rngs | None = None,
+              layer_kwargs: dict | None = None) -> tuple[nnx.Module, list[tuple[str, float]]]:
+    """Rewrites the selected layers (``select``: ``rules``, or every Linear/Conv that
+    ``call(model)`` calls between the stem and the head) into ``family`` at sparsity
+    ``s``; returns ``(model, sparsity_rules)``. The model is edited in place.
 
+    The new layers keep each replaced layer's constructor arguments
+    (``sparsejax.nn.ift.layer_kwargs``: dtypes, precision, geometry, parameter sharding)
+    and accept its call's keyword arguments (``out_sharding``); ``layer_kwargs`` adds
+    constructor arguments flax does not keep, e.g. ``{'kernel_init': init}``.
     'wide' changes no layer here: build the model wider (``wide_search``) and use the
     returned rules to make its selected layers ``s`` sparse.
 
     Example::
 
-        model, rules = transform(model, 'parallel', 0.75, example_input=x)
+        model, rules = transform(model, 'parallel', 0.75, call=lambda m: m(x))
     """
     check(family, sparsity)
-    paths = select(model, rules, example_input)
+    paths = select(model, rules, call)
     if family != "wide" and sparsity > 0:
         rngs = rngs or nnx.Rngs(0)
-        surgery.replace(model, [(re.escape(p), _replacement(family, sparsity, norm, sigma, rngs))
-                                for p in paths])
+        make = _replacement(family, sparsity, norm, sigma, rngs, dict(layer_kwargs or {}))
+        surgery.replace(model, [(re.escape(p), make) for p in paths])
     return model, sparsity_rules(family, sparsity, paths)
 
 
-def measured_flops(model: nnx.Module, rules: Sequence[tuple[str, float]], example_input) -> float:
-    """Multiply-add FLOPs of one forward pass, each rule-matched kernel scaled by its
-    density ``1 − s`` (``sparsejax.flops``, counted from the traced computation).
+def _density(pattern, spec) -> float:
+    if spec is None or spec == "dense":
+        return 1.0
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool) and 0.0 <= spec < 1.0:
+        return 1.0 - float(spec)
+    raise ValueError(f"measured_flops: rule {pattern_name(pattern)} has spec {spec!r}; give "
+                     "a sparsity in [0, 1) or 'dense'")
+
+
+def measured_flops(model: nnx.Module, rules: Sequence[tuple[str, float]],
+                   call: surgery.ModelCall) -> float:
+    """Multiply-add FLOPs of one forward pass ``call(model)``, each rule-matched kernel
+    scaled by its density ``1 − s`` (``sparsejax.flops``, counted from the traced
+    computation): ``Σ_layers f_D(layer)·(1 − s_layer)``.
+
+    ``rules`` are ``sparsejax.paths`` rules ``(pattern, s)`` (first match wins; one that
+    matches no parameter is an error).
 
     Example::
 
-        measured_flops(model, rules, jnp.ones((1, 8, 8, 1)))
+        measured_flops(model, rules, lambda m: m(jnp.ones((1, 8, 8, 1))))
     """
-    dense = model_flops(model, example_input)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    densities = {}
-    for path, _ in named_leaves(params):
-        for pattern, s in rules:
-            if re.fullmatch(pattern, path):
-                densities[path] = 1.0 - s
-                break
+    dense = model_flops(model, call)
+    params = nnx.state(model, nnx.Param)
+    densities = {path: _density(pattern, spec)
+                 for path, _, pattern, spec in match_rules(params, rules, "FLOPs")
+                 if pattern is not None}
     return total(sparse_flops(dense, densities))
 
 
-def wide_search(build: Callable[[float], nnx.Module], sparsity: float, example_input,
+def wide_search(build: Callable[[float], nnx.Module], sparsity: float, call: surgery.ModelCall,
                 rules: Sequence[str] | None = None, tol: float = 0.01):
     """Sparse Wide: widths × ``√(1/(1 − s))``, then the sparsity ``s'`` of the widened
     layers solved so the model costs exactly the dense model's FLOPs.
@@ -187,20 +231,21 @@ def wide_search(build: Callable[[float], nnx.Module], sparsity: float, example_i
     ``s' = 1 − (F_dense − F_fixed) / F_widened`` with ``F_fixed`` the layers that stay
     dense (stem, head) and ``F_widened`` the selected layers at full density.
     ``build(multiplier)`` makes the model at a width (1.0 = dense; abstract models from
-    ``nnx.eval_shape`` are fine). Returns ``(multiplier, model, rules, relative_flops)``.
+    ``nnx.eval_shape`` are fine); ``call(model)`` runs either. Returns
+    ``(multiplier, model, rules, relative_flops)``.
 
     Example::
 
         mult, model, rules, rel = wide_search(lambda w: nnx.eval_shape(
-            lambda: MLP(64, (round(256 * w),) * 2, 10, rngs=nnx.Rngs(0))), 0.9, x)
+            lambda: MLP(64, (round(256 * w),) * 2, 10, rngs=nnx.Rngs(0))), 0.9, lambda m: m(x))
     """
     check("wide", sparsity)
-    target = measured_flops(build(1.0), [], example_input)
+    target = measured_flops(build(1.0), [], call)
     mult = width_multiplier(sparsity)
     model = build(mult)
-    paths = select(model, rules, example_input)
+    paths = select(model, rules, call)
     full = sparsity_rules("wide", 1e-12, paths) if paths else []  # matches, density ~1
-    per_layer = model_flops(model, example_input)
+    per_layer = model_flops(model, call)
     widened = sum(v for k, v in per_layer.items()
                   if any(re.fullmatch(p, k) for p, _ in full))
     fixed = total(per_layer) - widened
@@ -211,7 +256,7 @@ def wide_search(build: Callable[[float], nnx.Module], sparsity: float, example_i
         raise ValueError(f"Sparse Wide at s={sparsity}: matching the dense FLOPs needs "
                          f"sparsity {adjusted:.4f} on the widened layers, outside [0, 1)")
     out_rules = sparsity_rules("wide", adjusted, paths)
-    rel = measured_flops(model, out_rules, example_input) / target
+    rel = measured_flops(model, out_rules, call) / target
     if abs(rel - 1) > tol:
         raise ValueError(f"Sparse Wide at s={sparsity}: FLOPs {rel:.4f}× dense after solving")
     return mult, model, out_rules, rel

@@ -165,7 +165,7 @@ X = jnp.array([[1.0, -1, 2, -3], [-1, -1, 0, 5]])
 def test_activation_sparsity_by_layer_by_hand():
     # relu(X) = [[1,0,2,0],[0,0,0,5]]: 3 of 8 nonzero. Times the kernel: [[3,1,-2],[0,0,5]],
     # relu → [[3,1,0],[0,0,5]]: 3 of 6 nonzero.
-    t = A.activation_sparsity_by_layer(TwoActs(), X)
+    t = A.activation_sparsity_by_layer(TwoActs(), lambda m: m(X))
     assert t.records() == [
         {"layer": "b", "depth": 0, "width": 4, "fraction_nonzero": 0.375},
         {"layer": "a", "depth": 1, "width": 3, "fraction_nonzero": 0.5}]
@@ -173,13 +173,15 @@ def test_activation_sparsity_by_layer_by_hand():
 
 def test_activation_recorder_every_n_steps():
     model = TwoActs()
-    rec = A.ActivationSparsityRecorder(lambda state: model, X, every=2)
+    rec = A.ActivationSparsityRecorder(lambda state: model, lambda m: m(X), every=2)
     for step in range(1, 5):
         rec(step, None)
     t = rec.table()
     assert t["step"] == [2, 2, 4, 4] and t["fraction_nonzero"] == [0.375, 0.5, 0.375, 0.5]
     with pytest.raises(TypeError, match="GraphDef"):
-        A.ActivationSparsityRecorder(3, X)
+        A.ActivationSparsityRecorder(3, lambda m: m(X))
+    with pytest.raises(TypeError, match="call must be a function"):
+        A.ActivationSparsityRecorder(lambda state: model, X)
 
 
 # ----------------------------------------------------------------------------- essential sparsity
@@ -299,7 +301,8 @@ def test_attention_probs_reproduce_the_module_output(spark):
         attn = Attention(8, 2, causal=True, rngs=nnx.Rngs(1))
     model = Wrap(attn)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, t, 8))
-    probs = A.attention_probs(model, x, "attn")
+    call = lambda m: m(x)  # noqa: E731
+    probs = A.attention_probs(model, call, "attn")
     assert probs.shape == (2, 2, t, t)
     if spark == "block":  # nothing outside the window: keys i-15..i only
         i, j = np.indices((t, t))
@@ -313,9 +316,9 @@ def test_attention_probs_reproduce_the_module_output(spark):
     if spark is True:  # the first query has one valid key: its row is all mass
         assert float(probs[:, :, 0, 0].min()) == 1.0
     with pytest.raises(ValueError, match="no module at path 'blocks/0/attn'"):
-        A.attention_probs(model, x, "blocks/0/attn")
+        A.attention_probs(model, call, "blocks/0/attn")
     with pytest.raises(ValueError, match="LayerNorm"):
-        A.attention_probs(model, x, "ln")
+        A.attention_probs(model, call, "ln")
 
 
 # ----------------------------------------------------------------------------- frontier, plots
@@ -404,7 +407,7 @@ def rigl_run(tmp_path_factory):
     trainer = make_trainer(cfg)
     x = trainer.dataset.eval.get(np.arange(16))["inputs"]
     masks = A.MaskRecorder(every=1)
-    acts = A.ActivationSparsityRecorder(trainer, x, every=5)
+    acts = A.ActivationSparsityRecorder(trainer, lambda m: m(x), every=5)
     train_and_evaluate(cfg, workdir, hooks=[masks, acts], progress=False)
     return dict(workdir=workdir, cfg=cfg, trainer=trainer, x=x, masks=masks, acts=acts)
 

@@ -32,7 +32,7 @@ X = jax.random.normal(jax.random.PRNGKey(1), (32, 16))
 Y = jax.random.normal(jax.random.PRNGKey(2), (32, 4))
 SPARSITY = 0.75
 K = {"a/kernel": round(0.25 * 128), "b/kernel": round(0.25 * 32)}  # uniform: each layer 25%
-STEPS = 6
+STEPS = 4
 
 
 def reference_nm(w, n, m, axis=-2):

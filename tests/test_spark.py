@@ -52,13 +52,15 @@ class _Relu(nnx.Module):
 def test_surgery_inserts_topk_and_measures_lazy_neurons():
     model = _Foreign(nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(2), (8, 16))
-    before = surgery.activation_sparsity(model, x, kinds=(_Relu,))
+    call = lambda m: m(x)  # noqa: E731
+    before = surgery.activation_sparsity(model, call, kinds=(_Relu,))
     assert 0.3 < before["relu"] < 0.7  # ReLU of a random projection: about half active
     surgery.replace(model, [(r"relu", lambda path, m: TopKActivation("relu", density=0.05))])
-    after = surgery.activation_sparsity(model, x)
+    after = surgery.activation_sparsity(model, call)
     assert after["relu"] == pytest.approx(15 / 300)  # exactly k = 15 of 300 per token
     with pytest.raises(ValueError, match="no activation module"):
-        surgery.activation_sparsity(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), jnp.ones((1, 2)))
+        surgery.activation_sparsity(nnx.Linear(2, 2, rngs=nnx.Rngs(0)),
+                                    lambda m: m(jnp.ones((1, 2))))
 
 
 @pytest.mark.parametrize("ffn", ["topk", "stopk", "spark", "block"])

@@ -21,7 +21,7 @@ Example::
 
     trainer = make_trainer(config)
     masks, acts = analysis.MaskRecorder(every=100), analysis.ActivationSparsityRecorder(
-        trainer, x, every=100)
+        trainer, lambda m: m(x), every=100)
     train_and_evaluate(config, workdir, hooks=[masks, acts])
     analysis.read_metrics(workdir).where(split='eval', metric='accuracy')
     masks.turnover().where(layer=analysis.TOTAL)['turnover']

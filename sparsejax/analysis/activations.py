@@ -11,8 +11,8 @@ dimension), and a hook that records them over training.
 
 Example::
 
-    activation_sparsity_by_layer(model, batch)   # (layer, depth, width, fraction_nonzero)
-    rec = ActivationSparsityRecorder(make_trainer(config), batch, every=100)
+    activation_sparsity_by_layer(model, lambda m: m(batch))   # (layer, depth, width, fraction)
+    rec = ActivationSparsityRecorder(make_trainer(config), lambda m: m(batch), every=100)
     train_and_evaluate(config, workdir, hooks=[rec])
     rec.table()               # rows (step, layer, depth, width, fraction_nonzero)
 """
@@ -24,28 +24,32 @@ from typing import Any, Callable
 from flax import nnx
 
 from sparsejax.analysis.table import Table
-from sparsejax.surgery import activation_sparsity, named_modules, trace_calls
+from sparsejax.surgery import (ModelCall, activation_sparsity, check_call, named_modules,
+                               trace_calls)
 
 
-def _output_widths(model: nnx.Module, args, paths) -> dict[str, int]:
+def _output_widths(model: nnx.Module, call, paths) -> dict[str, int]:
     """``{path: last output dim}`` of the modules at ``paths``, in first-call order
     (abstractly evaluated on a merged copy, so nothing is computed or mutated)."""
     kinds = tuple({type(m) for p, m in named_modules(model) if p in paths})
     widths: dict[str, int] = {}
-    for c in trace_calls(model, *args, kinds=kinds, abstract=True):
+    for c in trace_calls(model, call, kinds=kinds, abstract=True):
         if c.path in paths:
             widths[c.path] = int(c.out.shape[-1]) if c.out.ndim else 1
     return widths
 
 
-def activation_sparsity_by_layer(model: nnx.Module, *args, kinds=None) -> Table:
-    """Rows ``(layer, depth, width, fraction_nonzero)`` for every activation module that a
-    forward pass on ``args`` calls, in call order.
+def activation_sparsity_by_layer(model: nnx.Module, call: ModelCall, *, kinds=None,
+                                 after: dict[str, Callable] | None = None) -> Table:
+    """Rows ``(layer, depth, width, fraction_nonzero)`` for every activation module that
+    the forward pass ``call(model)`` calls, in call order.
 
     ``fraction_nonzero = mean(a ≠ 0)`` (the Lazy Neuron fraction, from
-    ``surgery.activation_sparsity``); ``depth`` counts activation modules in first-call
-    order from 0; ``width`` is the activation's last dimension. ``kinds`` as in
-    ``surgery.activation_sparsity`` (sparsejax's activation modules by default). A module
+    ``surgery.activation_sparsity``); ``depth`` counts activations in first-call order
+    from 0; ``width`` is the last dimension of the module's output. ``kinds`` and
+    ``after`` (``{path: fn}``: ``fn`` applied to the output of the module at ``path``, for
+    activations computed by plain functions) as in ``surgery.activation_sparsity``
+    (sparsejax's activation modules by default). A module
     called more than once (one module shared by several layers) gives one row: its last
     call's fraction; give each layer its own activation module (as the reference models
     do) to see them all.
@@ -54,10 +58,11 @@ def activation_sparsity_by_layer(model: nnx.Module, *args, kinds=None) -> Table:
 
         model = ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10,
                     activation='relu', rngs=nnx.Rngs(0))
-        activation_sparsity_by_layer(model, images)['fraction_nonzero']   # ≈ [0.5, 0.5]
+        rows = activation_sparsity_by_layer(model, lambda m: m(images))
+        rows['fraction_nonzero']   # ≈ [0.5, 0.5]
     """
-    fractions = activation_sparsity(model, *args, kinds=kinds)
-    widths = _output_widths(model, args, set(fractions))
+    fractions = activation_sparsity(model, call, kinds=kinds, after=after)
+    widths = _output_widths(model, call, set(fractions))
     order = list(widths) + [p for p in fractions if p not in widths]
     return Table([{"layer": p, "depth": i, "width": widths.get(p), "fraction_nonzero": fractions[p]}
                   for i, p in enumerate(order)])
@@ -85,26 +90,30 @@ def _model_builder(model, tx) -> Callable[[Any], nnx.Module]:
 
 class ActivationSparsityRecorder:
     """A ``train_and_evaluate`` hook: every ``every`` steps, rebuilds the model from the
-    train state and records ``activation_sparsity_by_layer`` on the fixed input ``x``.
+    train state and records ``activation_sparsity_by_layer`` of the forward pass
+    ``call(model)`` (on a fixed input, e.g. ``lambda m: m(x)``).
 
     ``model`` is the run's ``Trainer`` (its graphdef and transform, so the model sees
     ``tx.forward(params)`` as in training), an ``nnx.GraphDef`` of the
     ``nnx.split(model, nnx.Param, ...)`` kind (with ``tx`` for sparse runs), or any
-    callable ``state -> nnx.Module``. The rebuilt model is put in eval mode.
+    callable ``state -> nnx.Module``. The rebuilt model is put in eval mode. ``kinds``
+    and ``after`` as in ``activation_sparsity_by_layer``.
 
     Example::
 
         trainer = make_trainer(config)
-        rec = ActivationSparsityRecorder(trainer, batch['inputs'][:64], every=100)
+        rec = ActivationSparsityRecorder(trainer, lambda m: m(batch['inputs'][:64]), every=100)
         train_and_evaluate(config, workdir, hooks=[rec])
         rec.table().where(layer='blocks/0/mlp/act')['fraction_nonzero']
     """
 
-    def __init__(self, model, x, *, every: int = 1, kinds=None, tx=None):
+    def __init__(self, model, call: ModelCall, *, every: int = 1, kinds=None,
+                 after: dict[str, Callable] | None = None, tx=None):
         if int(every) < 1:
             raise ValueError(f"ActivationSparsityRecorder: every must be >= 1, got {every}")
+        check_call(call)
         self.build = _model_builder(model, tx)
-        self.x, self.every, self.kinds = x, int(every), kinds
+        self.call, self.every, self.kinds, self.after = call, int(every), kinds, after
         self.rows: list[dict] = []
 
     def __call__(self, step: int, state) -> None:
@@ -113,9 +122,10 @@ class ActivationSparsityRecorder:
         self.record(step, self.build(state))
 
     def record(self, step: int, model: nnx.Module) -> None:
-        """Measures ``model`` on the recorder's input and adds rows for ``step``."""
+        """Measures ``self.call(model)`` and adds rows for ``step``."""
         self.rows += [{"step": int(step), **r}
-                      for r in activation_sparsity_by_layer(model, self.x, kinds=self.kinds)]
+                      for r in activation_sparsity_by_layer(model, self.call, kinds=self.kinds,
+                                                            after=self.after)]
 
     def table(self) -> Table:
         """Rows ``(step, layer, depth, width, fraction_nonzero)`` recorded so far."""

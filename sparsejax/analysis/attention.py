@@ -9,7 +9,7 @@ small ``k`` is what lets top-k / block-sparse attention drop the rest (Spark att
 
 Example::
 
-    probs = attention_probs(model, tokens, 'blocks/0/attn')   # [B, H, T, T]
+    probs = attention_probs(model, lambda m: m(tokens), 'blocks/0/attn')   # [B, H, T, T]
     attention_concentration(probs, k=8)                       # [H], each in (0, 1]
 """
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.surgery import named_modules, trace_calls
+from sparsejax.surgery import ModelCall, named_modules, trace_calls
 
 
 def attention_concentration(probs, k: int) -> np.ndarray:
@@ -46,9 +46,9 @@ def attention_concentration(probs, k: int) -> np.ndarray:
     return np.asarray(jnp.mean(mass, axis=(0, 2)))
 
 
-def attention_probs(model: nnx.Module, x, layer: str) -> jax.Array:
+def attention_probs(model: nnx.Module, call: ModelCall, layer: str) -> jax.Array:
     """Attention probabilities ``[B, H, Tq, Tk]`` of the attention module at path
-    ``layer`` when ``model(x)`` runs.
+    ``layer`` when ``call(model)`` runs (e.g. ``call=lambda m: m(tokens)``).
 
     The module's input is recorded by wrapping its class's ``__call__`` for one forward
     pass (as ``sparsejax.surgery`` does), then the probabilities are recomputed from its
@@ -59,7 +59,7 @@ def attention_probs(model: nnx.Module, x, layer: str) -> jax.Array:
 
     Example::
 
-        probs = attention_probs(lm, tokens, 'blocks/1/attn')
+        probs = attention_probs(lm, lambda m: m(tokens), 'blocks/1/attn')
         probs.sum(-1)   # all ones
     """
     from sparsejax.models.layers import Attention
@@ -74,10 +74,10 @@ def attention_probs(model: nnx.Module, x, layer: str) -> jax.Array:
     if type(module) not in (Attention, SparkAttention, SparseAttention):
         raise ValueError(f"module {layer!r} is a {type(module).__name__}; attention_probs "
                          "supports sparsejax Attention, SparkAttention and SparseAttention")
-    calls = [c for c in trace_calls(model, x, kinds=(type(module),)) if c.path == layer]
+    calls = [c for c in trace_calls(model, call, kinds=(type(module),)) if c.path == layer]
     h = calls[0].args[0] if calls else None
     if h is None:
-        raise ValueError(f"attention module {layer!r} is not called by model(x)")
+        raise ValueError(f"attention module {layer!r} is not called by call(model)")
     q, k = module._heads(module.q(h)), module._heads(module.k(h))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * module.head_dim ** -0.5
     t_q, t_k = logits.shape[-2:]

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from sparsejax.analysis.table import Table
+from sparsejax.base import sparsity_states
 from sparsejax.masks import named_leaves
 
 TOTAL = "<total>"
@@ -42,28 +43,16 @@ _is_none = lambda x: x is None  # noqa: E731
 
 
 def find_masks(tree) -> Any:
-    """The ``masks`` field of the first NamedTuple holding one in ``tree`` (depth first),
-    e.g. ``SparseState``/``NMState`` in a train state's ``opt_state``; ``None`` if none.
+    """The masks of the first sparsity state in ``tree`` (``sparsejax.sparsity_states``,
+    outermost first), e.g. the ``SparseState``/``NMState`` inside a train state's
+    ``opt_state``, however wrapped; ``None`` if there is none.
 
     Example::
 
         masks = find_masks(state.opt_state)   # params-shaped, None for dense leaves
     """
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        if "masks" in tree._fields:
-            return tree.masks
-        children = list(tree)
-    elif isinstance(tree, (tuple, list)):
-        children = list(tree)
-    elif isinstance(tree, dict):
-        children = list(tree.values())
-    else:
-        return None
-    for child in children:
-        found = find_masks(child)
-        if found is not None:
-            return found
-    return None
+    states = sparsity_states(tree)
+    return states[0][1].masks if states else None
 
 
 def _host(x) -> np.ndarray:

@@ -6,11 +6,12 @@ Example::
     from sparsejax.nn import SparseParallel, SparkFFN
 """
 
-from sparsejax.nn.ift import SparseDoped, SparseFactorized, SparseParallel, clone_layer
+from sparsejax.nn.ift import (SparseDoped, SparseFactorized, SparseParallel, clone_layer,
+                              layer_kwargs)
 from sparsejax.nn.spark import (BlockSparseFFN, SparkAttention, SparkFFN, StatisticalTopKFFN,
                                 TopKActivation, TopKFFN, spark_key_mask)
 from sparsejax.nn.sparse_attention import SparseAttention
 
 __all__ = ["BlockSparseFFN", "SparkAttention", "SparkFFN", "SparseAttention", "SparseDoped",
            "SparseFactorized", "SparseParallel", "StatisticalTopKFFN", "TopKActivation",
-           "TopKFFN", "clone_layer", "spark_key_mask"]
+           "TopKFFN", "clone_layer", "layer_kwargs", "spark_key_mask"]

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sparsejax.base import SparseTransformation, as_sparse_transformation
+from sparsejax.base import SparseTransformation, as_sparse_transformation, forward, sparsity_states
 from sparsejax import ift
 from sparsejax.models import build_model, scale_width
 from sparsejax.train.checkpoint import Checkpointer, abstract_like
@@ -170,7 +170,7 @@ def make_trainer(config, tx=None) -> Trainer:
 
     def train_step(state: TrainState, batch: dict):
         def loss_fn(params):
-            model = nnx.merge(graphdef, tx.forward(params, state.opt_state), state.rest)
+            model = nnx.merge(graphdef, forward(params, state.opt_state), state.rest)
             loss, stats = weighted_cross_entropy(model(batch["inputs"]), batch)
             _, _, rest = nnx.split(model, nnx.Param, ...)
             return loss, (stats, nnx.to_pure_dict(rest))
@@ -179,15 +179,11 @@ def make_trainer(config, tx=None) -> Trainer:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         stats["grad_norm"] = optax.tree.norm(grads)
-        stats.update(getattr(opt_state, "diagnostics", {}))  # e.g. N:M flip rate
-        masks = [m for m in jax.tree.leaves(getattr(opt_state, "masks", None)) if m is not None]
-        if masks:  # weight sparsity over all masked leaves
-            stats["sparsity"] = 1.0 - sum(jnp.sum(m, dtype=jnp.float32) for m in masks) / sum(
-                m.size for m in masks)
+        stats.update(sparsity_stats(opt_state))
         return TrainState(state.step + 1, params, rest, opt_state, state.rng), stats
 
     def eval_step(state: TrainState, batch: dict):
-        model = nnx.merge(eval_graphdef, tx.forward(state.params, state.opt_state), state.rest)
+        model = nnx.merge(eval_graphdef, forward(state.params, state.opt_state), state.rest)
         return weighted_cross_entropy(model(batch["inputs"]), batch)[1]
 
     return Trainer(
@@ -201,9 +197,31 @@ def make_trainer(config, tx=None) -> Trainer:
         global_batch=config.batch_size)
 
 
+def sparsity_stats(opt_state) -> dict:
+    """Per-step scalars of every sparsity state in ``opt_state``: ``sparsity`` (fraction of
+    zeros over all masked leaves together) and each state's ``diagnostics`` (N:M flip rate
+    and pruned-gradient statistics).
+
+    Example::
+
+        sparsity_stats(tx.init(params))   # {'sparsity': Array(0.9), ...}
+    """
+    stats, masks = {}, []
+    for _, s in sparsity_states(opt_state):
+        stats.update(getattr(s, "diagnostics", {}))
+        masks += [m for m in jax.tree.leaves(s.masks) if hasattr(m, "dtype")]
+    if masks:
+        kept = sum(jnp.sum(m, dtype=jnp.float32) for m in masks)
+        stats["sparsity"] = 1.0 - kept / sum(m.size for m in masks)
+    return stats
+
+
 def _example_input(info):
+    """``call(model)`` on one all-zeros example of the dataset's input shape (int32 tokens
+    for language models), for the tools that trace a forward pass."""
     dtype = jnp.int32 if info.task == "lm" else jnp.float32
-    return jnp.zeros((1, *info.input_shape), dtype)
+    x = jnp.zeros((1, *info.input_shape), dtype)
+    return lambda model: model(x)
 
 
 def sparse_ift_plan(config, info):
@@ -219,14 +237,14 @@ def sparse_ift_plan(config, info):
         return config.model, [], None
     ift.check(c.family, c.sparsity)
     layer_rules = tuple(c.get("rules", ())) or None
-    example = _example_input(info)
+    call = _example_input(info)
     if c.family == "wide" and c.sparsity > 0:
         build = lambda w: nnx.eval_shape(  # noqa: E731
             lambda: build_model(scale_width(config.model, w), info, nnx.Rngs(0)))
-        mult, _, rules, _ = ift.wide_search(build, c.sparsity, example, layer_rules)
+        mult, _, rules, _ = ift.wide_search(build, c.sparsity, call, layer_rules)
         return scale_width(config.model, mult), [], rules
     abstract = nnx.eval_shape(lambda: build_model(config.model, info, nnx.Rngs(0)))
-    paths = ift.select(abstract, layer_rules, example)
+    paths = ift.select(abstract, layer_rules, call)
     rewrite = paths if c.sparsity > 0 and c.family != "wide" else []
     return config.model, rewrite, ift.sparsity_rules(c.family, c.sparsity, paths)
 
