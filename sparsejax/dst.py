@@ -46,7 +46,7 @@ import optax
 from sparsejax.base import SparseTransformation, check_inner_state, check_static, forward
 from sparsejax.distributions import Distribution, layer_counts, uniform
 from sparsejax.masks import (SELECTION_METHODS, _masked_dense_grad, global_topk_masks,
-                             is_unowned, magnitude_score, map_masked, map_masked_by_path,
+                             is_unowned, like_param, magnitude_score, map_masked, map_masked_by_path,
                              random_score, resolve_rules, topk_mask)
 from sparsejax.paths import named_leaves, path_str, unbox
 from sparsejax.schedules import drop_fraction_schedule, gradual_sparsity, is_update_step
@@ -147,7 +147,7 @@ def init_masks(params, counts: dict[str, int], how: str, key, selection: str = "
             continue
         score = (random_score(jax.random.fold_in(key, i), w.shape) if how == "random"
                  else magnitude_score(w))
-        out.append(topk_mask(score, counts[name], method=selection))
+        out.append(like_param(topk_mask(score, counts[name], method=selection), w))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -105,6 +105,25 @@ def map_masked(fn, masks, *trees):
                         masks, *trees, is_leaf=is_unowned)
 
 
+def like_param(m: jax.Array, w) -> jax.Array:
+    """``m`` laid out like ``w`` when ``w`` has an explicit sharding (a mesh with
+    ``AxisType.Explicit`` axes, the default of ``jax.make_mesh``); else ``m`` unchanged.
+    Masks then shard like their parameters, and ``where(m, w, 0)`` type-checks.
+
+    Example::
+
+        m = like_param(topk_mask(jnp.abs(w), k), w)
+    """
+    sharding = getattr(jax.typeof(w), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    explicit = jax.sharding.AxisType.Explicit
+    if mesh is None or explicit not in tuple(getattr(mesh, "axis_types", ())):
+        return m
+    if getattr(jax.typeof(m), "sharding", None) == sharding:
+        return m
+    return jax.sharding.reshard(m, sharding.spec)
+
+
 def map_masked_by_path(fn, masks, params):
     """``fn(mask, leaf)`` on every leaf of ``params`` whose path has a mask in ``masks``;
     other leaves unchanged. Matching is by path (``sparsejax.paths``), so the containers
@@ -128,7 +147,7 @@ def map_masked_by_path(fn, masks, params):
             raise ValueError(f"parameter {name!r} has shape {tuple(np.shape(w))}, its mask "
                              f"{tuple(m.shape)}: these masks were made for other parameters")
         seen.add(name)
-        return fn(m, w)
+        return fn(like_param(m, w), w)
 
     out = jax.tree_util.tree_map_with_path(f, unbox(params), is_leaf=is_unowned)
     missing = sorted(set(by_path) - seen)

@@ -317,3 +317,43 @@ def test_sharded_forward_equals_single_device():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert sparsejax.mask_counts(sp.masks)["a/kernel"] == (32, 128)
     assert np.count_nonzero(np.asarray(sharded["a"]["kernel"])[~np.asarray(sp.masks["a"]["kernel"])]) == 0
+
+
+def test_explicit_sharding_mesh_masks_follow_params():
+    # jax.make_mesh's default axes are Explicit: a replicated mask against a sharded kernel
+    # does not type-check in where(m, w, 0), so masks take their parameter's sharding.
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+
+    class Sharded(nnx.Module):
+        def __init__(self, rngs):
+            init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "model"))
+            self.a = nnx.Linear(16, 32, kernel_init=init, rngs=rngs)
+            self.b = nnx.Linear(32, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(nnx.relu(self.a(x)))
+
+    with jax.set_mesh(mesh):
+        model = Sharded(nnx.Rngs(0))
+        nnx.update(model, jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
+                                       nnx.state(model), nnx.get_partition_spec(nnx.state(model))))
+        tx = sparsejax.rigl(ADAM(), 0.75, end_step=8, update_every=2, rules=[(r"a/kernel", "sparse")])
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        x = jax.device_put(X, NamedSharding(mesh, P("data")))
+
+        @nnx.jit
+        def step(model, optimizer, x):
+            loss, g = sparsejax.value_and_grad(lambda m: jnp.mean(m(x) ** 2), optimizer)(model)
+            optimizer.update(model, g)
+            return loss
+
+        for _ in range(3):
+            step(model, optimizer, x)
+        (_, s), = sparsejax.sparsity_states(optimizer.opt_state)
+        mask = s.masks["a"]["kernel"]
+        assert mask.sharding.spec == model.a.kernel.get_value().sharding.spec == P(None, "model")
+        seen = sparsejax.materialize(nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer.opt_state)
+    assert int(np.sum(np.asarray(mask))) == 128
+    assert np.count_nonzero(np.asarray(seen["a"]["kernel"])[~np.asarray(mask)]) == 0
