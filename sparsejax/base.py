@@ -273,11 +273,11 @@ def check_static(**args) -> None:
     arrays = [name for name, value in args.items() if isinstance(value, jax.Array)]
     if arrays:  # (tracers are jax.Array too)
         raise TypeError(
-                f"{', '.join(arrays)}: JAX array(s), but they fix the masks and schedules and "
-                "must be Python numbers. optax.inject_hyperparams makes every numeric "
-                "argument an array: inject the inner optimizer's hyperparameters instead, "
-                "e.g. sparsejax.rigl(optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3)"
-                ", 0.9, end_step=...), or list these arguments in static_args.")
+            f"{', '.join(arrays)}: JAX array(s), but they fix the masks and schedules and "
+            "must be Python numbers. optax.inject_hyperparams makes every numeric argument "
+            "an array: inject the inner optimizer's hyperparameters instead, e.g. "
+            "sparsejax.rigl(optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3), 0.9, "
+            "end_step=...), or list these arguments in static_args.")
 
 
 def check_inner_state(inner_state, name: str = "sparsity transform") -> None:
@@ -294,7 +294,6 @@ def check_inner_state(inner_state, name: str = "sparsity transform") -> None:
                          "change masks on one micro-batch: put it outside, "
                          "optax.MultiSteps(sparsejax.rigl(optax.adam(lr), ...), "
                          "every_k_schedule=k)")
-
 
 
 # ----------------------------------------------------------------------------- wrapping

@@ -45,12 +45,11 @@ import optax
 
 from sparsejax.base import SparseTransformation, check_inner_state, check_static, forward
 from sparsejax.distributions import Distribution, layer_counts, uniform
-from sparsejax.masks import (SELECTION_METHODS, _masked_dense_grad, global_topk_masks,
-                             is_unowned, like_param, magnitude_score, map_masked, map_masked_by_path,
-                             random_score, resolve_rules, topk_mask)
+from sparsejax.masks import (SELECTION_METHODS, global_topk_masks, is_unowned, like_param,
+                             magnitude_score, map_masked, map_masked_by_path,
+                             mask_with_dense_grad, random_score, resolve_rules, topk_mask)
 from sparsejax.paths import named_leaves, path_str, unbox
 from sparsejax.schedules import drop_fraction_schedule, gradual_sparsity, is_update_step
-
 
 
 class SparseState(NamedTuple):
@@ -74,7 +73,7 @@ class SparseState(NamedTuple):
     def sparsify(self, params, differentiable: bool = True):
         """``W ⊙ m`` on the leaves this state owns; with ``differentiable`` the gradient is
         the dense ``∂L/∂(W⊙m)`` at every entry (what RigL grows by)."""
-        fn = _masked_dense_grad if differentiable else lambda w, m: jnp.where(m, w, 0)
+        fn = mask_with_dense_grad if differentiable else lambda w, m: jnp.where(m, w, 0)
         return map_masked_by_path(lambda m, w: fn(w, m), self.masks, params)
 
 

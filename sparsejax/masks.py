@@ -169,19 +169,26 @@ def apply_masks(params, masks):
 
 
 @jax.custom_vjp
-def _masked_dense_grad(w: jax.Array, m: jax.Array) -> jax.Array:
+def mask_with_dense_grad(w: jax.Array, m: jax.Array) -> jax.Array:
+    """``where(m, w, 0)`` whose gradient is the cotangent at every entry (one leaf of
+    ``masked_with_dense_grad``).
+
+    Example::
+
+        jax.grad(lambda w: mask_with_dense_grad(w, m).sum())(w)   # ones everywhere
+    """
     return jnp.where(m, w, jnp.zeros_like(w))
 
 
-def _masked_dense_grad_fwd(w, m):
-    return _masked_dense_grad(w, m), m
+def mask_with_dense_grad_fwd(w, m):
+    return mask_with_dense_grad(w, m), m
 
 
-def _masked_dense_grad_bwd(m, g):
+def mask_with_dense_grad_bwd(m, g):
     return g, np.zeros(m.shape, jax.dtypes.float0)
 
 
-_masked_dense_grad.defvjp(_masked_dense_grad_fwd, _masked_dense_grad_bwd)
+mask_with_dense_grad.defvjp(mask_with_dense_grad_fwd, mask_with_dense_grad_bwd)
 
 
 def masked_with_dense_grad(params, masks):
@@ -196,7 +203,7 @@ def masked_with_dense_grad(params, masks):
 
         g = jax.grad(lambda p: loss(masked_with_dense_grad(p, masks)))(params)
     """
-    return map_masked(lambda m, w: _masked_dense_grad(w, m), masks, params)
+    return map_masked(lambda m, w: mask_with_dense_grad(w, m), masks, params)
 
 
 def mask_counts(masks) -> dict[str, tuple[int, int]]:
@@ -267,20 +274,6 @@ def param_like_paths(tree, params) -> Any:
         return ""  # not None: None is an empty pytree node and would change the structure
 
     return jax.tree_util.tree_map_with_path(match, tree)
-
-
-def zero_where(tree, params, where: dict[str, jax.Array]):
-    """Zeros the entries of every parameter-shaped leaf of ``tree`` where the boolean
-    array ``where[param_path]`` is True (e.g. optimizer moments of regrown weights).
-
-    Example::
-
-        inner = zero_where(inner_state, params, {'layers/0/kernel': new_connections})
-    """
-    paths = param_like_paths(tree, params)
-    return jax.tree.map(
-        lambda p, x: jnp.where(where[p], jnp.zeros_like(x), x) if p in where else x,
-        paths, tree)
 
 
 # ----------------------------------------------------------------------------- scores

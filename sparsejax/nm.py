@@ -41,7 +41,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

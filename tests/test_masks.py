@@ -118,13 +118,17 @@ def test_forward_value_is_masked_and_gradient_is_dense():
     assert bool(jnp.all(g[~m] != 0))  # the gradient reaches inactive weights too
 
 
-def test_zero_where_finds_moments_by_structure():
+def test_mask_param_state_finds_moments_by_structure():
+    from sparsejax.dst import mask_param_state
+
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adam)(1e-3))
     state = jax.tree.map(lambda x: x + 1, tx.init(PARAMS))
-    where = jnp.zeros((4, 6), bool).at[1, 2].set(True)
-    out = M.zero_where(state, PARAMS, {"layers/0/kernel": where})
+    keep = jax.tree.map(lambda _: None, PARAMS)
+    keep["layers"][0]["kernel"] = jnp.ones((4, 6), bool).at[1, 2].set(False)
+    out = mask_param_state(tx, state, keep)
     for moment in (out[1].inner_state[0].mu, out[1].inner_state[0].nu):
         k = moment["layers"][0]["kernel"]
         assert float(k[1, 2]) == 0 and float(jnp.sum(k == 0)) == 1
         assert bool(jnp.all(moment["head"]["kernel"] == 1))
     assert float(out[1].hyperparams["learning_rate"]) == pytest.approx(1.001)
+    assert int(out[1].inner_state[0].count) == 1  # not parameter-shaped: untouched
