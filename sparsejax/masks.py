@@ -119,9 +119,11 @@ def like_param(m: jax.Array, w) -> jax.Array:
     explicit = jax.sharding.AxisType.Explicit
     if mesh is None or explicit not in tuple(getattr(mesh, "axis_types", ())):
         return m
+    if jax.sharding.get_abstract_mesh().empty:  # outside jax.set_mesh nothing type-checks
+        return m
     if getattr(jax.typeof(m), "sharding", None) == sharding:
         return m
-    return jax.sharding.reshard(m, sharding.spec)
+    return jax.sharding.reshard(m, sharding)
 
 
 def map_masked_by_path(fn, masks, params):
