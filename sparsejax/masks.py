@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparsejax.paths import DEFAULT_RULES, match_rules, named_leaves, path_str, pattern_name, unbox
+from sparsejax.paths import (match_rules, named_leaves, path_str, pattern_name,
+                             rules_or_default, unbox)
 
 
 def is_unowned(x) -> bool:
@@ -80,7 +81,7 @@ def resolve_rules(params, rules: Sequence[tuple[str, Any]] | None = None) -> dic
         # {'a/kernel': 'sparse', 'b/bias': 'dense'}
     """
     out = {}
-    for path, leaf, pattern, spec in match_rules(params, DEFAULT_RULES if rules is None else rules,
+    for path, leaf, pattern, spec in match_rules(params, rules_or_default(rules, params, "sparsity"),
                                                  "sparsity"):
         out[path] = "dense" if pattern is None else _normalize_spec(spec, path, pattern)
         if out[path] != "dense" and np.ndim(leaf) == 0:

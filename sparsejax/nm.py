@@ -50,7 +50,8 @@ import optax
 
 from sparsejax.base import SparseTransformation, check_inner_state, check_static, forward
 from sparsejax.masks import is_unowned, map_masked_by_path, topk_mask
-from sparsejax.paths import DEFAULT_RULES, match_rules, named_leaves, path_str, pattern_name, unbox
+from sparsejax.paths import (match_rules, named_leaves, path_str, pattern_name,
+                             rules_or_default, unbox)
 
 
 DECAYS = ("linear", "exp")
@@ -240,8 +241,8 @@ def resolve_nm_rules(params, rules=None, axis: int = -2,
         resolve_nm_rules(params, [(r'.*mlp/.*kernel', '2:4')])
     """
     out = {}
-    rules = DEFAULT_RULES if rules is None else rules
-    for path, leaf, pat, spec in match_rules(params, rules, "N:M"):
+    for path, leaf, pat, spec in match_rules(params, rules_or_default(rules, params, "N:M"),
+                                             "N:M"):
         parsed = None if pat is None else _parse(path, pat, spec, np.shape(leaf), axis, pattern)
         if parsed is not None:
             out[path] = parsed

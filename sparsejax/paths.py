@@ -162,5 +162,24 @@ output head; ``sparsejax.surgery.default_rules(model, call)`` finds them from th
 and keeps them dense too."""
 
 
+def rules_or_default(rules: Sequence[Rule] | None, tree, kind: str) -> Sequence[Rule]:
+    """``rules``, or ``DEFAULT_RULES`` when None; an error naming what to do when the
+    default would match nothing (no leaf named ``kernel`` with two or more dims).
+
+    Example::
+
+        rules_or_default(None, params, 'sparsity')   # DEFAULT_RULES
+    """
+    if rules is not None:
+        return rules
+    leaves = named_leaves(tree)
+    if not any(is_kernel(p, x) for p, x in leaves):
+        raise ValueError(f"no {kind} rules were given, and the default (every 'kernel' with two "
+                         f"or more dims) matches no parameter; parameter paths look like "
+                         f"{[p for p, _ in leaves[:6]]}: pass rules=[(regex or predicate "
+                         "(path, leaf) -> bool, spec), ...]")
+    return DEFAULT_RULES
+
+
 __all__ = ["DEFAULT_RULES", "Pattern", "Rule", "is_embedding", "is_kernel", "match_rules",
-           "matches", "named_leaves", "path_str", "pattern_name", "unbox"]
+           "matches", "named_leaves", "path_str", "pattern_name", "rules_or_default", "unbox"]

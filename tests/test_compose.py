@@ -357,3 +357,14 @@ def test_explicit_sharding_mesh_masks_follow_params():
         seen = sparsejax.materialize(nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer.opt_state)
     assert int(np.sum(np.asarray(mask))) == 128
     assert np.count_nonzero(np.asarray(seen["a"]["kernel"])[~np.asarray(mask)]) == 0
+
+
+def test_default_rules_that_match_nothing_say_what_to_do():
+    params = {"linear1": {"w": jnp.ones((4, 8)), "b": jnp.zeros(8)}}  # array-leaf modules
+    for tx in (sparsejax.rigl(ADAM(), 0.5, end_step=4), sparsejax.sr_ste(ADAM())):
+        with pytest.raises(ValueError, match=r"no (sparsity|N:M) rules were given, and the "
+                                             r"default .* matches no parameter.*linear1/w.*"
+                                             r"pass rules="):
+            tx.init(params)
+    state = sparsejax.rigl(ADAM(), 0.5, end_step=4, rules=[(r".*/w", "sparse")]).init(params)
+    assert sparsejax.mask_counts(state.masks) == {"linear1/w": (16, 32)}

@@ -76,11 +76,9 @@ def magnitude_masks(params, sparsity: float, *, rules=None, scope: str = "global
 def _nm_masks(params, n: int, m: int, rules, axis: int):
     """N:M masks for every leaf a non-dense rule selects (``'sparse'`` or a sparsity
     become ``'n:m'``), through ``sparsejax.nm.nm_masks_from_params``."""
-    from sparsejax.masks import DEFAULT_RULES
-
-    nm_rules = [(pattern, "dense" if spec in (None, "dense") else f"{n}:{m}")
-                for pattern, spec in (DEFAULT_RULES if rules is None else rules)]
-    return nm_masks_from_params(params, nm_rules, axis)
+    nm_rules = None if rules is None else [
+        (pattern, "dense" if spec in (None, "dense") else "sparse") for pattern, spec in rules]
+    return nm_masks_from_params(params, nm_rules, axis, pattern=f"{n}:{m}")
 
 
 def _metrics(value) -> dict[str, float]:
