@@ -16,7 +16,9 @@ What every transform guarantees:
 - each sparse layer's nonzero count is exactly preserved by SET/RigL updates;
 - new connections start at 0, and so does every parameter-shaped leaf of the inner
   optimizer's state at inactive positions (moments, schedule-free's ``z``), found by tree
-  structure with ``optax.tree_utils.tree_map_params``, whatever the optimizer.
+  structure (subtrees shaped like the params), whatever the optimizer. The state
+  is zeroed when masks change (``init`` and mask-update steps); between updates inactive
+  entries see zero gradient and zero weight, so an elementwise optimizer keeps them 0.
 
 Drop/grow update (Evci et al. 2020, RigL, Alg. 1; Mocanu et al. 2018, SET), per layer
 at update steps ``t = begin, begin+ΔT, … ≤ T_end``:
@@ -41,6 +43,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparsejax.base import SparseTransformation, check_inner_state, check_static, forward
@@ -92,21 +95,30 @@ def _check_sparsity(sparsity: float) -> None:
            f"sparsity {sparsity!r} is outside [0, 1)")
 
 
-def mask_param_state(initable, inner_state, keep):
-    """Zeros every parameter-shaped leaf of an optimizer state where ``keep`` is False.
+def mask_param_state(inner_state, keep, params):
+    """Zeros every parameter-shaped copy inside an optimizer state where ``keep`` is False.
 
-    Parameter-shaped leaves (Adam's moments, momentum, schedule-free's ``z``) are found by
-    tree structure (``optax.tree_utils.tree_map_params`` re-runs ``initable`` on a
-    placeholder), not by the state's types; ``keep`` is a mask tree (``None`` or
-    ``optax.MaskedNode`` leaves are left alone).
+    A parameter-shaped copy (Adam's moments, momentum, schedule-free's ``z``) is a subtree
+    with the params' tree structure and leaf shapes: found by structure, whatever the
+    optimizer's state types, without re-running its ``init``. ``keep`` is a mask tree
+    (``None`` or ``optax.MaskedNode`` leaves are left alone).
 
     Example::
 
-        inner = mask_param_state(optax.adam(1e-3), adam_state, masks)
+        inner = mask_param_state(optax.adam(1e-3).init(params), masks, params)
     """
-    def f(x, k):
+    treedef = jax.tree.structure(params, is_leaf=is_unowned)
+    shapes = [np.shape(x) for x in jax.tree.leaves(params, is_leaf=is_unowned)]
+
+    def params_like(x) -> bool:
+        return (jax.tree.structure(x, is_leaf=is_unowned) == treedef and
+                [np.shape(v) for v in jax.tree.leaves(x, is_leaf=is_unowned)] == shapes)
+
+    def zero(x, k):
         return x if is_unowned(k) or is_unowned(x) else jnp.where(k, x, jnp.zeros_like(x))
-    return optax.tree_utils.tree_map_params(initable, f, inner_state, keep, is_leaf=is_unowned)
+
+    return jax.tree.map(lambda x: jax.tree.map(zero, x, keep, is_leaf=is_unowned)
+                        if params_like(x) else x, inner_state, is_leaf=params_like)
 
 
 def sparse_layer_counts(params, sparsity: float, distribution: Distribution,
@@ -165,6 +177,7 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
         masks = init_masks(params, init_counts(params), mask_init, sub, selection)
         inner_state = inner.init(params)
         check_inner_state(inner_state)
+        inner_state = mask_param_state(inner_state, masks, params)  # e.g. schedule-free's z
         return SparseState(inner_state, masks, jnp.zeros((), jnp.int32), key)
 
     def update(grads, state, params=None, **extra):
@@ -177,7 +190,6 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
         # params + step: active entries move, inactive ones become exactly 0.
         step_updates = map_masked(lambda m, d, p: jnp.where(m, d, -p), masks, u, params)
         if mask_update is None:
-            inner_state = mask_param_state(inner, inner_state, masks)
             return step_updates, SparseState(inner_state, masks, t + 1, state.key)
 
         def with_mask_update(_):
@@ -190,14 +202,13 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
             new_masks, new_conn = mask_update(t, weights, grads, masks, sub)
             keep = map_masked(lambda m, c: m & ~c, new_masks, new_conn)  # new ones start at 0
             updates = map_masked(lambda k, d, p: jnp.where(k, d, -p), keep, base_updates, params)
-            return updates, base_inner, new_masks, keep, key
+            return updates, mask_param_state(base_inner, keep, params), new_masks, key
 
         def without(_):
-            return step_updates, inner_state, masks, masks, state.key
+            return step_updates, inner_state, masks, state.key
 
-        updates, inner_state, masks, keep, key = jax.lax.cond(update_due(t), with_mask_update,
-                                                              without, None)
-        inner_state = mask_param_state(inner, inner_state, keep)
+        updates, inner_state, masks, key = jax.lax.cond(update_due(t), with_mask_update,
+                                                        without, None)
         return updates, SparseState(inner_state, masks, t + 1, key)
 
     return SparseTransformation(init, update, forward)
@@ -414,5 +425,5 @@ def rigl(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
                     reinit_when_same=reinit_when_same)
 
 
-__all__ = ["SparseState", "gradual_magnitude", "mask_param_state", "init_masks", "one_shot_magnitude", "rigl",
-           "set_", "sparse_layer_counts", "static_sparse"]
+__all__ = ["SparseState", "gradual_magnitude", "init_masks", "mask_param_state",
+           "one_shot_magnitude", "rigl", "set_", "sparse_layer_counts", "static_sparse"]

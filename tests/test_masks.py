@@ -125,7 +125,7 @@ def test_mask_param_state_finds_moments_by_structure():
     state = jax.tree.map(lambda x: x + 1, tx.init(PARAMS))
     keep = jax.tree.map(lambda _: None, PARAMS)
     keep["layers"][0]["kernel"] = jnp.ones((4, 6), bool).at[1, 2].set(False)
-    out = mask_param_state(tx, state, keep)
+    out = mask_param_state(state, keep, PARAMS)
     for moment in (out[1].inner_state[0].mu, out[1].inner_state[0].nu):
         k = moment["layers"][0]["kernel"]
         assert float(k[1, 2]) == 0 and float(jnp.sum(k == 0)) == 1
