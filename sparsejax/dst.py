@@ -48,9 +48,9 @@ import optax
 
 from sparsejax.base import SparseTransformation, check_inner_state, check_static, forward
 from sparsejax.distributions import Distribution, layer_counts, uniform
-from sparsejax.masks import (SELECTION_METHODS, global_topk_masks, is_unowned, like_param,
-                             magnitude_score, map_masked, map_masked_by_path,
-                             mask_with_dense_grad, random_score, resolve_rules, topk_mask)
+from sparsejax.masks import (SELECTION_METHODS, apply_masks, global_topk_masks, is_unowned,
+                             like_param, magnitude_score, map_masked, masked_with_dense_grad,
+                             random_score, resolve_rules, topk_mask)
 from sparsejax.paths import named_leaves, path_str, unbox
 from sparsejax.schedules import drop_fraction_schedule, gradual_sparsity, is_update_step
 
@@ -76,8 +76,7 @@ class SparseState(NamedTuple):
     def sparsify(self, params, differentiable: bool = True):
         """``W ⊙ m`` on the leaves this state owns; with ``differentiable`` the gradient is
         the dense ``∂L/∂(W⊙m)`` at every entry (what RigL grows by)."""
-        fn = mask_with_dense_grad if differentiable else lambda w, m: jnp.where(m, w, 0)
-        return map_masked_by_path(lambda m, w: fn(w, m), self.masks, params)
+        return (masked_with_dense_grad if differentiable else apply_masks)(params, self.masks)
 
 
 # A mask update: (t, weights, dense grads, masks, key) -> (new masks, new connections).

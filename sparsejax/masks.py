@@ -162,36 +162,30 @@ def map_masked_by_path(fn, masks, params):
 
 
 def apply_masks(params, masks):
-    """``W ⊙ m`` on sparse leaves (exact zeros), dense leaves unchanged.
+    """``W ⊙ m`` on sparse leaves (exact zeros), dense leaves unchanged; masks are matched
+    to parameters by path (``map_masked_by_path``).
 
     Example::
 
         apply_masks({'w': jnp.ones(3)}, {'w': jnp.array([True, False, True])})  # [1, 0, 1]
     """
-    return map_masked(lambda m, w: jnp.where(m, w, jnp.zeros_like(w)), masks, params)
+    return map_masked_by_path(lambda m, w: jnp.where(m, w, jnp.zeros_like(w)), masks, params)
 
 
 @jax.custom_vjp
-def mask_with_dense_grad(w: jax.Array, m: jax.Array) -> jax.Array:
-    """``where(m, w, 0)`` whose gradient is the cotangent at every entry (one leaf of
-    ``masked_with_dense_grad``).
-
-    Example::
-
-        jax.grad(lambda w: mask_with_dense_grad(w, m).sum())(w)   # ones everywhere
-    """
+def _mask_with_dense_grad(w: jax.Array, m: jax.Array) -> jax.Array:
     return jnp.where(m, w, jnp.zeros_like(w))
 
 
-def mask_with_dense_grad_fwd(w, m):
-    return mask_with_dense_grad(w, m), m
+def _mask_with_dense_grad_fwd(w, m):
+    return _mask_with_dense_grad(w, m), m
 
 
-def mask_with_dense_grad_bwd(m, g):
+def _mask_with_dense_grad_bwd(m, g):
     return g, np.zeros(m.shape, jax.dtypes.float0)
 
 
-mask_with_dense_grad.defvjp(mask_with_dense_grad_fwd, mask_with_dense_grad_bwd)
+_mask_with_dense_grad.defvjp(_mask_with_dense_grad_fwd, _mask_with_dense_grad_bwd)
 
 
 def masked_with_dense_grad(params, masks):
@@ -206,7 +200,7 @@ def masked_with_dense_grad(params, masks):
 
         g = jax.grad(lambda p: loss(masked_with_dense_grad(p, masks)))(params)
     """
-    return map_masked(lambda m, w: mask_with_dense_grad(w, m), masks, params)
+    return map_masked_by_path(lambda m, w: _mask_with_dense_grad(w, m), masks, params)
 
 
 def mask_counts(masks) -> dict[str, tuple[int, int]]:
