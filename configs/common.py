@@ -1,18 +1,25 @@
-"""The shared shape of every config: all keys exist here, so a typo is an error.
+"""The shared shape of every config; each section holds exactly its function's arguments.
 
-Each experiment config calls ``base(...)``, sets its fields and returns
-``finalize(config, arg)``. ``arg`` is a comma-separated list: a sparsity method
-(``dense``, ``static``, ``one_shot``, ``gradual``, ``set``, ``rigl``, ``nm_ste``,
-``sr_ste``, ``mdgf``, ``sdgf``), a sparsity in [0, 1), an N:M pattern (``1:8``), a
-Sparse-IFT family (``wide``, ``parallel``, ``factorized``, ``doped``; trained with RigL
-unless a method is given), and ``tiny`` (a few steps, used by CI and smoke tests), e.g.
-``rigl,0.9,tiny``, ``mdgf,1:8`` or ``doped,0.75``.
-The config is then locked, so a misspelt key is an error.
+- ``model_name`` picks ``sparsejax.models.MODELS[model_name]``; ``model`` holds that
+  class's constructor arguments (the data supplies the rest: ``train.build.data_kwargs``).
+- ``optimizer`` holds ``train.optim.make_optimizer``'s keyword arguments.
+- ``sparsity.name`` picks ``train.optim.TRANSFORMS[name]``; the rest of ``sparsity`` holds
+  exactly that factory's keyword arguments, with the factory's defaults (read from its
+  signature, so each default has one home).
+- ``ift`` holds ``sparsejax.ift.transform``'s arguments (``family='none'``: off).
+
+Each config file calls ``base(arg, ...)`` and returns ``finalize(config, arg)``. ``arg``
+is a comma-separated list: a sparsity method (``TRANSFORMS``), a sparsity in [0, 1), an
+N:M pattern (``1:8``), a Sparse-IFT family (``wide``, ``parallel``, ``factorized``,
+``doped``; trained with RigL unless a method is given), and ``tiny`` (a few steps, for CI
+and smoke tests), e.g. ``rigl,0.9,tiny``, ``mdgf,1:8`` or ``doped,0.75``. The config is
+then locked, so a misspelt key is an error.
 
 Example::
 
-    config = base(model=ConfigDict({'name': 'mlp', 'hidden': (64,)}),
+    config = base('rigl,0.9', model_name='mlp', model={'hidden': (64,)},
                   data=ConfigDict({'name': 'digits'}))
+    config.sparsity.drop_fraction    # 0.3, dst.rigl's default
 """
 
 from __future__ import annotations
@@ -20,56 +27,18 @@ from __future__ import annotations
 import re
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
-
-def base(*, model: ml_collections.ConfigDict, data: ml_collections.ConfigDict):
-    """A full config with defaults: adamw + cosine, dense sparsity, data-parallel mesh."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = model
-    c.data = data
-    c.optimizer = ml_collections.ConfigDict(dict(
-        name="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
-        warmup_steps=50, momentum=0.9, nesterov=False, grad_clip=0.0))
-    # Weight sparsity (sparsejax.dst). rules: (regex over param path, 'sparse' | 'dense' |
-    # a sparsity) first match wins; () means every kernel is sparse. end_step < 0 means
-    # end_fraction of num_steps. skip_gradient_on_update None: the method's default.
-    c.sparsity = ml_collections.ConfigDict(dict(
-        name="dense", sparsity=0.9, distribution="erk", power_scale=1.0, rules=(),
-        mask_init="random", update_every=100, begin_step=0, end_step=-1, end_fraction=0.75,
-        drop_fraction=0.3, drop_fraction_anneal="cosine",
-        skip_gradient_on_update=ml_collections.config_dict.placeholder(bool),
-        initial_sparsity=0.0, scope="layer", selection="threshold", drop_noise_std=1e-5, seed=0,
-        # N:M (sparsejax.nm): 'sparse' rules mean this pattern, grouped along `axis`.
-        pattern="2:4", axis=-2, sr_ste_lambda=2e-4, decay="exp", alpha=2e-4, backward="ste",
-        schedule="stepwise", dense_steps=0, finetune_steps=0))
-    # Sparse-IFT (sparsejax.ift): family none | wide | parallel | factorized | doped at
-    # sparsity s; rules: regexes of the Linear/Conv modules to transform (() = all but the
-    # stem and head); norm '' = BatchNorm after convs, LayerNorm after Linear.
-    c.ift = ml_collections.ConfigDict(dict(family="none", sparsity=0.0, rules=(), norm="",
-                                           sigma="norm_relu"))
-    # mesh.shape may hold one -1 (all remaining devices); batches split over data_axes.
-    # num_devices=0 uses every device; a positive number uses the first n (tests, debugging).
-    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "model"),
-                                            data_axes=("data",), num_devices=0))
-    # (regex over '/'-joined param path, per-dimension mesh axes); unmatched: replicated.
-    c.sharding_rules = ()
-    c.batch_size = 128
-    c.num_steps = 1000
-    c.log_every = 50
-    c.eval_every = 250
-    c.checkpoint_every = 500
-    c.max_checkpoints = 3
-    return c
-
+from sparsejax.train.optim import REQUIRED, TRANSFORMS, keyword_arguments, make_optimizer, transform_arguments
 
 IFT_FAMILIES = ("wide", "parallel", "factorized", "doped")
-SPARSITY_METHODS = ("dense", "static", "one_shot", "gradual", "set", "rigl",
-                    "nm_ste", "sr_ste", "mdgf", "sdgf")
+SPARSITY_METHODS = tuple(TRANSFORMS)
+END_FRACTION = 0.75
+"""DST methods stop changing masks after this fraction of training (RigL's T_end)."""
 
 
 def parse_arg(arg: str | None, extra: tuple[str, ...] = ()) -> dict:
-    """``'rigl,0.9,tiny'`` → ``{'method': 'rigl', 'sparsity': 0.9, 'tiny': True}``;
+    """``'rigl,0.9,tiny'`` → ``{'method': 'rigl', 'sparsity': 0.9, 'tiny': True, ...}``;
     an N:M pattern such as ``'1:8'`` sets ``pattern``."""
     out = {"method": None, "sparsity": None, "pattern": None, "ift": None, "tiny": False,
            "extra": set()}
@@ -94,24 +63,92 @@ def parse_arg(arg: str | None, extra: tuple[str, ...] = ()) -> dict:
     return out
 
 
-def finalize(c: ml_collections.ConfigDict, arg: str | None, extra: tuple[str, ...] = ()):
-    """Applies ``arg`` (method, sparsity, 'tiny') and locks the config against new keys."""
+def _section(defaults: dict) -> ml_collections.ConfigDict:
+    """A ConfigDict of a signature's defaults; a None default takes any type later."""
+    return ml_collections.ConfigDict({k: (placeholder(object) if v is None else v)
+                                      for k, v in defaults.items()})
+
+
+def sparsity_section(c: ml_collections.ConfigDict, name: str, **choices) -> ml_collections.ConfigDict:
+    """``config.sparsity`` for method ``name``: the factory's arguments with its defaults,
+    then ``choices`` for the arguments it takes (the config's choices: a target sparsity,
+    ERK, rules). Arguments without a default that no choice sets follow ``num_steps``:
+    ``end_step`` is ``END_FRACTION`` of it, ``sparse_steps`` what the dense and fine-tune
+    phases leave, ``begin_step`` 0.
+
+    Example::
+
+        sparsity_section(config, 'sdgf', pattern='1:8').sparse_steps   # config.num_steps
+    """
+    accepted = transform_arguments(name)
+    s = _section({k: v for k, v in accepted.items() if v is not REQUIRED})
+    s.name = name
+    for key, value in choices.items():
+        if key in accepted and value is not None:
+            s[key] = value
+    steps = c.get_ref("num_steps")
+    if "end_step" in accepted and "end_step" not in choices:
+        s.end_step = (steps * END_FRACTION).to_int()
+    if "sparse_steps" in accepted and "sparse_steps" not in choices:
+        s.sparse_steps = steps - s.get_ref("dense_steps") - s.get_ref("finetune_steps")
+    if "begin_step" in accepted and "begin_step" not in s:
+        s.begin_step = 0
+    missing = [k for k, v in accepted.items() if v is REQUIRED and k not in s]
+    if missing:
+        raise ValueError(f"method {name!r}: the config must choose {missing}")
+    return s
+
+
+def base(arg: str | None, *, model_name: str, model: dict, data: ml_collections.ConfigDict,
+         sparsity: dict | None = None, extra: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """A full config: ``arg``'s method (default dense) with 90% ERK sparsity where the
+    method takes them, ``sparsity``'s choices where it takes them, the optimizer's
+    defaults, a data-parallel mesh."""
     a = parse_arg(arg, extra)
-    if a["method"]:
-        c.sparsity.name = a["method"]
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model_name = model_name
+    c.model = ml_collections.ConfigDict(model)
+    c.data = data
+    c.num_steps = 1000
+    c.optimizer = _section(keyword_arguments(make_optimizer, skip=1))
+    choices = dict(sparsity=0.9, distribution="erk", **(sparsity or {}))
     if a["sparsity"] is not None:
-        c.sparsity.sparsity = a["sparsity"]
+        choices["sparsity"] = a["sparsity"]
     if a["pattern"] is not None:
-        c.sparsity.pattern = a["pattern"]
+        choices["pattern"] = a["pattern"]
+    method = a["method"] or "dense"
+    c.ift = ml_collections.ConfigDict(dict(family="none", sparsity=0.0,
+                                           layers=placeholder(object), norm=placeholder(str),
+                                           sigma="norm_relu"))
     if a["ift"] is not None:  # Sparse-IFT: s is the IFT knob; RigL, uniform, by default
         c.ift.family = a["ift"]
-        c.ift.sparsity = c.sparsity.sparsity if a["sparsity"] is None else a["sparsity"]
-        c.sparsity.name = a["method"] or "rigl"
-        c.sparsity.distribution = "uniform"
-    if a["tiny"]:
+        c.ift.sparsity = choices["sparsity"]
+        method = a["method"] or "rigl"
+        choices["distribution"] = "uniform"
+    c.sparsity = sparsity_section(c, method, **choices)
+    # mesh.shape may hold one -1 (all remaining devices); batches split over data_axes.
+    # num_devices=0 uses every device; a positive number uses the first n (tests, debugging).
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "model"),
+                                            data_axes=("data",), num_devices=0))
+    # (regex over '/'-joined param path, per-dimension mesh axes); unmatched: replicated.
+    c.sharding_rules = ()
+    c.batch_size = 128
+    c.log_every = 50
+    c.eval_every = 250
+    c.checkpoint_every = 500
+    c.max_checkpoints = 3
+    return c
+
+
+def finalize(c: ml_collections.ConfigDict, arg: str | None, extra: tuple[str, ...] = ()):
+    """Applies ``tiny`` (20 steps, small batches, masks every 5 steps) and locks the config
+    against new keys."""
+    if parse_arg(arg, extra)["tiny"]:
         c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 5, 10, 10
         c.batch_size = min(c.batch_size, 32)
         c.optimizer.warmup_steps = 2
-        c.sparsity.update_every = min(c.sparsity.update_every, 5)
+        if "update_every" in c.sparsity:
+            c.sparsity.update_every = min(c.sparsity.update_every, 5)
     c.lock()
     return c

@@ -12,21 +12,21 @@ For byte-level LM on any text file:
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import common
 
 
 def get_config(arg=None):
     c = common.base(
-        model=ml_collections.ConfigDict(dict(name="lm", d_model=128, num_heads=4, num_layers=2,
-                                             d_ff=512, activation="gelu", attention="dense",
-                                             ffn="dense", ffn_density=0.08, attn_k=256,
-                                             attn_pattern="window", attn_block=16, attn_window=32,
-                                             attn_sinks=4, attn_stride=32, attn_keep=2)),
+        arg, model_name="lm",
+        model=dict(d_model=128, num_heads=4, num_layers=2, d_ff=512, activation="gelu",
+                   attention="dense", attention_options=placeholder(object), ffn="dense",
+                   ffn_options=placeholder(object)),
+        sparsity=dict(rules=((r"head/kernel", "dense"), (r"blocks/.*kernel", "sparse"))),
         data=ml_collections.ConfigDict(dict(name="associative_recall", num_pairs=8,
                                             num_keys=16, num_values=16, train_size=20000,
                                             eval_size=1000, seed=0, path="", seq_len=128)))
     c.num_steps = 3000
-    c.sparsity.rules = ((r"head/kernel", "dense"), (r"blocks/.*kernel", "sparse"))
     c.optimizer.learning_rate = 1e-3
     return common.finalize(c, arg)

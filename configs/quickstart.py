@@ -6,7 +6,8 @@
     python -m experiments.train --config configs/quickstart.py:mdgf,1:8 --workdir runs/qs_mdgf
     python -m experiments.train --config configs/quickstart.py:doped,0.75 --workdir runs/qs_doped
 
-Overrides: ``--config.num_steps=200 --config.model.hidden='(64,)'``.
+Overrides: ``--config.num_steps=200 --config.model.hidden='(64,)'``
+(``config.model`` holds ``MLP``'s constructor arguments).
 """
 
 import ml_collections
@@ -16,9 +17,9 @@ from configs import common
 
 def get_config(arg=None):
     c = common.base(
-        model=ml_collections.ConfigDict(dict(name="mlp", hidden=(256, 256), activation="relu")),
-        data=ml_collections.ConfigDict(dict(name="digits", eval_size=360, random_labels=False)))
+        arg, model_name="mlp", model=dict(hidden=(256, 256), activation="relu"),
+        data=ml_collections.ConfigDict(dict(name="digits", eval_size=360, random_labels=False)),
+        sparsity=dict(rules=((r"head/kernel", "dense"), (r".*kernel", "sparse"))))
     c.num_steps = 1500
     c.eval_every = 250
-    c.sparsity.rules = ((r"head/kernel", "dense"), (r".*kernel", "sparse"))
     return common.finalize(c, arg)

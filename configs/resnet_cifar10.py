@@ -16,15 +16,15 @@ from configs import common
 
 def get_config(arg=None):
     c = common.base(
-        model=ml_collections.ConfigDict(dict(name="resnet", depth=20, width=1,
-                                             activation="relu")),
+        arg, model_name="resnet", model=dict(depth=20, width=1, activation="relu"),
+        # RigL's recipe keeps the first layer dense; Sparse-IFT also keeps the head dense.
+        sparsity=dict(rules=((r"stem/kernel", "dense"), (r"head/kernel", "dense"),
+                             (r".*kernel", "sparse"))),
         data=ml_collections.ConfigDict(dict(name="tfds", tfds_name="cifar10", data_dir="",
                                             train_split="train", eval_split="test",
                                             image_key="image", label_key="label")))
     c.optimizer.update(name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True,
                        weight_decay=5e-4, warmup_steps=500)
-    # RigL's recipe keeps the first layer dense; Sparse-IFT also keeps the head dense.
-    c.sparsity.rules = ((r"stem/kernel", "dense"), (r"head/kernel", "dense"), (r".*kernel", "sparse"))
     c.batch_size = 128
     c.num_steps = 64000
     c.eval_every = 2000

@@ -10,6 +10,7 @@ N:M and Sparse-IFT apply to the attention projections and FFN kernels of every b
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import common
 
@@ -17,14 +18,12 @@ from configs import common
 def get_config(arg=None):
     act = "gelu" if "gelu" in common.parse_arg(arg, ("gelu",))["extra"] else "relu"
     c = common.base(
-        model=ml_collections.ConfigDict(dict(name="vit", patch_size=2, d_model=64, num_heads=4,
-                                             num_layers=2, d_ff=256, activation=act,
-                                             attention="dense", ffn="dense", ffn_density=0.08,
-                                             attn_k=256, attn_pattern="window", attn_block=16,
-                                             attn_window=32, attn_sinks=4, attn_stride=32,
-                                             attn_keep=2)),
-        data=ml_collections.ConfigDict(dict(name="digits", eval_size=360, random_labels=False)))
+        arg, model_name="vit", extra=("gelu",),
+        model=dict(patch_size=2, d_model=64, num_heads=4, num_layers=2, d_ff=256,
+                   activation=act, attention="dense", attention_options=placeholder(object),
+                   ffn="dense", ffn_options=placeholder(object)),
+        data=ml_collections.ConfigDict(dict(name="digits", eval_size=360, random_labels=False)),
+        sparsity=dict(rules=((r"embed/kernel", "dense"), (r"head/kernel", "dense"),
+                             (r".*kernel", "sparse"))))
     c.num_steps = 2000
-    c.sparsity.rules = ((r"embed/kernel", "dense"), (r"head/kernel", "dense"),
-                        (r".*kernel", "sparse"))
     return common.finalize(c, arg, extra=("gelu",))

@@ -12,8 +12,14 @@ CPU, which is how CI tests it), an ``api.py`` that picks one (falling back to XL
   training path;
 - ``nm_matmul``: matmul on the compressed N:M format of ``sparsejax.nm``.
 
-Example::
+Example:
 
-    from sparsejax.kernels.block_sparse_attention import block_sparse_attention, masks
-    out = block_sparse_attention(q, k, v, masks.causal_mask(q.shape[1], block_q=64, block_k=64))
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax.kernels.block_sparse_attention import (attention_reference,
+    ...                                                       block_sparse_attention, masks)
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 64, 2, 32))
+    >>> m = masks.causal_mask(q.shape[1], block_q=16, block_k=16)
+    >>> out = block_sparse_attention(q, k, v, m)
+    >>> out.shape, float(jnp.abs(out - attention_reference(q, k, v, m.dense())).max()) < 1e-5
+    ((1, 64, 2, 32), True)
 """

@@ -1,9 +1,14 @@
 """Shared pieces of the kernels: Pallas call options, GPU lowering check, bench timing.
 
-Example::
+Example:
 
-    from sparsejax.kernels._common import interleaved_ms
-    ms = interleaved_ms({"a": lambda: f(x), "b": lambda: g(x)})["ms"]
+    >>> import jax.numpy as jnp
+    >>> from sparsejax.kernels._common import interleaved_ms
+    >>> x = jnp.ones(8)
+    >>> ms = interleaved_ms({"a": lambda: x + 1, "b": lambda: x * 2}, repeats=2,
+    ...                     window_s=1e-3)["ms"]
+    >>> sorted(ms), all(t > 0 for t in ms.values())
+    (['a', 'b'], True)
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ from jax.experimental.pallas import triton as pl_triton
 def on_gpu() -> bool:
     """Whether JAX's default backend is a GPU (where compiled Pallas kernels run).
 
-    Example::
+    Example:
 
-        interpret = not on_gpu()   # Pallas runs on CPU only in interpret mode
+        >>> import jax
+        >>> from sparsejax.kernels._common import on_gpu
+        >>> interpret = not on_gpu()   # Pallas runs on CPU only in interpret mode
+        >>> jax.default_backend(), interpret
+        ('cpu', True)
     """
     return jax.default_backend() == "gpu"
 
@@ -33,9 +42,12 @@ def on_gpu() -> bool:
 def triton_params(num_warps: int = 4, num_stages: int = 2) -> pl_triton.CompilerParams:
     """Compiler params selecting Pallas's Triton lowering (portable, interpret-testable).
 
-    Example::
+    Example:
 
-        pl.pallas_call(kernel, ..., compiler_params=triton_params(num_warps=8))
+        >>> from sparsejax.kernels._common import triton_params
+        >>> p = triton_params(num_warps=8)    # pl.pallas_call(..., compiler_params=p)
+        >>> type(p).__name__, p.num_warps, p.num_stages
+        ('CompilerParams', 8, 2)
     """
     return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
@@ -47,9 +59,17 @@ def lower_for_gpu(fn: Callable, *args) -> str:
     GPU backend cannot lower fails here, on CPU, in CI. The text holds one
     ``__gpu$xla.gpu.triton`` custom call per kernel.
 
-    Example::
+    Example:
 
-        assert "xla.gpu.triton" in lower_for_gpu(my_kernel_fn, x)
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.nm import compress_nm
+        >>> from sparsejax.kernels._common import lower_for_gpu
+        >>> from sparsejax.kernels.nm_matmul.pallas import nm_matmul_pallas
+        >>> c = compress_nm(jnp.ones((16, 16)), 2, 4, axis=0)
+        >>> fn = lambda x: nm_matmul_pallas(x, c, block_m=16, block_n=16, block_k=16,
+        ...                                 interpret=False)
+        >>> lower_for_gpu(fn, jnp.ones((16, 16))).count("xla.gpu.triton")   # one kernel
+        1
     """
     from jax import export
 
@@ -66,10 +86,16 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int = 7,
     times one window of each thunk in turn, so drifts in machine load hit all alike. The
     median window per call is ``ms``; the fastest is ``ms_min``.
 
-    Example::
+    Example:
 
-        r = interleaved_ms({"dense": lambda: f(x), "sparse": lambda: g(x)})
-        r["ms"]["dense"] / r["ms"]["sparse"]     # speed-up
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels._common import interleaved_ms
+        >>> x = jnp.ones((8, 8))
+        >>> r = interleaved_ms({"dense": lambda: x @ x, "sparse": lambda: x.sum()}, repeats=3,
+        ...                    window_s=1e-3)
+        >>> speedup = r["ms"]["dense"] / r["ms"]["sparse"]
+        >>> sorted(r), all(r["ms_min"][n] <= r["ms"][n] for n in r["ms"])
+        (['calls_per_window', 'first_call_s', 'ms', 'ms_min'], True)
     """
     first, calls = {}, {}
     for name, fn in fns.items():
@@ -96,9 +122,18 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int = 7,
 def write_json(path: str | Path, payload: dict) -> Path:
     """Writes a benchmark's results with the device, command and versions that made them.
 
-    Example::
+    Example:
 
-        write_json("experiments/results/kernel_nm_matmul_cpu.json", {"results": rows})
+        >>> import json, pathlib, tempfile
+        >>> from sparsejax.kernels._common import write_json
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = write_json(pathlib.Path(tmp.name) / "results" / "kernel_nm_matmul_cpu.json",
+        ...                   {"results": [1, 2]})
+        >>> data = json.loads(path.read_text())
+        >>> data["results"], data["platform"], sorted(data)
+        ([1, 2], 'cpu', ['command', 'device', 'host', 'jax', 'jaxlib', 'num_devices', 'platform',
+                         'python', 'results'])
+        >>> tmp.cleanup()
     """
     import jaxlib
 

@@ -122,7 +122,7 @@ runs["rigl"]["rec"].counts().where(step=0)
 # - **Accuracy** on the eval split, from the run's `metrics.jsonl`.
 
 # %%
-end_step = int(runs["rigl"]["config"].sparsity.end_fraction * NUM_STEPS)
+end_step = runs["rigl"]["config"].sparsity.end_step  # follows config.num_steps
 schedule = cosine_drop_fraction(runs["rigl"]["config"].sparsity.drop_fraction, end_step)
 
 fig, (ax_t, ax_i, ax_a) = plt.subplots(1, 3, figsize=(15, 4))

@@ -47,7 +47,7 @@ from flax import nnx
 from configs import quickstart
 from sparsejax import analysis, flops
 from sparsejax.train import make_trainer, train_and_evaluate
-from sparsejax.train.loop import sparse_ift_plan
+from sparsejax.train.build import sparse_ift_plan
 
 NUM_STEPS = 40 if TINY else 1500
 SPARSITIES = [0.75] if TINY else [0.5, 0.75]
@@ -91,8 +91,9 @@ grid += [(family, f"{family},{s}", s, None) for family in FAMILIES for s in SPAR
 info = make_trainer(make_config("dense")).dataset.info
 for _, arg, _, _ in grid:
     if arg.split(",")[0] in ("wide", "parallel", "factorized", "doped"):
-        model_cfg, paths, rules = sparse_ift_plan(make_config(arg), info)
-        print(f"{arg:>16}: hidden {tuple(model_cfg.hidden)}, rewrites {paths}, rules {rules}")
+        plan = sparse_ift_plan(make_config(arg), info)
+        print(f"{arg:>16}: hidden {tuple(plan.model['hidden'])}, rewrites {plan.paths}, "
+              f"rules {plan.rules}")
 
 # %% [markdown]
 # ## Train, then count FLOPs

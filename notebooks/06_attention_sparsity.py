@@ -48,9 +48,8 @@ from configs import lm_recall
 from sparsejax import analysis
 from sparsejax.kernels.block_sparse_attention import (attention_reference, block_sparse_attention,
                                                       choose_implementation, masks)
-from sparsejax.models import build_model
 from sparsejax.nn import SparseAttention
-from sparsejax.train import make_trainer, train_and_evaluate
+from sparsejax.train import build_model, make_trainer, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 
 NUM_PAIRS = 8  # the model reads T = 2 * NUM_PAIRS + 2 = 18 tokens
@@ -59,7 +58,7 @@ FINETUNE_STEPS = 10 if TINY else 300
 BLOCK = 16  # query and key block of the block-sparse masks (the smallest the kernel takes)
 WINDOW, SINKS, STRIDE = 8, 1, 4  # the fixed patterns on the model's short sequences
 SPARK_KEYS = 4  # token-level Spark attention: about 4 keys per query
-VARIANTS = [  # (label, config.model.attention, attn_pattern)
+VARIANTS = [  # (label, config.model.attention, SparseAttention's pattern)
     ("blocks: window", "sparse", "window"), ("blocks: strided", "sparse", "strided"),
     ("blocks: spark", "sparse", "spark"), (f"tokens: spark, ~{SPARK_KEYS} keys", "spark", None)]
 if TINY:
@@ -87,13 +86,16 @@ def make_config(attention="dense", pattern="window", num_steps=NUM_STEPS):
     config.data.num_pairs = config.data.num_keys = NUM_PAIRS
     config.data.train_size = 20_000 if TINY else 100_000
     config.model.d_model, config.model.d_ff = 64, 256
-    config.model.attention, config.model.attn_pattern = attention, pattern or "window"
-    config.model.attn_block = BLOCK
-    config.model.attn_window, config.model.attn_sinks = WINDOW, SINKS
-    config.model.attn_stride = STRIDE  # a band of STRIDE keys + the last key of every STRIDE
-    config.model.attn_keep = 1  # gated: 1 key block per query block
-    # spark: about BLOCK keys (1 block) per query block, or SPARK_KEYS keys per query
-    config.model.attn_k = SPARK_KEYS if attention == "spark" else BLOCK
+    # config.model.attention_options: the keyword arguments of the attention module
+    config.model.attention = attention
+    if attention == "sparse":  # SparseAttention
+        config.model.attention_options = dict(
+            pattern=pattern, block_size=BLOCK, window=WINDOW, sinks=SINKS,
+            stride=STRIDE,  # a band of STRIDE keys + the last key of every STRIDE
+            keep=1,  # gated: 1 key block per query block
+            keys_per_query=BLOCK)  # spark: about BLOCK keys (1 block) per query block
+    elif attention == "spark":  # SparkAttention: about SPARK_KEYS keys per query
+        config.model.attention_options = dict(keys_per_query=SPARK_KEYS)
     config.batch_size = 64
     config.num_steps = num_steps
     config.log_every = max(num_steps // 30, 1)
@@ -136,7 +138,8 @@ trained_state = analysis.load_checkpoint(dense_dir, NUM_STEPS, trainer).state
 model = nnx.merge(trainer.graphdef, trainer.tx.forward(trained_state.params,
                                                        trained_state.opt_state),
                   trained_state.rest)
-init_model = build_model(dense_config.model, trainer.dataset.info, nnx.Rngs(params=1))
+init_model = build_model(dense_config.model_name, dense_config.model, trainer.dataset.info,
+                         nnx.Rngs(params=1))
 tokens = jnp.asarray(trainer.dataset.eval.get(np.arange(64))["inputs"])
 LAYERS = ["blocks/0/attn", "blocks/1/attn"]
 KS = [k for k in (1, 2, 4, 8, 16) if k <= T]
@@ -306,9 +309,10 @@ for name, mask in block_masks.items():
 # ## Running the model with sparse attention
 #
 # `config.model.attention = 'sparse'` builds every layer's attention as a
-# `SparseAttention` that runs the block-sparse kernel on its `attn_pattern` mask (window,
-# strided or Spark blocks as above); `'spark'` builds token-level Spark attention
-# (`SparkAttention`), which keeps about `attn_k` single keys per query — the sparsity the
+# `SparseAttention` that runs the block-sparse kernel on its `pattern` mask (window,
+# strided or Spark blocks as above; `config.model.attention_options` holds its keyword
+# arguments); `'spark'` builds token-level Spark attention (`SparkAttention`), which
+# keeps about `keys_per_query` single keys per query — the sparsity the
 # concentration plot measured. All have the same `q`/`k`/`v`/`o` parameters as the dense
 # attention, so the trained weights load unchanged. First we evaluate the trained weights
 # under each kind of sparse attention as they are; then we fine-tune briefly with it in

@@ -2,12 +2,17 @@
 
 Weight-sparsity transforms follow optax's ``(init, update)`` plus ``forward``; see
 ``sparsejax.base``. Training lives in ``sparsejax.train``, models in
-``sparsejax.models``, kernels in ``sparsejax.kernels``.
+``sparsejax.models``, kernels in ``sparsejax.kernels``. The layers, the transform contract
+and one training step's data flow are in docs/architecture.md.
 
-Example::
+Example:
 
-    import optax, sparsejax
-    tx = sparsejax.rigl(optax.adamw(3e-4), 0.9, distribution=sparsejax.erk(), end_step=7500)
+    >>> import jax.numpy as jnp
+    >>> import optax, sparsejax
+    >>> tx = sparsejax.rigl(optax.adamw(3e-4), 0.9, distribution=sparsejax.erk(), end_step=7500)
+    >>> state = tx.init({'dense': {'kernel': jnp.ones((32, 16)), 'bias': jnp.zeros(16)}})
+    >>> sparsejax.mask_counts(state.masks)   # (nonzeros, size); the bias stays dense
+    {'dense/kernel': (51, 512)}
 """
 
 from sparsejax.activations import (k_from_density, realised_density, statistical_threshold,
@@ -23,7 +28,7 @@ from sparsejax.flops import (densities_from_masks, layer_flops, model_flops, spa
 from sparsejax.dst import (SparseState, gradual_magnitude, init_masks, one_shot_magnitude,
                            rigl, set_, sparse_layer_counts, static_sparse)
 from sparsejax.nm import (NMCompressed, NMState, compress_nm, decompress_nm, export_nm,
-                          import_nm, mdgf, nm_mask, nm_masks_from_params, nm_matmul, nm_sparse,
+                          import_nm, mdgf, nm_mask, nm_masks_from_params, nm_sparse,
                           nm_ste, sdgf, sr_ste)
 from sparsejax.surgery import default_rules
 from sparsejax.masks import (apply_masks, global_sparsity, global_topk_masks, mask_counts,
@@ -34,7 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "k_from_density", "realised_density", "statistical_threshold", "statistical_topk", "topk",
     "NMCompressed", "NMState", "compress_nm", "decompress_nm", "export_nm", "import_nm",
-    "mdgf", "nm_mask", "nm_masks_from_params", "nm_matmul", "nm_sparse", "nm_ste", "sdgf",
+    "mdgf", "nm_mask", "nm_masks_from_params", "nm_sparse", "nm_ste", "sdgf",
     "sr_ste",
     "default_rules", "forward", "is_sparsity_state", "materialize", "paths", "sparse_model", "sparse_weights",
     "sparsity_states", "value_and_grad",

@@ -22,24 +22,39 @@ activation; ``'through'`` differentiates through mean and std exactly, which add
 form's gradient (n_kept: entries above θ in that row). The hard form's output does not
 depend on θ except through the indicator, so both choices give the same hard gradient.
 
-Example::
+Example:
 
-    h = jax.nn.gelu(x @ w1)                      # (tokens, d_ff)
-    h = statistical_topk(h, density=0.08)        # ~8% of units per token, soft form
-    h = topk(h, k=k_from_density(h.shape[-1], 0.08))   # exactly 8% per token
-    realised_density(h, axis=-1)                 # per-token fraction of nonzeros
+    >>> import jax
+    >>> from sparsejax.activations import k_from_density, realised_density, statistical_topk, topk
+    >>> x = jax.random.normal(jax.random.PRNGKey(0), (4, 64))
+    >>> w1 = jax.random.normal(jax.random.PRNGKey(1), (64, 256)) / 8
+    >>> h = jax.nn.gelu(x @ w1)                           # (tokens, d_ff)
+    >>> soft = statistical_topk(h, density=0.08)          # ~8% of units per token, soft form
+    >>> print(round(float(realised_density(soft)), 2))   # GELU rows are not Gaussian
+    0.11
+    >>> k = k_from_density(h.shape[-1], 0.08)
+    >>> exact = topk(h, k=k)                              # exactly k per token
+    >>> k, realised_density(exact, axis=-1).tolist()      # per-token fraction of nonzeros
+    (20, [0.078125, 0.078125, 0.078125, 0.078125])
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from typing import Callable
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-MODES = ("soft", "hard")
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+STATISTICAL_MODES = ("soft", "hard")
 THRESHOLD_GRADS = ("stop", "through")
 
 
@@ -78,15 +93,37 @@ def _check_k(k, d: int, axis: int) -> int:
 # ----------------------------------------------------------------------------- helpers
 
 
+def activation_fn(activation: str | Callable) -> Callable:
+    """The activation as a function: a callable is returned as is, a name is looked up in
+    ``ACTIVATIONS`` ('relu', 'gelu', 'silu', 'tanh').
+
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.activations import activation_fn
+        >>> activation_fn('relu')(jnp.array([-1., 2.])).tolist()
+        [0.0, 2.0]
+        >>> activation_fn(jnp.tanh) is jnp.tanh
+        True
+    """
+    if callable(activation):
+        return activation
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)} "
+                         "or a callable")
+    return ACTIVATIONS[activation]
+
+
 def k_from_density(d: int, density: float) -> int:
     """Number of entries kept out of ``d`` at ``density``: ``max(1, ⌊density·d + ½⌋)``.
 
     Rounds half up (not Python's round-half-even) and never returns 0.
 
-    Example::
+    Example:
 
-        k_from_density(16384, 0.08)   # 1311
-        k_from_density(10, 0.01)      # 1
+        >>> from sparsejax.activations import k_from_density
+        >>> k_from_density(16384, 0.08), k_from_density(10, 0.01), k_from_density(10, 0.25)
+        (1311, 1, 3)
     """
     if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
         raise ValueError(f"d must be a positive int, got {d!r}")
@@ -101,10 +138,13 @@ def normal_ppf(p: float) -> float:
     the threshold constant is exact to ~1e-16 and costs nothing at run time. The same
     value as ``jax.scipy.special.ndtri(p)`` up to float32 rounding.
 
-    Example::
+    Example:
 
-        normal_ppf(0.92)   # 1.4050715603...
-        normal_ppf(0.95)   # 1.6448536269...
+        >>> from sparsejax.activations import normal_ppf
+        >>> normal_ppf(0.92)
+        1.4050715603...
+        >>> normal_ppf(0.95)
+        1.6448536269...
     """
     p = float(p)
     if not 0.0 < p < 1.0:
@@ -115,10 +155,14 @@ def normal_ppf(p: float) -> float:
 def realised_density(x, axis: int | None = None):
     """Fraction of nonzero entries of ``x``: per row along ``axis``, or overall if None.
 
-    Example::
+    Example:
 
-        realised_density(jnp.array([[1., 0.], [0., 0.]]))           # 0.25
-        realised_density(jnp.array([[1., 0.], [0., 0.]]), axis=-1)  # [0.5, 0.]
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.activations import realised_density
+        >>> float(realised_density(jnp.array([[1., 0.], [0., 0.]])))
+        0.25
+        >>> realised_density(jnp.array([[1., 0.], [0., 0.]]), axis=-1).tolist()
+        [0.5, 0.0]
     """
     return jnp.mean((jnp.asarray(x) != 0).astype(jnp.float32), axis=axis)
 
@@ -138,10 +182,18 @@ def topk(x, k: int, axis: int = -1, approximate: bool = False, recall_target: fl
     on TPU (XLA runs an exact fallback on CPU/GPU). The output is
     ``where(selected, x, 0)``: the gradient flows to the kept entries only.
 
-    Example::
+    Example:
 
-        topk(jnp.array([3., 1., 4., 1., 5.]), k=2)   # [0., 0., 4., 0., 5.]
-        topk(h, k=k_from_density(h.shape[-1], 0.08), approximate=True)
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.activations import k_from_density, topk
+        >>> topk(jnp.array([3., 1., 4., 1., 5.]), k=2).tolist()
+        [0.0, 0.0, 4.0, 0.0, 5.0]
+        >>> h = jax.random.normal(jax.random.PRNGKey(0), (4, 1024))
+        >>> k = k_from_density(h.shape[-1], 0.08)
+        >>> out = topk(h, k=k, approximate=True)
+        >>> k, bool(((out != 0).sum(-1) <= k).all())   # at most k per row
+        (82, True)
     """
     x = jnp.asarray(x)
     axis, d = _axis_size(x, axis)
@@ -179,10 +231,20 @@ def statistical_threshold(x, density: float, axis: int = -1, threshold_grad: str
     ``stop_gradient``; ``'through'`` keeps the exact gradient (zero, not NaN, through a
     constant row's std).
 
-    Example::
+    Example:
 
-        theta = statistical_threshold(h, 0.08)     # (tokens, 1)
-        kept = h > theta                           # ~8% True per token
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.activations import statistical_threshold
+        >>> statistical_threshold(jnp.array([-1., 0., 1., 2.]), 0.5).tolist()   # Φ⁻¹(½) = 0: mean
+        [0.5]
+        >>> h = jax.random.normal(jax.random.PRNGKey(0), (4, 1024))
+        >>> theta = statistical_threshold(h, 0.08)
+        >>> theta.shape                              # (tokens, 1)
+        (4, 1)
+        >>> kept = h > theta                         # ~8% True per token
+        >>> print(round(float(kept.mean()), 2))
+        0.08
     """
     x = jnp.asarray(x)
     axis, _ = _axis_size(x, axis)
@@ -216,13 +278,22 @@ def statistical_topk(x, density: float, axis: int = -1, mode: str = "soft",
     ``threshold_grad`` ('stop' default: θ is a constant for the gradient; 'through':
     exact gradient through mean and std).
 
-    Example::
+    Example:
 
-        statistical_topk(h, 0.08)                          # soft, ~8% nonzero per row
-        statistical_topk(h, 0.05, mode='hard', threshold_grad='through')
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.activations import realised_density, statistical_topk
+        >>> x = jnp.array([-1., 0., 1., 2.])               # θ = 0.5 at density 0.5
+        >>> statistical_topk(x, 0.5).tolist(), statistical_topk(x, 0.5, mode='hard').tolist()
+        ([0.0, 0.0, 0.5, 1.5], [0.0, 0.0, 1.0, 2.0])
+        >>> h = jax.random.normal(jax.random.PRNGKey(0), (4, 1024))
+        >>> soft = statistical_topk(h, 0.08)                      # soft, ~8% nonzero per row
+        >>> hard = statistical_topk(h, 0.05, mode='hard', threshold_grad='through')
+        >>> print(round(float(realised_density(soft)), 2), round(float(realised_density(hard)), 2))
+        0.08 0.05
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+    if mode not in STATISTICAL_MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {STATISTICAL_MODES}")
     theta = statistical_threshold(x, density, axis=axis, threshold_grad=threshold_grad)
     x = jnp.asarray(x)
     if _check_density(density) == 1.0:

@@ -20,13 +20,22 @@ parameters it owns. Placements that would silently lose sparsity are errors:
   outside, ``optax.MultiSteps(rigl(...), k)``;
 - two sparsity transforms owning one parameter.
 
-Example::
+Example:
 
-    tx = optax.chain(optax.clip_by_global_norm(1.0), sparsejax.rigl(optax.adam(1e-3), 0.9,
-                                                                    end_step=1000))
-    state = tx.init(params)
-    loss = lambda p: loss_fn(model_apply(sparsejax.forward(p, state), x))   # what the model sees
-    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax, sparsejax
+    >>> params = {'dense': {'kernel': jnp.ones((8, 4)), 'bias': jnp.zeros(4)}}
+    >>> x = jnp.ones((2, 8))
+    >>> model_apply = lambda p, x: x @ p['dense']['kernel'] + p['dense']['bias']
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), sparsejax.rigl(optax.adam(1e-3), 0.9,
+    ...                                                                 end_step=1000))
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.sum(model_apply(sparsejax.forward(p, state), x) ** 2)  # model sees
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> int(jnp.sum(params['dense']['kernel'] != 0))   # 10% of 32 weights; the rest exactly 0
+    3
 """
 
 from __future__ import annotations
@@ -54,10 +63,12 @@ class SparseTransformation(NamedTuple):
     parameters the model computes with (``W ⊙ m`` and any custom gradient). ``forward``
     is ``sparsejax.forward`` for every transform: the state says what to apply.
 
-    Example::
+    Example:
 
-        tx = sparsejax.dense(optax.sgd(0.1))
-        assert isinstance(tx, sparsejax.SparseTransformation)
+        >>> import optax, sparsejax
+        >>> tx = sparsejax.dense(optax.sgd(0.1))
+        >>> isinstance(tx, sparsejax.SparseTransformation), tx._fields
+        (True, ('init', 'update', 'forward'))
     """
 
     init: Callable[[Params], State]
@@ -70,9 +81,16 @@ def is_sparsity_state(x) -> bool:
     ``optax.MaskedNode`` for parameters it does not make sparse) and a
     ``sparsify(params, differentiable)`` method.
 
-    Example::
+    Example:
 
-        is_sparsity_state(sparsejax.rigl(optax.sgd(.1), .9, end_step=9).init(params))  # True
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> from sparsejax.base import is_sparsity_state
+        >>> params = {'w': {'kernel': jnp.ones((8, 4))}}
+        >>> is_sparsity_state(sparsejax.rigl(optax.sgd(.1), .9, end_step=9).init(params))
+        True
+        >>> is_sparsity_state(optax.sgd(.1).init(params))
+        False
     """
     return hasattr(x, "masks") and callable(getattr(type(x), "sparsify", None))
 
@@ -114,10 +132,21 @@ def sparsity_states(opt_state) -> list[tuple[str, Any]]:
     if a sparsity state is placed where it would silently lose sparsity (see the module
     docstring).
 
-    Example::
+    Example:
 
-        [type(s).__name__ for _, s in sparsity_states(optax.chain(clip, rigl).init(p))]
-        # ['SparseState']
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> from sparsejax.base import sparsity_states
+        >>> p = {'w': {'kernel': jnp.ones((8, 4))}}
+        >>> clip = optax.clip_by_global_norm(1.0)
+        >>> rigl = sparsejax.rigl(optax.sgd(.1), .9, end_step=9)
+        >>> state = optax.chain(clip, rigl).init(p)
+        >>> [(where, type(s).__name__) for where, s in sparsity_states(state)]
+        [('[1]', 'SparseState')]
+        >>> sparsity_states(optax.chain(rigl, clip).init(p))
+        Traceback (most recent call last):
+            ...
+        ValueError: a sparsity transform (state at opt_state[0]) is followed by 1 more ...
     """
     opt_state = unbox(opt_state)
     found = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_sparsity_state)[0]
@@ -159,11 +188,20 @@ def forward(params: Params, opt_state: State) -> Params:
     Works for any optax state that holds sparsejax transforms, however wrapped; a plain
     optax state gives ``params`` back. ``nnx.Variable`` leaves are read as their values.
 
-    Example::
+    Example:
 
-        tx = optax.MultiSteps(sparsejax.sr_ste(optax.adam(1e-3), [(r'.*kernel', '2:4')]), 4)
-        state = tx.init(params)
-        grads = jax.grad(lambda p: loss(sparsejax.forward(p, state)))(params)
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> params = {'kernel': jnp.arange(1., 17.).reshape(4, 4)}
+        >>> loss = lambda p: jnp.sum(p['kernel'])
+        >>> tx = optax.MultiSteps(sparsejax.sr_ste(optax.adam(1e-3), [(r'.*kernel', '2:4')]), 4)
+        >>> state = tx.init(params)
+        >>> sparsejax.forward(params, state)['kernel'][:, 0].tolist()   # 2 of every 4 kept
+        [0.0, 0.0, 9.0, 13.0]
+        >>> grads = jax.grad(lambda p: loss(sparsejax.forward(p, state)))(params)
+        >>> [round(float(g), 4) for g in grads['kernel'][:, 0]]   # SR-STE: g + λ·w where pruned
+        [1.0002, 1.001, 1.0, 1.0]
     """
     return _apply(params, opt_state, differentiable=True)
 
@@ -173,10 +211,17 @@ def materialize(params: Params, opt_state: State) -> Params:
     custom gradient, as arrays a model loads without sparsejax (for export, evaluation,
     serving).
 
-    Example::
+    Example:
 
-        effective = sparsejax.materialize(params, state)   # exact zeros where masked
-        nnx.update(model, effective)
+        >>> import optax, sparsejax
+        >>> from flax import nnx
+        >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+        >>> params = nnx.state(model, nnx.Param)
+        >>> state = sparsejax.rigl(optax.adam(1e-3), 0.9, end_step=100).init(params)
+        >>> effective = sparsejax.materialize(params, state)   # exact zeros where masked
+        >>> nnx.update(model, effective)
+        >>> int((model.kernel[...] != 0).sum())   # 3 of 32 weights left
+        3
     """
     return jax.lax.stop_gradient(_apply(params, opt_state, differentiable=False))
 
@@ -199,10 +244,19 @@ def sparse_weights(model: nnx.Module, optimizer):
     the stored parameters through the transform's custom backward. Other state the model
     changes in the block (BatchNorm statistics, Dropout rng counts) is kept.
 
-    Example::
+    Example:
 
-        with sparsejax.sparse_weights(model, optimizer):
-            logits = model(x)
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> from flax import nnx
+        >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+        >>> tx = sparsejax.rigl(optax.adam(1e-3), 0.9, end_step=100)
+        >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        >>> with sparsejax.sparse_weights(model, optimizer):
+        ...     nonzero_inside = int((model.kernel[...] != 0).sum())
+        ...     logits = model(jnp.ones((1, 8)))
+        >>> nonzero_inside, int((model.kernel[...] != 0).sum()), logits.shape
+        (3, 32, (1, 4))
     """
     pure = nnx.to_pure_dict(nnx.state(model, optimizer.wrt))
     _set_params(model, optimizer.wrt, forward(pure, _opt_state(optimizer)))
@@ -228,11 +282,24 @@ def value_and_grad(fn: Callable, optimizer, *, has_aux: bool = False, **grad_kw)
     passed to the step). Gradients are with respect to the stored parameters, ready for
     ``optimizer.update(model, grads)``.
 
-    Example::
+    Example:
 
-        grad_fn = sparsejax.value_and_grad(loss_fn, optimizer, has_aux=True)
-        (loss, logits), grads = grad_fn(model, batch)
-        optimizer.update(model, grads)
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> from flax import nnx
+        >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+        >>> tx = sparsejax.rigl(optax.adam(1e-3), 0.9, end_step=100)
+        >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        >>> def loss_fn(model, batch):
+        ...     logits = model(batch)
+        ...     return jnp.mean(logits ** 2), logits
+        >>> grad_fn = sparsejax.value_and_grad(loss_fn, optimizer, has_aux=True)
+        >>> (loss, logits), grads = grad_fn(model, jnp.ones((2, 8)))
+        >>> grads['kernel'][...].shape   # w.r.t. the stored (dense) kernel
+        (8, 4)
+        >>> _ = optimizer.update(model, grads)
+        >>> int((model.kernel[...] != 0).sum())   # pruned weights stored as exact zeros
+        3
     """
 
     def sparse_fn(model, *args, **kw):
@@ -246,9 +313,16 @@ def sparse_model(model: nnx.Module, optimizer) -> nnx.Module:
     """A copy of ``model`` whose parameters are ``materialize(params, opt_state)``: the
     model to evaluate or export. ``model`` is not changed.
 
-    Example::
+    Example:
 
-        eval_step(sparsejax.sparse_model(model, optimizer), metrics, batch)
+        >>> import optax, sparsejax
+        >>> from flax import nnx
+        >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+        >>> tx = sparsejax.rigl(optax.adam(1e-3), 0.9, end_step=100)
+        >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        >>> evaluated = sparsejax.sparse_model(model, optimizer)   # e.g. for eval_step
+        >>> int((evaluated.kernel[...] != 0).sum()), int((model.kernel[...] != 0).sum())
+        (3, 32)
     """
     copy = nnx.clone(model)
     pure = nnx.to_pure_dict(nnx.state(copy, optimizer.wrt))
@@ -266,9 +340,15 @@ def check_static(**args) -> None:
     ``optax.inject_hyperparams`` turns every numeric argument of the factory it wraps into
     an array; a sparsity transform cannot be rebuilt with traced sizes.
 
-    Example::
+    Example:
 
-        check_static(sparsity=0.9, end_step=100)   # fine; check_static(sparsity=jnp.float32(.9)) raises
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.base import check_static
+        >>> check_static(sparsity=0.9, end_step=100)   # fine
+        >>> check_static(sparsity=jnp.float32(.9))
+        Traceback (most recent call last):
+            ...
+        TypeError: sparsity: JAX array(s), but they fix the masks and schedules ...
     """
     arrays = [name for name, value in args.items() if isinstance(value, jax.Array)]
     if arrays:  # (tracers are jax.Array too)
@@ -284,12 +364,19 @@ def check_inner_state(inner_state, name: str = "sparsity transform") -> None:
     """Raises if the inner optimizer's state holds ``optax.MultiSteps``: the transform
     would count micro-steps and update masks from one micro-batch's gradient.
 
-    Example::
+    Example:
 
-        check_inner_state(optax.adam(1e-3).init(params))   # fine
+        >>> import jax.numpy as jnp
+        >>> import optax
+        >>> from sparsejax.base import check_inner_state
+        >>> params = {'w': jnp.ones(3)}
+        >>> check_inner_state(optax.adam(1e-3).init(params))   # fine
+        >>> check_inner_state(optax.MultiSteps(optax.adam(1e-3), 4).init(params))
+        Traceback (most recent call last):
+            ...
+        ValueError: optax.MultiSteps inside a sparsity transform would count micro-steps ...
     """
-    multi = lambda x: isinstance(x, optax.MultiStepsState)  # noqa: E731
-    if any(multi(x) for x in jax.tree.leaves(inner_state, is_leaf=multi)):
+    if optax.tree_utils.tree_get_all_with_path(inner_state, "MultiStepsState"):
         raise ValueError(f"optax.MultiSteps inside a {name} would count micro-steps and "
                          "change masks on one micro-batch: put it outside, "
                          "optax.MultiSteps(sparsejax.rigl(optax.adam(lr), ...), "
@@ -311,11 +398,14 @@ def dense(inner: optax.GradientTransformation) -> SparseTransformation:
     """``inner`` as a ``SparseTransformation``: ``forward`` applies whatever sparsity
     states ``inner`` holds (none for a plain optimizer: the dense baseline).
 
-    Example::
+    Example:
 
-        tx = sparsejax.dense(optax.adamw(3e-4))
-        state = tx.init({'w': jnp.ones(3)})
-        assert tx.forward({'w': jnp.ones(3)}, state)['w'].sum() == 3
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> tx = sparsejax.dense(optax.adamw(3e-4))
+        >>> state = tx.init({'w': jnp.ones(3)})
+        >>> tx.forward({'w': jnp.ones(3)}, state)['w'].tolist()   # nothing masked
+        [1.0, 1.0, 1.0]
     """
     inner = optax.with_extra_args_support(inner)
     return SparseTransformation(_checked_init(inner.init), inner.update, forward)
@@ -326,10 +416,15 @@ def as_sparse_transformation(tx: Any) -> SparseTransformation:
     one, else ``dense(tx)``, whose ``forward`` finds the sparsity states inside (so
     ``optax.chain(clip, sparsejax.sr_ste(...))`` keeps its N:M forward).
 
-    Example::
+    Example:
 
-        tx = sparsejax.as_sparse_transformation(optax.sgd(0.1))
-        assert tx.forward({'w': 1.0}, tx.init({'w': 1.0})) == {'w': 1.0}
+        >>> import optax, sparsejax
+        >>> tx = sparsejax.as_sparse_transformation(optax.sgd(0.1))
+        >>> tx.forward({'w': 1.0}, tx.init({'w': 1.0}))
+        {'w': 1.0}
+        >>> rigl = sparsejax.rigl(optax.sgd(0.1), 0.9, end_step=9)
+        >>> sparsejax.as_sparse_transformation(rigl) is rigl
+        True
     """
     if isinstance(tx, SparseTransformation):
         return tx

@@ -10,10 +10,16 @@ are left out of the solve.
 Counts are integers that hit the target exactly: ``round((1 − S)·Σ N_l)`` nonzeros
 over the solved layers, distributed by largest remainder.
 
-Example::
+Example:
 
-    counts = layer_counts(erk(), {'l1': (784, 300), 'l2': (300, 10)}, sparsity=0.9)
-    densities = layer_densities(erk(), shapes, 0.9)
+    >>> from sparsejax.distributions import erk, layer_counts, layer_densities
+    >>> shapes = {'l1': (784, 300), 'l2': (300, 10)}
+    >>> counts = layer_counts(erk(), shapes, sparsity=0.9)
+    >>> sorted(counts.items()), sum(counts.values()) == round(0.1 * (784 * 300 + 300 * 10))
+    ([('l1', 20820), ('l2', 3000)], True)
+    >>> densities = layer_densities(erk(), shapes, 0.9)
+    >>> {k: round(v, 4) for k, v in densities.items()}   # the small layer is made dense
+    {'l1': 0.0885, 'l2': 1.0}
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from typing import NamedTuple
 class Distribution(NamedTuple):
     """How a global sparsity is split over layers: 'uniform', 'er' or 'erk'.
 
-    Example::
+    Example:
 
-        Distribution('erk', power_scale=1.0)
+        >>> from sparsejax.distributions import Distribution
+        >>> Distribution('erk', power_scale=0.5)
+        Distribution(name='erk', power_scale=0.5)
     """
 
     name: str
@@ -55,21 +63,44 @@ DISTRIBUTIONS = {"uniform": uniform, "er": er, "erk": erk}
 def get_distribution(name: str, power_scale: float = 1.0) -> Distribution:
     """A distribution by name, for configs.
 
-    Example::
+    Example:
 
-        get_distribution('erk', 1.0)
+        >>> from sparsejax.distributions import get_distribution
+        >>> get_distribution('erk', 1.0)
+        Distribution(name='erk', power_scale=1.0)
     """
     if name not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {name!r}; known: {sorted(DISTRIBUTIONS)}")
     return uniform() if name == "uniform" else DISTRIBUTIONS[name](power_scale)
 
 
+def as_distribution(distribution: Distribution | str | None) -> Distribution:
+    """A ``Distribution``, a name for ``get_distribution`` ('uniform', 'er', 'erk'), or
+    None for uniform.
+
+    Example:
+
+        >>> from sparsejax.distributions import as_distribution, erk
+        >>> as_distribution('erk') == erk(), as_distribution(None)
+        (True, Distribution(name='uniform', power_scale=1.0))
+    """
+    if distribution is None:
+        return uniform()
+    if isinstance(distribution, str):
+        return get_distribution(distribution)
+    return distribution
+
+
 def raw_score(dist: Distribution, shape) -> float:
     """The unnormalised density ``p_l`` of a layer with this kernel shape.
 
-    Example::
+    Example:
 
-        raw_score(erk(), (3, 3, 16, 32))   # (3+3+16+32) / (3·3·16·32)
+        >>> from sparsejax.distributions import er, erk, raw_score
+        >>> raw_score(erk(), (3, 3, 16, 32)) == (3 + 3 + 16 + 32) / (3 * 3 * 16 * 32)
+        True
+        >>> raw_score(er(), (3, 3, 16, 32)) == (16 + 32) / (16 * 32)   # no spatial dims
+        True
     """
     shape = tuple(int(d) for d in shape)
     if dist.name == "uniform":
@@ -97,9 +128,14 @@ def layer_counts(dist: Distribution, shapes: dict[str, tuple], sparsity: float,
 
     ``custom`` maps a layer to its own sparsity (left out of the solve).
 
-    Example::
+    Example:
 
-        layer_counts(uniform(), {'a': (10, 10)}, 0.9)   # {'a': 10}
+        >>> from sparsejax.distributions import erk, layer_counts, uniform
+        >>> layer_counts(uniform(), {'a': (10, 10)}, 0.9)
+        {'a': 10}
+        >>> counts = layer_counts(erk(), {'a': (64, 64), 'b': (64, 10)}, 0.9, custom={'b': 0.5})
+        >>> counts['a'], counts['b']   # 'b' keeps half of its 640 weights
+        (410, 320)
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity {sparsity} is outside [0, 1)")
@@ -132,9 +168,11 @@ def layer_densities(dist: Distribution, shapes: dict[str, tuple], sparsity: floa
                     custom: dict[str, float] | None = None) -> dict[str, float]:
     """``layer_counts`` divided by layer sizes.
 
-    Example::
+    Example:
 
-        layer_densities(erk(), {'a': (64, 64), 'b': (64, 10)}, 0.9)
+        >>> from sparsejax.distributions import erk, layer_densities
+        >>> layer_densities(erk(), {'a': (64, 64), 'b': (64, 10)}, 0.9)
+        {'a': 0.0732421875, 'b': 0.271875}
     """
     counts = layer_counts(dist, shapes, sparsity, custom)
     return {k: counts[k] / math.prod(int(d) for d in shapes[k]) for k in shapes}

@@ -28,13 +28,24 @@ among the rest (a just-dropped weight may come back) by largest ``|∂L/∂(W⊙
 or at random (SET). RigL skips the gradient step on update steps as the reference code
 does; SET applies it first. Both are switchable (``skip_gradient_on_update``).
 
-Example::
+Example:
 
-    tx = sparsejax.rigl(optax.adamw(3e-4), sparsity=0.9, distribution=sparsejax.erk(),
-                        update_every=100, end_step=7500, drop_fraction=0.3)
-    state = tx.init(params)
-    loss_grads = jax.grad(loss)(tx.forward(params, state))   # or grad through forward
-    updates, state = tx.update(grads, state, params)
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax, sparsejax
+    >>> params = {'dense': {'kernel': jnp.ones((16, 8)), 'bias': jnp.zeros(8)}}
+    >>> x = jnp.ones((2, 16))
+    >>> loss = lambda p: jnp.sum((x @ p['dense']['kernel'] + p['dense']['bias']) ** 2)
+    >>> tx = sparsejax.rigl(optax.adamw(3e-4), sparsity=0.9, distribution=sparsejax.erk(),
+    ...                     update_every=100, end_step=7500, drop_fraction=0.3)
+    >>> state = tx.init(params)
+    >>> before = state.masks['dense']['kernel']
+    >>> grads = jax.grad(loss)(tx.forward(params, state))   # or grad through forward
+    >>> updates, state = tx.update(grads, state, params)   # t = 0: a mask-update step
+    >>> sparsejax.mask_counts(state.masks), int(state.count)   # nonzero count preserved
+    ({'dense/kernel': (13, 128)}, 1)
+    >>> bool((before != state.masks['dense']['kernel']).any())   # connections dropped and grown
+    True
 """
 
 from __future__ import annotations
@@ -47,8 +58,8 @@ import numpy as np
 import optax
 
 from sparsejax.base import SparseTransformation, check_inner_state, check_static, forward
-from sparsejax.distributions import Distribution, layer_counts, uniform
-from sparsejax.masks import (SELECTION_METHODS, apply_masks, global_topk_masks, is_unowned,
+from sparsejax.distributions import Distribution, as_distribution, layer_counts
+from sparsejax.masks import (SELECTION_METHODS, apply_masks, global_magnitude_masks, is_unowned,
                              like_param, magnitude_score, map_masked, masked_with_dense_grad,
                              random_score, resolve_rules, topk_mask)
 from sparsejax.paths import named_leaves, path_str, unbox
@@ -63,9 +74,15 @@ class SparseState(NamedTuple):
     another transform); ``count``: updates applied so far (the step ``t``);
     ``key``: PRNG key for random masks, SET growth and tie-breaking noise.
 
-    Example::
+    Example:
 
-        state = tx.init(params); sparsejax.mask_counts(state.masks)
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> params = {'dense': {'kernel': jnp.ones((16, 8)), 'bias': jnp.zeros(8)}}
+        >>> tx = sparsejax.static_sparse(optax.sgd(0.1), 0.9)
+        >>> state = tx.init(params)
+        >>> sparsejax.mask_counts(state.masks), state.masks['dense']['bias'], int(state.count)
+        ({'dense/kernel': (13, 128)}, None, 0)
     """
 
     inner: Any
@@ -102,9 +119,17 @@ def mask_param_state(inner_state, keep, params):
     optimizer's state types, without re-running its ``init``. ``keep`` is a mask tree
     (``None`` or ``optax.MaskedNode`` leaves are left alone).
 
-    Example::
+    Example:
 
-        inner = mask_param_state(optax.adam(1e-3).init(params), masks, params)
+        >>> import jax.numpy as jnp
+        >>> import optax
+        >>> from sparsejax.dst import mask_param_state
+        >>> params, masks = {'w': jnp.ones(3)}, {'w': jnp.array([True, False, True])}
+        >>> adam = optax.adam(1e-3)
+        >>> _, state = adam.update({'w': jnp.ones(3)}, adam.init(params))   # moments now nonzero
+        >>> inner = mask_param_state(state, masks, params)
+        >>> (inner[0].mu['w'] != 0).tolist(), (inner[0].nu['w'] != 0).tolist(), int(inner[0].count)
+        ([True, False, True], [True, False, True], 1)
     """
     treedef = jax.tree.structure(params, is_leaf=is_unowned)
     shapes = [np.shape(x) for x in jax.tree.leaves(params, is_leaf=is_unowned)]
@@ -124,9 +149,15 @@ def sparse_layer_counts(params, sparsity: float, distribution: Distribution,
                         rules=None) -> dict[str, int]:
     """Exact nonzero count of every sparse leaf, from path rules and a distribution.
 
-    Example::
+    Example:
 
-        sparse_layer_counts(params, 0.9, sparsejax.erk())   # {'layers/0/kernel': 2731, ...}
+        >>> import jax.numpy as jnp
+        >>> import sparsejax
+        >>> from sparsejax.dst import sparse_layer_counts
+        >>> params = {'l1': {'kernel': jnp.ones((16, 8)), 'bias': jnp.zeros(8)},
+        ...           'l2': {'kernel': jnp.ones((8, 4))}}
+        >>> sparse_layer_counts(params, 0.9, sparsejax.erk())   # 10% of 160 weights, by ERK
+        {'l1/kernel': 11, 'l2/kernel': 5}
     """
     _check_sparsity(sparsity)
     specs = resolve_rules(params, rules)
@@ -142,9 +173,15 @@ def _flat_masks(masks):
 def init_masks(params, counts: dict[str, int], how: str, key, selection: str = "threshold"):
     """Masks with exactly ``counts[path]`` nonzeros: 'random' or 'magnitude' (largest |w|).
 
-    Example::
+    Example:
 
-        masks = init_masks(params, {'w': 10}, 'magnitude', jax.random.PRNGKey(0))
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.dst import init_masks
+        >>> params = {'w': jnp.arange(20.).reshape(4, 5) - 10, 'b': jnp.zeros(5)}
+        >>> masks = init_masks(params, {'w': 10}, 'magnitude', jax.random.PRNGKey(0))
+        >>> masks['w'].astype(int).tolist(), masks['b']   # the 10 largest |w|; 'b' stays dense
+        ([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, 1, 1, 1]], None)
     """
     _check(how in ("random", "magnitude"), f"unknown mask_init {how!r}; known: "
                                             "['magnitude', 'random']")
@@ -217,38 +254,49 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
 
 
 def static_sparse(inner: optax.GradientTransformation, sparsity: float, *,
-                  distribution: Distribution | None = None, rules=None,
+                  distribution: Distribution | str | None = None, rules=None,
                   mask_init: str = "random", seed: int = 0,
                   selection: str = "threshold") -> SparseTransformation:
     """Fixed masks for all of training: random (sparse-from-scratch, Liu et al. 2022's
     random pruning with ER/ERK ratios) or by magnitude at init.
 
-    Example::
+    Example:
 
-        tx = sparsejax.static_sparse(optax.sgd(0.1), 0.9, distribution=sparsejax.erk())
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> tx = sparsejax.static_sparse(optax.sgd(0.1), 0.9, distribution=sparsejax.erk())
+        >>> state = tx.init({'dense': {'kernel': jnp.ones((16, 8)), 'bias': jnp.zeros(8)}})
+        >>> sparsejax.mask_counts(state.masks)
+        {'dense/kernel': (13, 128)}
     """
     _check_sparsity(sparsity)
-    dist = distribution or uniform()
+    dist = as_distribution(distribution)
     return _sparse_transform(
         inner, init_counts=lambda p: sparse_layer_counts(p, sparsity, dist, rules),
         mask_init=mask_init, seed=seed, selection=selection)
 
 
 def one_shot_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
-                       distribution: Distribution | None = None, rules=None,
+                       distribution: Distribution | str | None = None, rules=None,
                        scope: str = "layer", selection: str = "threshold") -> SparseTransformation:
     """Prune the smallest ``|w|`` of the params given to ``init`` once, then train the
     rest with fixed masks. ``scope='layer'`` follows ``distribution``; ``'global'``
     ranks all sparse layers together (one threshold, exact total count).
 
-    Example::
+    Example:
 
-        tx = sparsejax.one_shot_magnitude(optax.adam(1e-4), 0.8, scope='global')
-        state = tx.init(trained_params)
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> trained_params = {'l1': {'kernel': jnp.arange(128.).reshape(16, 8)},
+        ...                   'l2': {'kernel': jnp.arange(32.).reshape(8, 4) * 10}}
+        >>> tx = sparsejax.one_shot_magnitude(optax.adam(1e-4), 0.8, scope='global')
+        >>> state = tx.init(trained_params)
+        >>> sparsejax.mask_counts(state.masks)   # 32 of 160 kept, wherever |w| is largest
+        {'l1/kernel': (12, 128), 'l2/kernel': (20, 32)}
     """
     _check_sparsity(sparsity)
     _check(scope in ("layer", "global"), f"unknown scope {scope!r}; known: ['global', 'layer']")
-    dist = distribution or uniform()
+    dist = as_distribution(distribution)
     if scope == "layer":
         return _sparse_transform(
             inner, init_counts=lambda p: sparse_layer_counts(p, sparsity, dist, rules),
@@ -258,31 +306,30 @@ def one_shot_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
 
     def init(params):
         params = unbox(params)
-        state = tx.init(params)
-        specs = resolve_rules(params, rules)
-        scores = jax.tree_util.tree_unflatten(
-            jax.tree.structure(params),
-            [jnp.abs(w) if specs[p] != "dense" else None for p, w in named_leaves(params)])
-        total = sum(w.size for p, w in named_leaves(params) if specs[p] != "dense")
-        masks = global_topk_masks(scores, round((1.0 - sparsity) * total), method=selection)
-        return state._replace(masks=masks)
+        masks = global_magnitude_masks(params, sparsity, rules, method=selection)
+        return tx.init(params)._replace(masks=masks)
 
     return SparseTransformation(init, tx.update, tx.forward)
 
 
 def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
                       begin_step: int, end_step: int, update_every: int = 100,
-                      initial_sparsity: float = 0.0, distribution: Distribution | None = None,
+                      initial_sparsity: float = 0.0, distribution: Distribution | str | None = None,
                       rules=None, selection: str = "threshold") -> SparseTransformation:
     """Gradual magnitude pruning (Zhu & Gupta 2017): every ΔT steps in ``[t_0, T]`` prune
     the smallest active ``|w|`` of each layer to
     ``s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(T − t_0))³`` (per layer, with ``s_f`` that
     layer's final sparsity from ``distribution``). Pruned weights stay pruned.
 
-    Example::
+    Example:
 
-        tx = sparsejax.gradual_magnitude(optax.adam(1e-3), 0.9, begin_step=1000,
-                                         end_step=8000, update_every=100)
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> tx = sparsejax.gradual_magnitude(optax.adam(1e-3), 0.9, begin_step=1000,
+        ...                                  end_step=8000, update_every=100)
+        >>> state = tx.init({'dense': {'kernel': jnp.ones((16, 8)), 'bias': jnp.zeros(8)}})
+        >>> sparsejax.mask_counts(state.masks)   # dense until begin_step (initial_sparsity=0)
+        {'dense/kernel': (128, 128)}
     """
     check_static(sparsity=sparsity, initial_sparsity=initial_sparsity,
                  update_every=update_every, begin_step=begin_step, end_step=end_step)
@@ -291,7 +338,7 @@ def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
     _check(update_every > 0, f"update_every must be positive, got {update_every}")
     _check(0 <= begin_step <= end_step, f"need 0 <= begin_step <= end_step, got "
                                         f"{begin_step}, {end_step}")
-    dist = distribution or uniform()
+    dist = as_distribution(distribution)
     ramp = gradual_sparsity(1.0, begin_step, end_step, 0.0)  # 1 − (1 − frac)³
 
     def init_counts(params):  # s_i everywhere, never below a layer's final count
@@ -368,7 +415,7 @@ def _dynamic(inner, sparsity, *, grow: str, distribution, rules, update_every, b
     _check(0 <= begin_step <= end_step, f"need 0 <= begin_step <= end_step, got "
                                         f"{begin_step}, {end_step}")
     _check(0.0 <= drop_fraction <= 1.0, f"drop_fraction {drop_fraction} is outside [0, 1]")
-    dist = distribution or uniform()
+    dist = as_distribution(distribution)
     f = drop_fraction_schedule(drop_fraction, drop_fraction_anneal, max(end_step, 1))
     return _sparse_transform(
         inner, init_counts=lambda p: sparse_layer_counts(p, sparsity, dist, rules),
@@ -379,7 +426,7 @@ def _dynamic(inner, sparsity, *, grow: str, distribution, rules, update_every, b
 
 
 def set_(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
-         distribution: Distribution | None = None, rules=None, update_every: int = 100,
+         distribution: Distribution | str | None = None, rules=None, update_every: int = 100,
          begin_step: int = 0, drop_fraction: float = 0.3, drop_fraction_anneal: str = "cosine",
          skip_gradient_on_update: bool = False, mask_init: str = "random", seed: int = 0,
          selection: str = "threshold", drop_noise_std: float = 1e-5,
@@ -389,9 +436,14 @@ def set_(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
     Named ``set_`` because ``set`` is a Python builtin. The gradient step is applied on
     update steps before the mask changes, as in the reference code.
 
-    Example::
+    Example:
 
-        tx = sparsejax.set_(optax.sgd(0.1, 0.9), 0.9, end_step=7500, update_every=100)
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> tx = sparsejax.set_(optax.sgd(0.1, 0.9), 0.9, end_step=7500, update_every=100)
+        >>> state = tx.init({'dense': {'kernel': jnp.ones((16, 8)), 'bias': jnp.zeros(8)}})
+        >>> sparsejax.mask_counts(state.masks)
+        {'dense/kernel': (13, 128)}
     """
     return _dynamic(inner, sparsity, grow="random", distribution=distribution, rules=rules,
                     update_every=update_every, begin_step=begin_step, end_step=end_step,
@@ -402,7 +454,7 @@ def set_(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
 
 
 def rigl(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
-         distribution: Distribution | None = None, rules=None, update_every: int = 100,
+         distribution: Distribution | str | None = None, rules=None, update_every: int = 100,
          begin_step: int = 0, drop_fraction: float = 0.3, drop_fraction_anneal: str = "cosine",
          skip_gradient_on_update: bool = True, mask_init: str = "random", seed: int = 0,
          selection: str = "threshold", drop_noise_std: float = 1e-5,
@@ -411,10 +463,15 @@ def rigl(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
     ``|∂L/∂(W⊙m)|``. ``f_t = f_0·½(1 + cos(πt/T_end))`` by default; on update steps the
     gradient step is skipped, as in the reference code.
 
-    Example::
+    Example:
 
-        tx = sparsejax.rigl(optax.adamw(3e-4), 0.9, distribution=sparsejax.erk(),
-                            update_every=100, end_step=7500, drop_fraction=0.3)
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> tx = sparsejax.rigl(optax.adamw(3e-4), 0.9, distribution=sparsejax.erk(),
+        ...                     update_every=100, end_step=7500, drop_fraction=0.3)
+        >>> state = tx.init({'dense': {'kernel': jnp.ones((16, 8)), 'bias': jnp.zeros(8)}})
+        >>> sparsejax.mask_counts(state.masks)
+        {'dense/kernel': (13, 128)}
     """
     return _dynamic(inner, sparsity, grow="gradient", distribution=distribution, rules=rules,
                     update_every=update_every, begin_step=begin_step, end_step=end_step,

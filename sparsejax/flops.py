@@ -12,13 +12,21 @@ in the RigL paper's accounting.
 inference FLOPs into per-step training FLOPs following Evci et al. 2020 ("Rigging the
 Lottery", Section 4 and Appendix H).
 
-Example::
+Example:
 
-    model = MLP(64, (32,), 10, rngs=nnx.Rngs(0))
-    dense = model_flops(model, lambda m: m(jnp.ones((4, 64))))
-    # {'head/kernel': 2560, 'layers/0/kernel': 16384, '<activations>': 0}
-    sparse = sparse_flops(dense, {'layers/0/kernel': 0.1})
-    training_flops_per_step('rigl', total(dense), total(sparse), update_every=100)
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sparsejax.flops import model_flops, sparse_flops, total, training_flops_per_step
+    >>> from sparsejax.models import MLP
+    >>> model = MLP(64, (32,), 10, rngs=nnx.Rngs(0))
+    >>> dense = model_flops(model, lambda m: m(jnp.ones((4, 64))))
+    >>> dense
+    {'head/kernel': 2560, 'layers/0/kernel': 16384, '<activations>': 0}
+    >>> sparse = sparse_flops(dense, {'layers/0/kernel': 0.1})
+    >>> total(dense), round(total(sparse), 1)
+    (18944, 4198.4)
+    >>> round(training_flops_per_step('rigl', total(dense), total(sparse), update_every=100), 1)
+    12741.2
 """
 
 from __future__ import annotations
@@ -78,9 +86,11 @@ def dot_general_flops(lhs_shape: Sequence[int], rhs_shape: Sequence[int],
 
     ``dimension_numbers`` is ``((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))``.
 
-    Example::
+    Example:
 
-        dot_general_flops((4, 64), (64, 32), (((1,), (0,)), ((), ())))   # 2*4*64*32
+        >>> from sparsejax.flops import dot_general_flops
+        >>> dot_general_flops((4, 64), (64, 32), (((1,), (0,)), ((), ())))   # 2*4*64*32
+        16384
     """
     (lc, rc), (lb, rb) = dimension_numbers
     contract = math.prod(lhs_shape[d] for d in lc)
@@ -99,9 +109,11 @@ def conv_flops(out_shape: Sequence[int], rhs_shape: Sequence[int], rhs_spec: Seq
     Padded positions are counted (the usual ``H_out·W_out·k²·C_in·C_out`` convention;
     XLA's ``cost_analysis`` skips them).
 
-    Example::
+    Example:
 
-        conv_flops((2, 8, 8, 8), (3, 3, 3, 8), (3, 2, 0, 1))   # 2*2*8*8*8 * 3*3 * 3
+        >>> from sparsejax.flops import conv_flops
+        >>> conv_flops((2, 8, 8, 8), (3, 3, 3, 8), (3, 2, 0, 1))   # 2*2*8*8*8 * 3*3 * 3
+        55296
     """
     window = math.prod(rhs_shape[d] for d in rhs_spec[2:])
     in_per_group = rhs_shape[rhs_spec[1]]
@@ -287,11 +299,13 @@ def layer_flops(fn: Callable, params, *args) -> dict[str, int]:
     Returns ints: parameter paths with nonzero FLOPs in parameter order, then
     ``ACTIVATION_KEY`` (always present, possibly 0).
 
-    Example::
+    Example:
 
-        params = {'w': jnp.ones((64, 32))}
-        layer_flops(lambda p, x: x @ p['w'], params, jnp.ones((4, 64)))
-        # {'w': 16384, '<activations>': 0}
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.flops import layer_flops
+        >>> params = {'w': jnp.ones((64, 32))}
+        >>> layer_flops(lambda p, x: x @ p['w'], params, jnp.ones((4, 64)))
+        {'w': 16384, '<activations>': 0}
     """
     named = named_leaves(params)
     closed = jax.make_jaxpr(fn)(params, *args)
@@ -309,9 +323,11 @@ def layer_flops(fn: Callable, params, *args) -> dict[str, int]:
 def total(flops: Mapping[str, float]) -> float:
     """Sum of a per-layer FLOPs dict (activations included).
 
-    Example::
+    Example:
 
-        total({'layers/0/kernel': 16384, '<activations>': 0})   # 16384
+        >>> from sparsejax.flops import total
+        >>> total({'layers/0/kernel': 16384, '<activations>': 8})
+        16392
     """
     return sum(flops.values())
 
@@ -324,10 +340,11 @@ def sparse_flops(dense: Mapping[str, int], densities: Mapping[str, float]) -> di
     ``densities`` are dense; ``ACTIVATION_KEY`` FLOPs are unchanged. Densities of
     parameters that cost no FLOPs (embeddings, biases) are ignored.
 
-    Example::
+    Example:
 
-        sparse_flops({'w': 100, '<activations>': 8}, {'w': 0.5})
-        # {'w': 50.0, '<activations>': 8.0}
+        >>> from sparsejax.flops import sparse_flops
+        >>> sparse_flops({'w': 100, '<activations>': 8}, {'w': 0.5})
+        {'w': 50.0, '<activations>': 8.0}
     """
     for path, d in densities.items():
         if not 0.0 <= d <= 1.0:
@@ -340,9 +357,12 @@ def densities_from_masks(masks) -> dict[str, float]:
     """``{path: nnz/size}`` of a mask pytree (bool leaves; ``None`` for dense parameters),
     from ``sparsejax.masks.mask_counts``. Returns Python floats, so call it outside ``jit``.
 
-    Example::
+    Example:
 
-        densities_from_masks({'w': jnp.array([True, False]), 'b': None})   # {'w': 0.5}
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.flops import densities_from_masks
+        >>> densities_from_masks({'w': jnp.array([True, False]), 'b': None})
+        {'w': 0.5}
     """
     return {path: nnz / max(size, 1) for path, (nnz, size) in mask_counts(masks).items()}
 
@@ -365,9 +385,13 @@ def training_flops_per_step(method: str, f_dense, f_sparse, update_every: int = 
     - ``rigl``: ``(3·f_S·ΔT + 2·f_S + f_D) / (ΔT + 1)``, the dense gradient once every
       ``ΔT = update_every`` steps
 
-    Example::
+    Example:
 
-        training_flops_per_step('rigl', 100, 10, update_every=100)   # (3000+20+100)/101
+        >>> from sparsejax.flops import training_flops_per_step
+        >>> training_flops_per_step('rigl', 100, 10, update_every=100) == (3000 + 20 + 100) / 101
+        True
+        >>> training_flops_per_step('snfs', 100, 10)   # 2·f_S + f_D
+        120.0
     """
     f_d, f_s, dt = _number(f_dense), _number(f_sparse), update_every
     if method == "dense":
@@ -389,9 +413,11 @@ def gradual_training_flops(dense: Mapping[str, int],
     ``mean_t 3·f(t)`` with ``f(t)`` the forward FLOPs at step ``t``'s densities, as the
     RigL paper (Appendix H) accounts for pruning.
 
-    Example::
+    Example:
 
-        gradual_training_flops({'w': 100}, [{'w': 1.0}, {'w': 0.5}])   # 3 * 75
+        >>> from sparsejax.flops import gradual_training_flops
+        >>> gradual_training_flops({'w': 100}, [{'w': 1.0}, {'w': 0.5}])   # 3 * 75
+        225.0
     """
     per_step = [3 * total(sparse_flops(dense, d)) for d in densities_over_steps]
     if not per_step:
@@ -408,10 +434,14 @@ def model_flops(model: nnx.Module, call: Callable[[nnx.Module], Any]) -> dict[st
     parameters (as a pure dict) and the rest, and traced as
     ``call(nnx.merge(graphdef, params, rest))``; the model itself is not changed.
 
-    Example::
+    Example:
 
-        model_flops(MLP(64, (32,), 10, rngs=nnx.Rngs(0)), lambda m: m(jnp.ones((4, 64))))
-        # {'head/kernel': 2560, 'layers/0/kernel': 16384, '<activations>': 0}
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.flops import model_flops
+        >>> from sparsejax.models import MLP
+        >>> model_flops(MLP(64, (32,), 10, rngs=nnx.Rngs(0)), lambda m: m(jnp.ones((4, 64))))
+        {'head/kernel': 2560, 'layers/0/kernel': 16384, '<activations>': 0}
     """
     check_call(call)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

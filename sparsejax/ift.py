@@ -22,10 +22,21 @@ path rules that make the new sparse kernels exactly ``s`` sparse; train with
 ``sparsejax.rigl(..., rules=rules)`` (the reference recipe) or ``static_sparse``. At
 ``s = 0`` every family is the dense model itself.
 
-Example::
+Example:
 
-    model, rules = ift.transform(model, 'doped', 0.75, call=lambda m: m(x))
-    tx = sparsejax.rigl(optax.sgd(0.1, 0.9), 0.75, rules=rules, end_step=7500)
+    >>> import jax.numpy as jnp
+    >>> import optax, sparsejax
+    >>> from flax import nnx
+    >>> from sparsejax import ift
+    >>> from sparsejax.models import MLP
+    >>> model, x = MLP(16, (32, 32), 4, rngs=nnx.Rngs(0)), jnp.ones((1, 16))
+    >>> model, rules = ift.transform(model, 'doped', 0.75, call=lambda m: m(x))
+    >>> rules, type(model.layers[1]).__name__          # stem layers/0 and head stay dense
+    ([('layers/1/sparse/kernel', 0.75)], 'SparseDoped')
+    >>> tx = sparsejax.rigl(optax.sgd(0.1, 0.9), 0.75, rules=rules, end_step=7500)
+    >>> state = tx.init(nnx.state(model, nnx.Param))
+    >>> sparsejax.mask_counts(state.masks)
+    {'layers/1/sparse/kernel': (256, 1024)}
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from flax import nnx
 
 from sparsejax import surgery
 from sparsejax.flops import model_flops, sparse_flops, total
-from sparsejax.paths import match_rules, pattern_name
+from sparsejax.paths import Pattern, match_rules, matches, pattern_name
 from sparsejax.nn.ift import SparseDoped, SparseFactorized, SparseParallel, check_layer
 
 FAMILIES = ("wide", "parallel", "factorized", "doped")
@@ -77,10 +88,11 @@ def window(layer) -> int:
     return math.prod(layer.kernel_size) if isinstance(layer, nnx.Conv) else 1
 
 
-def select(model: nnx.Module, rules: Sequence[str] | None = None,
+def select(model: nnx.Module, layers: Sequence[Pattern] | None = None,
            call: surgery.ModelCall | None = None) -> list[str]:
-    """Module paths to transform: those matching ``rules`` (regexes over module paths;
-    each must match an ``nnx.Linear``/``nnx.Conv``), or by default every Linear/Conv that
+    """Module paths to transform: those matching a pattern of ``layers``
+    (``sparsejax.paths`` patterns over module paths, each of which must match an
+    ``nnx.Linear``/``nnx.Conv``), or by default every Linear/Conv that
     ``call(model)`` calls strictly between the stem and the head.
 
     The stem and head are the first and last layers holding a parameter with two or more
@@ -89,32 +101,43 @@ def select(model: nnx.Module, rules: Sequence[str] | None = None,
     kinds of layer (``nnx.Einsum``, ``nnx.Embed``) are left alone; a rule selecting one
     is an error.
 
-    Example::
+    Example:
 
-        select(model, call=lambda m: m(tokens, positions))   # the Linears between embed and head
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.ift import select
+        >>> from sparsejax.models import DecoderLM
+        >>> model = DecoderLM(vocab_size=16, max_len=8, d_model=8, num_heads=2, num_layers=1,
+        ...                   d_ff=16, rngs=nnx.Rngs(0))
+        >>> select(model, call=lambda m: m(jnp.zeros((1, 8), jnp.int32)))  # between embed and head
+        ['blocks/0/attn/q', 'blocks/0/attn/k', 'blocks/0/attn/v', 'blocks/0/attn/o',
+         'blocks/0/mlp/up', 'blocks/0/mlp/down']
+        >>> select(model, layers=[r'blocks/0/mlp/.*'])
+        ['blocks/0/mlp/down', 'blocks/0/mlp/up']
     """
     modules = dict(surgery.named_modules(model))
     kinds = (nnx.Linear, nnx.Conv)
-    if rules:
+    if layers:
         chosen, unused = [], []
-        for pattern in rules:
-            hits = [p for p in modules if re.fullmatch(pattern, p)]
+        for pattern in layers:
+            hits = [p for p in modules if matches(pattern, p, modules[p])]
             for p in hits:
                 if not isinstance(modules[p], kinds) and surgery.holds_weights(modules[p]):
-                    raise TypeError(f"Sparse-IFT rule {pattern!r} selects module {p!r} "
+                    raise TypeError(f"Sparse-IFT layers pattern {pattern_name(pattern)} selects "
+                                    f"module {p!r} "
                                     f"({type(modules[p]).__name__}); Sparse-IFT transforms "
                                     "nnx.Linear and nnx.Conv layers only")
             layers = [p for p in hits if isinstance(modules[p], kinds)]
             chosen.extend(p for p in layers if p not in chosen)
             if not layers:
-                unused.append(pattern)
+                unused.append(pattern if isinstance(pattern, str) else pattern_name(pattern))
         if unused:
             names = sorted(p for p, m in modules.items() if isinstance(m, kinds))
-            raise ValueError(f"Sparse-IFT rules match no Linear/Conv module: {unused}; layers "
+            raise ValueError(f"Sparse-IFT layers match no Linear/Conv module: {unused}; layers "
                              f"are {names[:6]}")
     else:
         if call is None:
-            raise ValueError("Sparse-IFT needs rules, or call (call=lambda m: m(x)) to find "
+            raise ValueError("Sparse-IFT needs layers, or call (call=lambda m: m(x)) to find "
                              "the stem and head")
         order = surgery.layer_calls(model, call)
         if not order:
@@ -139,9 +162,13 @@ def sparsity_rules(family: str, sparsity: float, paths: Sequence[str]) -> list[t
     """Path rules giving every sparse kernel of the transformed ``paths`` sparsity ``s``
     (a per-layer value, so a distribution leaves them at exactly ``s``).
 
-    Example::
+    Example:
 
-        sparsity_rules('doped', 0.9, ['layers/1'])   # [('layers/1/sparse/kernel', 0.9)]
+        >>> from sparsejax.ift import sparsity_rules
+        >>> sparsity_rules('doped', 0.9, ['layers/1'])
+        [('layers/1/sparse/kernel', 0.9)]
+        >>> sparsity_rules('parallel', 0.75, ['layers/1']), sparsity_rules('wide', 0.0, ['a'])
+        ([('layers/1/branches/\\\\d+/kernel', 0.75)], [])
     """
     check(family, sparsity)
     if sparsity == 0:
@@ -163,11 +190,12 @@ def _replacement(family: str, s: float, norm: str | None, sigma: str, rngs: nnx.
     return make
 
 
-def transform(model: nnx.Module, family: str, sparsity: float, rules: Sequence[str] | None = None,
+def transform(model: nnx.Module, family: str, sparsity: float,
+              layers: Sequence[Pattern] | None = None,
               *, call: surgery.ModelCall | None = None, norm: str | None = None,
               sigma: str = "norm_relu", rngs: nnx.Rngs | None = None,
               layer_kwargs: dict | None = None) -> tuple[nnx.Module, list[tuple[str, float]]]:
-    """Rewrites the selected layers (``select``: ``rules``, or every Linear/Conv that
+    """Rewrites the selected layers (``select``: ``layers``, or every Linear/Conv that
     ``call(model)`` calls between the stem and the head) into ``family`` at sparsity
     ``s``; returns ``(model, sparsity_rules)``. The model is edited in place.
 
@@ -178,12 +206,21 @@ def transform(model: nnx.Module, family: str, sparsity: float, rules: Sequence[s
     'wide' changes no layer here: build the model wider (``wide_search``) and use the
     returned rules to make its selected layers ``s`` sparse.
 
-    Example::
+    Example:
 
-        model, rules = transform(model, 'parallel', 0.75, call=lambda m: m(x))
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.ift import transform
+        >>> from sparsejax.models import MLP
+        >>> model, x = MLP(16, (32, 32), 4, rngs=nnx.Rngs(0)), jnp.ones((2, 16))
+        >>> model, rules = transform(model, 'parallel', 0.75, call=lambda m: m(x))
+        >>> len(model.layers[1].branches), type(model.layers[1].norms[0]).__name__
+        (4, 'LayerNorm')
+        >>> rules, model(x).shape
+        ([('layers/1/branches/\\\\d+/kernel', 0.75)], (2, 4))
     """
     check(family, sparsity)
-    paths = select(model, rules, call)
+    paths = select(model, layers, call)
     if family != "wide" and sparsity > 0:
         rngs = rngs or nnx.Rngs(0)
         make = _replacement(family, sparsity, norm, sigma, rngs, dict(layer_kwargs or {}))
@@ -209,9 +246,18 @@ def measured_flops(model: nnx.Module, rules: Sequence[tuple[str, float]],
     ``rules`` are ``sparsejax.paths`` rules ``(pattern, s)`` (first match wins; one that
     matches no parameter is an error).
 
-    Example::
+    Example:
 
-        measured_flops(model, rules, lambda m: m(jnp.ones((1, 8, 8, 1))))
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.ift import measured_flops
+        >>> from sparsejax.models import MLP
+        >>> model = MLP(64, (32,), 10, rngs=nnx.Rngs(0))
+        >>> call = lambda m: m(jnp.ones((1, 8, 8, 1)))
+        >>> measured_flops(model, [], call)         # 2 · (64·32 + 32·10): 2 per multiply-add
+        4736.0
+        >>> measured_flops(model, [(r'layers/0/kernel', 0.75)], call)   # 2 · (64·32/4 + 32·10)
+        1664.0
     """
     dense = model_flops(model, call)
     params = nnx.state(model, nnx.Param)
@@ -222,7 +268,7 @@ def measured_flops(model: nnx.Module, rules: Sequence[tuple[str, float]],
 
 
 def wide_search(build: Callable[[float], nnx.Module], sparsity: float, call: surgery.ModelCall,
-                rules: Sequence[str] | None = None, tol: float = 0.01):
+                layers: Sequence[Pattern] | None = None, tol: float = 0.01):
     """Sparse Wide: widths × ``√(1/(1 − s))``, then the sparsity ``s'`` of the widened
     layers solved so the model costs exactly the dense model's FLOPs.
 
@@ -234,20 +280,29 @@ def wide_search(build: Callable[[float], nnx.Module], sparsity: float, call: sur
     ``nnx.eval_shape`` are fine); ``call(model)`` runs either. Returns
     ``(multiplier, model, rules, relative_flops)``.
 
-    Example::
+    Example:
 
-        mult, model, rules, rel = wide_search(lambda w: nnx.eval_shape(
-            lambda: MLP(64, (round(256 * w),) * 2, 10, rngs=nnx.Rngs(0))), 0.9, lambda m: m(x))
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.ift import wide_search
+        >>> from sparsejax.models import MLP
+        >>> x = jnp.ones((1, 64))
+        >>> mult, model, rules, rel = wide_search(lambda w: nnx.eval_shape(
+        ...     lambda: MLP(64, (round(256 * w),) * 2, 10, rngs=nnx.Rngs(0))), 0.9, lambda m: m(x))
+        >>> round(mult, 4), model.layers[1].kernel.shape, round(rel, 6)
+        (3.1623, (810, 810), 1.0)
+        >>> [(path, round(s, 4)) for path, s in rules]   # above 0.9: stem and head are wider too
+        [('layers/1/kernel', 0.9626)]
     """
     check("wide", sparsity)
     target = measured_flops(build(1.0), [], call)
     mult = width_multiplier(sparsity)
     model = build(mult)
-    paths = select(model, rules, call)
+    paths = select(model, layers, call)
     full = sparsity_rules("wide", 1e-12, paths) if paths else []  # matches, density ~1
     per_layer = model_flops(model, call)
     widened = sum(v for k, v in per_layer.items()
-                  if any(re.fullmatch(p, k) for p, _ in full))
+                  if any(matches(p, k, None) for p, _ in full))
     fixed = total(per_layer) - widened
     if widened <= 0:
         raise ValueError("Sparse Wide: no selected layer has FLOPs to make sparse")

@@ -15,12 +15,22 @@ sort-free bisection: 32 counting passes find the k-th key, then a bisection over
 indices splits the ties). The threshold method needs only sums, so on sharded arrays
 XLA reduces per shard and never gathers the tensor.
 
-Example::
+Example:
 
-    rules = [(r'layers/0/kernel', 'dense'), (r'.*kernel', 'sparse')]
-    specs = resolve_rules(params, rules)            # {'layers/1/kernel': 'sparse', ...}
-    m = topk_mask(jnp.abs(w), k=100)                # exactly 100 True
-    sparse_w = apply_masks(params, masks)
+    >>> import jax.numpy as jnp
+    >>> from sparsejax.masks import apply_masks, resolve_rules, topk_mask
+    >>> params = {'layers': [{'kernel': jnp.ones((4, 4))},
+    ...                      {'kernel': jnp.arange(-4., 4.).reshape(4, 2)}]}
+    >>> rules = [(r'layers/0/kernel', 'dense'), (r'.*kernel', 'sparse')]
+    >>> resolve_rules(params, rules)
+    {'layers/0/kernel': 'dense', 'layers/1/kernel': 'sparse'}
+    >>> w = params['layers'][1]['kernel']
+    >>> m = topk_mask(jnp.abs(w), k=3)                # exactly 3 True
+    >>> m.tolist()
+    [[True, True], [False, False], [False, False], [False, True]]
+    >>> masks = {'layers': [{'kernel': None}, {'kernel': m}]}
+    >>> apply_masks(params, masks)['layers'][1]['kernel'].tolist()
+    [[-4.0, -3.0], [0.0, 0.0], [0.0, 0.0], [0.0, 3.0]]
 """
 
 from __future__ import annotations
@@ -42,9 +52,13 @@ def is_unowned(x) -> bool:
     ``optax.MaskedNode`` (a parameter another transform owns, under ``optax.masked`` or
     ``optax.multi_transform``).
 
-    Example::
+    Example:
 
-        is_unowned(None), is_unowned(optax.MaskedNode())   # (True, True)
+        >>> import jax.numpy as jnp
+        >>> import optax
+        >>> from sparsejax.masks import is_unowned
+        >>> is_unowned(None), is_unowned(optax.MaskedNode()), is_unowned(jnp.ones(2, bool))
+        (True, True, False)
     """
     return x is None or isinstance(x, optax.MaskedNode)
 
@@ -75,10 +89,12 @@ def resolve_rules(params, rules: Sequence[tuple[str, Any]] | None = None) -> dic
     unmatched parameters are dense, ``None`` means ``paths.DEFAULT_RULES``. Raises if a
     rule matches nothing or a sparse rule hits a scalar.
 
-    Example::
+    Example:
 
-        resolve_rules({'a': {'kernel': w}, 'b': {'bias': b}})
-        # {'a/kernel': 'sparse', 'b/bias': 'dense'}
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import resolve_rules
+        >>> resolve_rules({'a': {'kernel': jnp.ones((3, 3))}, 'b': {'bias': jnp.ones(3)}})
+        {'a/kernel': 'sparse', 'b/bias': 'dense'}
     """
     out = {}
     for path, leaf, pattern, spec in match_rules(params, rules_or_default(rules, params, "sparsity"),
@@ -98,9 +114,15 @@ def map_masked(fn, masks, *trees):
     ``optax.MaskedNode``) pass the first tree's leaf through (or stay as they are when no
     other tree is given).
 
-    Example::
+    Example:
 
-        map_masked(lambda m, w: jnp.where(m, w, 0), masks, params)
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import map_masked
+        >>> masks = {'w': jnp.array([True, False]), 'b': None}
+        >>> params = {'w': jnp.array([1., 2.]), 'b': jnp.array([3.])}
+        >>> out = map_masked(lambda m, w: jnp.where(m, w, 0), masks, params)
+        >>> out['w'].tolist(), out['b'].tolist()
+        ([1.0, 0.0], [3.0])
     """
     return jax.tree.map(lambda m, *xs: (xs[0] if xs else m) if is_unowned(m) else fn(m, *xs),
                         masks, *trees, is_leaf=is_unowned)
@@ -111,9 +133,14 @@ def like_param(m: jax.Array, w) -> jax.Array:
     ``AxisType.Explicit`` axes, the default of ``jax.make_mesh``); else ``m`` unchanged.
     Masks then shard like their parameters, and ``where(m, w, 0)`` type-checks.
 
-    Example::
+    Example:
 
-        m = like_param(topk_mask(jnp.abs(w), k), w)
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import like_param, topk_mask
+        >>> w = jnp.array([[0.5, -2.0], [1.0, 0.1]])
+        >>> m = like_param(topk_mask(jnp.abs(w), 2), w)   # no explicit sharding: m unchanged
+        >>> m.tolist()
+        [[False, True], [True, False]]
     """
     sharding = getattr(jax.typeof(w), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
@@ -133,9 +160,16 @@ def map_masked_by_path(fn, masks, params):
     may differ (``nnx.State`` masks, plain-dict params). A mask whose parameter is
     missing, or has another shape, is an error: the masks belong to other parameters.
 
-    Example::
+    Example:
 
-        map_masked_by_path(lambda m, w: jnp.where(m, w, 0), state.masks, params)
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.masks import map_masked_by_path
+        >>> params = nnx.state(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.Param)  # nnx.State
+        >>> masks = {'kernel': jnp.array([[True, False], [False, True]])}       # plain dict
+        >>> out = map_masked_by_path(lambda m, w: jnp.where(m, w, 0), masks, params)
+        >>> (out['kernel'] != 0).tolist(), out['bias'].tolist()
+        ([[True, False], [False, True]], [0.0, 0.0])
     """
     flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_unowned)[0]
     by_path = {path_str(p): m for p, m in flat if not is_unowned(m)}
@@ -165,9 +199,12 @@ def apply_masks(params, masks):
     """``W ⊙ m`` on sparse leaves (exact zeros), dense leaves unchanged; masks are matched
     to parameters by path (``map_masked_by_path``).
 
-    Example::
+    Example:
 
-        apply_masks({'w': jnp.ones(3)}, {'w': jnp.array([True, False, True])})  # [1, 0, 1]
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import apply_masks
+        >>> apply_masks({'w': jnp.ones(3)}, {'w': jnp.array([True, False, True])})['w'].tolist()
+        [1.0, 0.0, 1.0]
     """
     return map_masked_by_path(lambda m, w: jnp.where(m, w, jnp.zeros_like(w)), masks, params)
 
@@ -196,9 +233,18 @@ def masked_with_dense_grad(params, masks):
     with the masked weights while ``jax.grad`` returns the gradient RigL grows by;
     transforms mask it before the inner optimizer sees it.
 
-    Example::
+    Example:
 
-        g = jax.grad(lambda p: loss(masked_with_dense_grad(p, masks)))(params)
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import masked_with_dense_grad
+        >>> params, masks = {'w': jnp.array([1., 2., 3.])}, {'w': jnp.array([True, False, True])}
+        >>> masked_with_dense_grad(params, masks)['w'].tolist()
+        [1.0, 0.0, 3.0]
+        >>> loss = lambda p: jnp.dot(p['w'], jnp.array([4., 5., 6.]))
+        >>> g = jax.grad(lambda p: loss(masked_with_dense_grad(p, masks)))(params)
+        >>> g['w'].tolist()   # dense: the masked-out entry gets its gradient too
+        [4.0, 5.0, 6.0]
     """
     return map_masked_by_path(lambda m, w: _mask_with_dense_grad(w, m), masks, params)
 
@@ -206,9 +252,12 @@ def masked_with_dense_grad(params, masks):
 def mask_counts(masks) -> dict[str, tuple[int, int]]:
     """``{path: (nonzeros, size)}`` for every sparse leaf (host values).
 
-    Example::
+    Example:
 
-        mask_counts({'w': jnp.array([True, False])})   # {'w': (1, 2)}
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import mask_counts
+        >>> mask_counts({'w': jnp.array([True, False]), 'b': None})
+        {'w': (1, 2)}
     """
     flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_unowned)[0]
     return {path_str(p): (int(jnp.sum(m)), int(m.size)) for p, m in flat if not is_unowned(m)}
@@ -217,9 +266,12 @@ def mask_counts(masks) -> dict[str, tuple[int, int]]:
 def global_sparsity(masks) -> float:
     """Fraction of zeros over all sparse leaves together.
 
-    Example::
+    Example:
 
-        global_sparsity({'w': jnp.array([True, False, False, False])})   # 0.75
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import global_sparsity
+        >>> global_sparsity({'w': jnp.array([True, False, False, False])})
+        0.75
     """
     counts = mask_counts(masks).values()
     total = sum(s for _, s in counts)
@@ -229,9 +281,17 @@ def global_sparsity(masks) -> float:
 def pack_masks(masks):
     """Bit-packs each boolean mask into ``uint8`` (8× smaller), for storage and export.
 
-    Example::
+    Example:
 
-        packed = pack_masks(masks); same = unpack_masks(packed, masks)
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import pack_masks, unpack_masks
+        >>> masks = {'w': jnp.arange(12).reshape(3, 4) % 3 == 0, 'b': None}
+        >>> packed = pack_masks(masks)
+        >>> packed['w'].dtype, packed['w'].shape, packed['b']   # 12 bits in 2 bytes
+        (dtype('uint8'), (2,), None)
+        >>> same = unpack_masks(packed, masks)
+        >>> bool((same['w'] == masks['w']).all())
+        True
     """
     return map_masked(lambda m: jnp.packbits(m.reshape(-1)), masks)
 
@@ -239,9 +299,13 @@ def pack_masks(masks):
 def unpack_masks(packed, like):
     """Inverse of ``pack_masks``; ``like`` gives the shapes (masks, params or abstract).
 
-    Example::
+    Example:
 
-        unpack_masks(pack_masks(masks), masks)
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import pack_masks, unpack_masks
+        >>> masks = {'w': jnp.array([[True, False, True], [False, False, True]])}
+        >>> unpack_masks(pack_masks(masks), {'w': jnp.zeros((2, 3))})['w'].tolist()
+        [[True, False, True], [False, False, True]]
     """
     return jax.tree.map(
         lambda p, x: p if is_unowned(p) else
@@ -256,9 +320,14 @@ def param_like_paths(tree, params) -> Any:
     the parameter's shape: optimizer moments (``0/mu/layers/0/kernel``), masks, EMA
     copies. This is how state is matched to parameters without knowing its types.
 
-    Example::
+    Example:
 
-        param_like_paths(optax.adam(1e-3).init(params), params)
+        >>> import jax.numpy as jnp
+        >>> import optax
+        >>> from sparsejax.masks import param_like_paths
+        >>> params = {'w': jnp.ones((2, 3)), 'b': jnp.zeros(3)}
+        >>> param_like_paths(optax.adam(1e-3).init(params), params)
+        (ScaleByAdamState(count='', mu={'b': 'b', 'w': 'w'}, nu={'b': 'b', 'w': 'w'}), EmptyState())
     """
     shapes = {p: tuple(np.shape(x)) for p, x in named_leaves(params)}
 
@@ -304,9 +373,14 @@ def sort_key(scores: jax.Array, eligible: jax.Array | None = None) -> jax.Array:
 
     Every float (``-inf`` included) maps above 0, so ineligible entries rank last.
 
-    Example::
+    Example:
 
-        sort_key(jnp.array([-1.0, 0.0, 2.0]))   # increasing uint32 keys
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import sort_key
+        >>> sort_key(jnp.array([-1.0, 0.0, 2.0])).tolist()   # increasing uint32 keys
+        [1082130431, 2147483648, 3221225472]
+        >>> sort_key(jnp.array([jnp.nan, 1.0]), eligible=jnp.array([True, False])).tolist()
+        [8388607, 0]
     """
     s = scores.astype(jnp.float32)
     s = jnp.where(jnp.isnan(s), -jnp.inf, s) + 0.0  # + 0.0 turns -0.0 into +0.0
@@ -378,9 +452,12 @@ def topk_mask(scores: jax.Array, k, eligible: jax.Array | None = None,
     ``k`` may be traced. Ties go to the lower flat index; NaN ranks as -inf; only
     ``eligible`` entries can be chosen. ``method`` is 'sort' or 'threshold' (same mask).
 
-    Example::
+    Example:
 
-        topk_mask(jnp.array([3., 1., 3., 2.]), 2)   # [True, False, True, False]
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import topk_mask
+        >>> topk_mask(jnp.array([3., 1., 3., 2.]), 2).tolist()
+        [True, False, True, False]
     """
     return _select([scores], k, None if eligible is None else [eligible], method)[0]
 
@@ -389,9 +466,14 @@ def global_topk_masks(scores, k, eligible=None, method: str = "sort"):
     """``topk_mask`` over all leaves of a pytree at once (global pruning); ties go to the
     earlier leaf, then the lower index. ``None`` leaves are skipped and stay ``None``.
 
-    Example::
+    Example:
 
-        global_topk_masks({'a': jnp.abs(w1), 'b': jnp.abs(w2)}, k=1000)
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import global_topk_masks
+        >>> w1, w2 = jnp.array([0.5, -3.0]), jnp.array([[2.0, 0.1], [-1.0, 4.0]])
+        >>> m = global_topk_masks({'a': jnp.abs(w1), 'b': jnp.abs(w2)}, k=3)
+        >>> m['a'].tolist(), m['b'].tolist()
+        ([False, True], [[True, False], [False, True]])
     """
     flat, treedef = jax.tree_util.tree_flatten(scores, is_leaf=is_unowned)
     el = [None] * len(flat) if eligible is None else treedef.flatten_up_to(eligible)
@@ -401,3 +483,27 @@ def global_topk_masks(scores, k, eligible=None, method: str = "sort"):
     for i, c in zip(live, chosen):
         out[i] = c
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def global_magnitude_masks(params, sparsity: float, rules=None, method: str = "sort"):
+    """Masks keeping the ``round((1 − s)·N)`` largest ``|w|`` over all sparse leaves
+    together (one threshold; ``N`` their total size); ``None`` for dense leaves. Every
+    rule that is not ``'dense'`` makes its leaves sparse (``resolve_rules``).
+
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import global_magnitude_masks
+        >>> m = global_magnitude_masks({'a': jnp.array([4., -3.]), 'b': jnp.array([2., 1.]),
+        ...                             'c': jnp.ones(3)}, 0.5, [('a|b', 'sparse'), ('c', 'dense')])
+        >>> m['a'].tolist(), m['b'].tolist(), m['c']
+        ([True, True], [False, False], None)
+    """
+    specs = resolve_rules(params, rules)
+    leaves = named_leaves(params)
+    scores = jax.tree_util.tree_unflatten(
+        jax.tree.structure(params),
+        [jnp.abs(w) if specs[p] != "dense" else None for p, w in leaves])
+    total = sum(int(np.size(w)) for p, w in leaves if specs[p] != "dense")
+    return global_topk_masks(scores, round((1.0 - sparsity) * total), method=method)
+

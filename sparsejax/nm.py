@@ -27,15 +27,29 @@ Path rules pick the pattern per parameter: ``'2:4'``-style strings (or ``(2, 4)`
 for N:M, a float for unstructured magnitude sparsity recomputed the same way, and
 ``'dense'``/``None``.
 
-Example::
+Example:
 
-    tx = sparsejax.mdgf(optax.adamw(1e-3), rules=[(r'.*mlp/.*kernel', '1:8')],
-                        decay='exp', alpha=2e-4)
-    state = tx.init(params)
-    fwd = tx.forward(params, state)   # w ⊙ (m + (1−m) β(t)), gradient per `backward`
+    >>> import jax, jax.numpy as jnp
+    >>> import optax, sparsejax
+    >>> params = {'mlp': {'kernel': jnp.arange(1., 17.).reshape(8, 2)}}
+    >>> tx = sparsejax.mdgf(optax.adamw(1e-3), rules=[(r'.*mlp/.*kernel', '1:8')],
+    ...                     decay='exp', alpha=0.5)
+    >>> state = tx.init(params)
+    >>> state.masks['mlp']['kernel'].T.astype(int).tolist()   # 1 of every 8 along 'in'
+    [[0, 0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 1]]
+    >>> zero = jax.tree.map(jnp.zeros_like, params)
+    >>> for _ in range(2):
+    ...     _, state = tx.update(zero, state, params)
+    >>> round(float(state.beta), 4)                     # β(2) = exp(-0.5 · 2)
+    0.3679
+    >>> fwd = tx.forward(params, state)   # w ⊙ (m + (1−m) β(t)), gradient per `backward`
+    >>> [round(v, 2) for v in fwd['mlp']['kernel'][:, 0].tolist()]
+    [0.37, 1.1, 1.84, 2.58, 3.31, 4.05, 4.78, 15.0]
 """
 
 from __future__ import annotations
+
+import inspect
 
 import dataclasses
 import functools
@@ -73,10 +87,13 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
     """Boolean mask keeping the ``n`` largest ``|w|`` of every ``m`` consecutive entries
     along ``axis`` (ties to the lower index).
 
-    Example::
+    Example:
 
-        nm_mask(jnp.array([[4., 1.], [2., 3.], [0., 9.], [5., 5.]]), 1, 2, axis=0)
-        # [[True, False], [False, False], [False, True], [True, True]]... per column pairs
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.nm import nm_mask
+        >>> w = jnp.array([[4., 1.], [2., 3.], [0., 9.], [5., 5.]])
+        >>> nm_mask(w, 1, 2, axis=0).tolist()   # 1 of each pair of rows, per column
+        [[True, False], [False, True], [False, True], [True, False]]
     """
     _check_nm(n, m)
     axis = axis % w.ndim
@@ -93,9 +110,11 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
 def stepwise_frames(n: int, m: int) -> list[tuple[int, int]]:
     """SDGF stepwise patterns ``(M−1):M, M/2:M, M/4:M, …, N:M``.
 
-    Example::
+    Example:
 
-        stepwise_frames(1, 8)   # [(7, 8), (4, 8), (2, 8), (1, 8)]
+        >>> from sparsejax.nm import stepwise_frames
+        >>> stepwise_frames(1, 8)
+        [(7, 8), (4, 8), (2, 8), (1, 8)]
     """
     _check_nm(n, m)
     frames, k = [m - 1], m // 2
@@ -110,20 +129,55 @@ def stepwise_frames(n: int, m: int) -> list[tuple[int, int]]:
 def geometric_frames(n: int, m: int) -> list[tuple[int, int]]:
     """SDGF geometric patterns ``8N:8M → 4N:4M → 2N:2M → N:M``.
 
-    Example::
+    Example:
 
-        geometric_frames(1, 4)   # [(8, 32), (4, 16), (2, 8), (1, 4)]
+        >>> from sparsejax.nm import geometric_frames
+        >>> geometric_frames(1, 4)
+        [(8, 32), (4, 16), (2, 8), (1, 4)]
     """
     _check_nm(n, m)
     return [(f * n, f * m) for f in (8, 4, 2, 1)]
 
 
+def frame_length(sparse_steps: int, n_frames: int) -> int:
+    """SDGF's frame length: the sparse phase split into ``n_frames`` equal frames (the last
+    frame also holds the remainder); frame ``k`` starts at sparse step ``k · length``.
+
+    Example:
+
+        >>> from sparsejax.nm import frame_length
+        >>> frame_length(1000, 4), frame_length(1001, 4), frame_length(3, 4)
+        (250, 250, 1)
+    """
+    return max(sparse_steps // n_frames, 1)
+
+
+def nm_rules_like(rules):
+    """Rules that put the transform's ``pattern`` wherever ``rules`` make a leaf sparse
+    (``'sparse'`` or a sparsity) and keep ``'dense'``/None leaves dense: unstructured
+    rules read as N:M ones. ``None`` stays None (the default rules).
+
+    Example:
+
+        >>> from sparsejax.nm import nm_rules_like
+        >>> nm_rules_like([('head/kernel', 'dense'), ('.*kernel', 0.9)])
+        [('head/kernel', 'dense'), ('.*kernel', 'sparse')]
+    """
+    if rules is None:
+        return None
+    return [(pattern, "dense" if spec in (None, "dense") else "sparse") for pattern, spec in rules]
+
+
 def decay_beta(t, decay: str, alpha: float):
     """MDGF's ``β(t)``: ``max(0, 1 − α t)`` ('linear') or ``exp(−α t)`` ('exp').
 
-    Example::
+    Example:
 
-        decay_beta(1000, 'exp', 2e-4)   # exp(-0.2)
+        >>> from sparsejax.nm import decay_beta
+        >>> round(float(decay_beta(1000, 'exp', 2e-4)), 4)      # exp(-0.2)
+        0.8187
+        >>> [round(float(decay_beta(t, 'linear', 2e-4)), 4) for t in (1000, 9000)]
+        [0.8, 0.0]
     """
     t = jnp.asarray(t, jnp.float32)
     if decay == "linear":
@@ -165,10 +219,17 @@ def nm_weights(w: jax.Array, mask: jax.Array, beta=0.0, sr_ste_lambda=0.0,
                scaled_backward: bool = False) -> jax.Array:
     """``w ⊙ (m + (1−m) β)`` with the STE-family backward described in the module doc.
 
-    Example::
+    Example:
 
-        g = jax.grad(lambda w: loss(nm_weights(w, nm_mask(w, 2, 4), sr_ste_lambda=2e-4)))(w)
-        # == dL/dŵ + 2e-4 (1 − m) ⊙ w
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.nm import nm_mask, nm_weights
+        >>> w = jnp.array([[1., -2.], [3., 0.5], [-4., 1.], [2., -3.]])
+        >>> m = nm_mask(w, 2, 4)
+        >>> nm_weights(w, m).tolist()
+        [[0.0, -2.0], [3.0, 0.0], [-4.0, 0.0], [0.0, -3.0]]
+        >>> loss = lambda w: jnp.sum(nm_weights(w, m, sr_ste_lambda=0.5))   # dL/dŵ = 1
+        >>> jax.grad(loss)(w).tolist()                       # 1 + 0.5 (1 − m) ⊙ w
+        [[1.5, 1.0], [1.0, 1.25], [1.0, 1.5], [2.0, 1.0]]
     """
     return _nm_weights(w, mask, jnp.asarray(beta, jnp.float32),
                        jnp.asarray(sr_ste_lambda, jnp.float32),
@@ -192,9 +253,11 @@ class LeafSpec(NamedTuple):
 def parse_pattern(spec, where: str = "") -> tuple[int, int]:
     """``(N, M)`` from ``'N:M'`` or ``(N, M)``, checked (``0 < N < M``).
 
-    Example::
+    Example:
 
-        parse_pattern('2:4')   # (2, 4)
+        >>> from sparsejax.nm import parse_pattern
+        >>> parse_pattern('2:4'), parse_pattern((1, 8))
+        ((2, 4), (1, 8))
     """
     if isinstance(spec, str):
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", spec)
@@ -236,9 +299,15 @@ def resolve_nm_rules(params, rules=None, axis: int = -2,
     A rule that matches nothing, N ≥ M, or an axis M does not divide is an error naming
     the path.
 
-    Example::
+    Example:
 
-        resolve_nm_rules(params, [(r'.*mlp/.*kernel', '2:4')])
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.nm import resolve_nm_rules
+        >>> params = {'mlp': {'kernel': jnp.ones((8, 4)), 'bias': jnp.zeros(4)},
+        ...           'head': {'kernel': jnp.ones((4, 2))}}
+        >>> resolve_nm_rules(params, [(r'.*mlp/.*kernel', '2:4'), (r'head/kernel', 0.5)])
+        {'head/kernel': LeafSpec(path='head/kernel', n=0, m=0, axis=-2, sparsity=0.5),
+         'mlp/kernel': LeafSpec(path='mlp/kernel', n=2, m=4, axis=-2, sparsity=0.0)}
     """
     out = {}
     for path, leaf, pat, spec in match_rules(params, rules_or_default(rules, params, "N:M"),
@@ -263,9 +332,21 @@ class NMState(NamedTuple):
     settings; ``diagnostics``: per-step scalars (mask flip rate, norm and variance of the
     gradient on pruned weights) that the training loop logs.
 
-    Example::
+    Example:
 
-        state.diagnostics['flip_rate']
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> params = {'kernel': jnp.array([[1.], [2.], [3.], [4.]])}
+        >>> tx = sparsejax.nm_ste(optax.sgd(0.1), [(r'kernel', '2:4')])
+        >>> state = tx.init(params)
+        >>> state.masks['kernel'][:, 0].tolist()
+        [False, False, True, True]
+        >>> grads = {'kernel': jnp.array([[-30.], [0.], [0.], [0.]])}   # w[0]: 1 -> 4
+        >>> _, state = tx.update(grads, state, params)
+        >>> state.masks['kernel'][:, 0].tolist(), int(state.count)   # tie to the lower index
+        ([True, False, False, True], 1)
+        >>> float(state.diagnostics['flip_rate'])            # 2 of 4 mask entries changed
+        0.5
     """
 
     inner: Any
@@ -316,9 +397,15 @@ def nm_masks_from_params(params, rules=None, axis: int = -2, pattern: str = "2:4
     ``'N:M'`` keeps the ``N`` largest ``|w|`` of every ``M`` along ``axis``, a float ``s``
     keeps the ``round((1−s)·size)`` largest ``|w|``; other leaves ``None``.
 
-    Example::
+    Example:
 
-        m = nm_masks_from_params(params, [(r'.*kernel', '2:4')])
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.nm import nm_masks_from_params
+        >>> params = {'dense': {'kernel': jnp.array([[1., 8.], [-7., 2.], [3., -6.], [5., 4.]]),
+        ...                     'bias': jnp.zeros(2)}}
+        >>> m = nm_masks_from_params(params, [(r'.*kernel', '2:4')])
+        >>> m['dense']['kernel'].tolist(), m['dense']['bias']
+        ([[False, True], [True, False], [False, True], [True, False]], None)
     """
     params = unbox(params)
     specs = resolve_nm_rules(params, rules, axis, pattern)
@@ -343,9 +430,18 @@ def nm_sparse(inner: optax.GradientTransformation, rules=None, *, pattern: str =
     from the initial weights and every ``update`` from the updated ones (``params +
     updates``), so ``sparsejax.forward(params, state)`` needs nothing but the state.
 
-    Example::
+    Example:
 
-        tx = nm_sparse(optax.adam(1e-3), [(r'.*kernel', '2:4')], sr_ste_lambda=2e-4)
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> from sparsejax.nm import nm_sparse
+        >>> params = {'kernel': jnp.arange(1., 9.).reshape(4, 2), 'bias': jnp.ones(2)}
+        >>> tx = nm_sparse(optax.adam(1e-3), [(r'.*kernel', '2:4')], sr_ste_lambda=2e-4)
+        >>> state = tx.init(params)
+        >>> round(float(state.sr_ste_lambda), 6), float(state.beta), state.masks['bias']
+        (0.0002, 0.0, None)
+        >>> sparsejax.forward(params, state)['kernel'].tolist()   # 2 largest of each 4
+        [[0.0, 0.0], [0.0, 0.0], [5.0, 6.0], [7.0, 8.0]]
     """
     check_static(pattern=pattern, axis=axis, sr_ste_lambda=sr_ste_lambda, alpha=alpha,
                  dense_steps=dense_steps, sparse_steps=sparse_steps,
@@ -391,7 +487,7 @@ def nm_sparse(inner: optax.GradientTransformation, rules=None, *, pattern: str =
         return t_sparse, beta, t_sparse < 0
 
     def frame_index(t_sparse, n_frames):
-        length = max(sparse_steps // n_frames, 1)
+        length = frame_length(sparse_steps, n_frames)
         return jnp.clip(t_sparse // length, 0, n_frames - 1).astype(jnp.int32)
 
     def state_at(inner_state, params, t, diagnostics) -> NMState:
@@ -442,9 +538,15 @@ def nm_sparse(inner: optax.GradientTransformation, rules=None, *, pattern: str =
 def nm_ste(inner, rules=None, **kw) -> SparseTransformation:
     """N:M with the plain straight-through estimator.
 
-    Example::
+    Example:
 
-        tx = sparsejax.nm_ste(optax.adam(1e-3), [(r'.*kernel', '2:4')])
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> params = {'kernel': jnp.ones((8, 3))}
+        >>> tx = sparsejax.nm_ste(optax.adam(1e-3), [(r'.*kernel', '2:4')])
+        >>> state = tx.init(params)
+        >>> int(state.masks['kernel'].sum()), float(state.sr_ste_lambda)   # 2 of every 4
+        (12, 0.0)
     """
     return nm_sparse(inner, rules, **kw)
 
@@ -452,9 +554,14 @@ def nm_ste(inner, rules=None, **kw) -> SparseTransformation:
 def sr_ste(inner, rules=None, *, sr_ste_lambda: float = 2e-4, **kw) -> SparseTransformation:
     """N:M with SR-STE (Zhou et al. 2021): backward ``g + λ_w (1 − m) ⊙ w``, λ_w = 2e-4.
 
-    Example::
+    Example:
 
-        tx = sparsejax.sr_ste(optax.adam(1e-3), [(r'.*kernel', '2:4')])
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> tx = sparsejax.sr_ste(optax.adam(1e-3), [(r'.*kernel', '2:4')])
+        >>> state = tx.init({'kernel': jnp.ones((8, 3))})
+        >>> int(state.masks['kernel'].sum()), round(float(state.sr_ste_lambda), 6)
+        (12, 0.0002)
     """
     return nm_sparse(inner, rules, sr_ste_lambda=sr_ste_lambda, **kw)
 
@@ -464,9 +571,15 @@ def mdgf(inner, rules=None, *, decay: str = "exp", alpha: float = 2e-4, backward
     """Mask Decay Gradient Flow: forward ``w ⊙ (m + (1−m) β(t))``; backward 'ste' (the
     authors' code) or 'scaled'.
 
-    Example::
+    Example:
 
-        tx = sparsejax.mdgf(optax.adamw(1e-3), [(r'.*mlp/.*kernel', '1:8')], decay='exp')
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> params = {'mlp': {'kernel': jnp.ones((8, 2))}}
+        >>> tx = sparsejax.mdgf(optax.adamw(1e-3), [(r'.*mlp/.*kernel', '1:8')], decay='exp')
+        >>> state = tx.init(params)
+        >>> int(state.masks['mlp']['kernel'].sum()), float(state.beta)   # β(0) = 1
+        (2, 1.0)
     """
     return nm_sparse(inner, rules, decay=decay, alpha=alpha, backward=backward, **kw)
 
@@ -476,11 +589,36 @@ def sdgf(inner, rules=None, *, schedule: str = "stepwise", sparse_steps: int,
     """Structure Decay Gradient Flow: the pattern tightens over equal frames of the
     sparse phase, 'stepwise' ``(M−1):M → … → N:M`` or 'geometric' ``8N:8M → … → N:M``.
 
-    Example::
+    Example:
 
-        tx = sparsejax.sdgf(optax.adamw(1e-3), [(r'.*kernel', '1:8')], sparse_steps=9000)
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> params = {'kernel': jnp.ones((8, 2))}
+        >>> tx = sparsejax.sdgf(optax.adamw(1e-3), [(r'.*kernel', '1:8')], sparse_steps=9000)
+        >>> state = tx.init(params)
+        >>> int(state.masks['kernel'].sum())     # first frame 7:8 of (7:8, 4:8, 2:8, 1:8)
+        14
     """
     return nm_sparse(inner, rules, schedule=schedule, sparse_steps=sparse_steps, **kw)
+
+
+PHASE_ARGS = ("pattern", "axis", "dense_steps", "sparse_steps", "finetune_steps")
+"""The ``nm_sparse`` keywords every named N:M method passes through (``**kw``)."""
+
+
+def _show_phase_args(fn):
+    """``inspect.signature(fn)`` lists the ``PHASE_ARGS`` it forwards to ``nm_sparse``, so
+    ``help()`` and config checks see one signature whose defaults live in ``nm_sparse``."""
+    own = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+    names = {p.name for p in own}
+    shared = [p for p in inspect.signature(nm_sparse).parameters.values()
+              if p.name in PHASE_ARGS and p.name not in names]
+    fn.__signature__ = inspect.signature(fn).replace(parameters=own + shared)
+    return fn
+
+
+for _fn in (nm_ste, sr_ste, mdgf, sdgf):
+    _show_phase_args(_fn)
 
 
 # ----------------------------------------------------------------------------- compressed
@@ -539,10 +677,19 @@ class NMCompressed:
     For checkpoints, ``to_export()`` gives a plain dict of arrays (``EXPORT_KEYS``) that
     any checkpointer saves and restores as is, and ``from_export`` reads it back.
 
-    Example::
+    Example:
 
-        c = compress_nm(w, 2, 4); c.values.shape   # (K/4, 2, out)
-        decompress_nm(NMCompressed.from_export(c.to_export()))   # == decompress_nm(c)
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.nm import NMCompressed, compress_nm, decompress_nm
+        >>> w = jnp.arange(24.).reshape(8, 3)
+        >>> c = compress_nm(w, 2, 4)
+        >>> c.values.shape, c.indices.dtype, (c.n, c.m, c.shape, c.axis)   # (K/4, 2, out)
+        ((2, 2, 3), dtype('uint8'), (2, 4, (8, 3), 0))
+        >>> c.indices[:, :, 0].tolist()          # offsets of the kept entries per group
+        [[2, 3], [2, 3]]
+        >>> back = NMCompressed.from_export(c.to_export())
+        >>> bool((decompress_nm(back) == decompress_nm(c)).all())
+        True
     """
 
     values: jax.Array
@@ -556,10 +703,15 @@ class NMCompressed:
         """``{'values', 'indices', 'pattern'}``: arrays only, ``pattern`` the int32 array
         ``[n, m, axis]`` (axis non-negative). The dense shape follows from them.
 
-        Example::
+        Example:
 
-            leaf = compress_nm(w, 2, 4).to_export()
-            leaf['pattern']   # array([2, 4, 0], dtype=int32) for a 2-D w
+            >>> import jax.numpy as jnp
+            >>> from sparsejax.nm import compress_nm
+            >>> leaf = compress_nm(jnp.ones((8, 3)), 2, 4).to_export()
+            >>> sorted(leaf), leaf['values'].shape
+            (['indices', 'pattern', 'values'], (2, 2, 3))
+            >>> leaf['pattern']   # [n, m, axis] for a 2-D w (axis -2 stored as 0)
+            array([2, 4, 0], dtype=int32)
         """
         shape = tuple(int(s) for s in self.shape)
         _check_nm(self.n, self.m, "NMCompressed: ")
@@ -582,10 +734,21 @@ class NMCompressed:
         restored without a target). A missing key, a malformed ``pattern``, shapes that do
         not agree with it, or M > 256 is a ValueError naming the problem (and ``path``).
 
-        Example::
+        Example:
 
-            restored = ocp.StandardCheckpointer().restore(path)
-            c = NMCompressed.from_export(restored['mlp']['fc1']['kernel'])
+            >>> import numpy as np
+            >>> import jax.numpy as jnp
+            >>> from sparsejax.nm import NMCompressed, compress_nm
+            >>> leaf = compress_nm(jnp.ones((8, 3)), 2, 4).to_export()
+            >>> restored = {k: np.asarray(v) for k, v in leaf.items()}   # as a checkpointer gives it
+            >>> c = NMCompressed.from_export(restored, 'mlp/fc1/kernel')
+            >>> c.n, c.m, c.shape, c.axis, c.indices.dtype
+            (2, 4, (8, 3), 0, dtype('uint8'))
+            >>> NMCompressed.from_export({'values': leaf['values'], 'pattern': leaf['pattern']},
+            ...                          'mlp/fc1/kernel')
+            Traceback (most recent call last):
+            ...
+            ValueError: N:M export leaf 'mlp/fc1/kernel': needs exactly the keys ...
         """
         where = f"N:M export leaf {path!r}: " if path else "N:M export leaf: "
         if not isinstance(leaf, Mapping):
@@ -632,9 +795,14 @@ def is_nm_export(x) -> bool:
     and then rejected by ``NMCompressed.from_export``). Use it as ``is_leaf`` to walk an
     exported tree.
 
-    Example::
+    Example:
 
-        jax.tree.map(lambda x: is_nm_export(x), exported, is_leaf=is_nm_export)
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.nm import export_nm, is_nm_export
+        >>> params = {'dense': {'kernel': jnp.ones((8, 2)), 'bias': jnp.zeros(2)}}
+        >>> exported = export_nm(params, [(r'.*kernel', '2:4')])
+        >>> jax.tree.map(lambda x: is_nm_export(x), exported, is_leaf=is_nm_export)
+        {'dense': {'bias': False, 'kernel': True}}
     """
     return (isinstance(x, Mapping) and len(x) >= 2
             and all(isinstance(k, str) and k in EXPORT_KEYS for k in x))
@@ -643,9 +811,14 @@ def is_nm_export(x) -> bool:
 def compress_nm(w: jax.Array, n: int, m: int, axis: int = -2) -> NMCompressed:
     """Keeps the ``n`` largest ``|w|`` of each group of ``m`` along ``axis``, compressed.
 
-    Example::
+    Example:
 
-        c = compress_nm(kernel, 2, 4); jnp.allclose(decompress_nm(c), w * nm_mask(w, 2, 4))
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.nm import compress_nm, decompress_nm, nm_mask
+        >>> w = jax.random.normal(jax.random.key(0), (16, 4))
+        >>> c = compress_nm(w, 2, 4)
+        >>> c.values.shape, bool(jnp.allclose(decompress_nm(c), w * nm_mask(w, 2, 4)))
+        ((4, 2, 4), True)
     """
     _check_nm(n, m)
     if m > MAX_M:
@@ -666,9 +839,14 @@ def compress_nm(w: jax.Array, n: int, m: int, axis: int = -2) -> NMCompressed:
 def decompress_nm(c: NMCompressed) -> jax.Array:
     """The dense weight (zeros at pruned entries).
 
-    Example::
+    Example:
 
-        w_sparse = decompress_nm(compress_nm(w, 1, 8))
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.nm import compress_nm, decompress_nm
+        >>> w = jnp.arange(16.).reshape(8, 2)
+        >>> w_sparse = decompress_nm(compress_nm(w, 1, 8))
+        >>> w_sparse.shape, w_sparse[-1].tolist(), int((w_sparse != 0).sum())
+        ((8, 2), [14.0, 15.0], 2)
     """
     g, n = c.values.shape[:2]
     vals = c.values.reshape(g, n, -1)
@@ -677,26 +855,6 @@ def decompress_nm(c: NMCompressed) -> jax.Array:
     dense = jnp.sum(jnp.where(hit, vals[:, None], jnp.zeros((), vals.dtype)), axis=2)
     moved_shape = (c.shape[c.axis],) + tuple(s for i, s in enumerate(c.shape) if i != c.axis)
     return jnp.moveaxis(dense.reshape(moved_shape), 0, c.axis)
-
-
-def nm_matmul(x: jax.Array, c: NMCompressed) -> jax.Array:
-    """``x @ W`` for a compressed ``[K, N_out]`` kernel (axis 0), read directly: each output
-    gathers the ``N`` kept inputs of every group. The reference the kernels must match.
-
-    Example::
-
-        y = nm_matmul(x, compress_nm(kernel, 2, 4, axis=0))   # == x @ (kernel ⊙ mask)
-    """
-    if len(c.shape) != 2 or c.axis != 0:
-        raise ValueError(f"nm_matmul needs a 2-D kernel compressed along axis 0, got shape "
-                         f"{c.shape} axis {c.axis}")
-    k = c.shape[0]
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, the kernel expects {k}")
-    xg = x.reshape(*x.shape[:-1], k // c.m, c.m, 1)                    # [..., G, M, 1]
-    idx = c.indices.astype(jnp.int32)[(None,) * (x.ndim - 1)]          # [1.., G, N, out]
-    picked = jnp.take_along_axis(xg, idx, axis=-2)                     # [..., G, N, out]
-    return jnp.einsum("...gno,gno->...o", picked, c.values.astype(x.dtype))
 
 
 def _plain(tree):
@@ -722,10 +880,18 @@ def export_nm(params, rules=None, axis: int = -2, pattern: str = "2:4"):
     ``import_nm`` (dense params) or ``NMCompressed.from_export`` (one leaf) read it back.
     ``rules``, ``axis`` and ``pattern`` are those of ``resolve_nm_rules``.
 
-    Example::
+    Example:
 
-        exported = export_nm(nnx.state(model, nnx.Param), [(r'.*mlp/.*kernel', '2:4')])
-        ocp.StandardCheckpointer().save(path, exported)
+        >>> from flax import nnx
+        >>> from sparsejax.models import MLP
+        >>> from sparsejax.nm import export_nm
+        >>> model = MLP(8, (16,), 4, rngs=nnx.Rngs(0))
+        >>> exported = export_nm(nnx.state(model, nnx.Param), [(r'layers/.*/kernel', '2:4')])
+        >>> kernel = exported['layers'][0]['kernel']     # ready for any checkpointer
+        >>> type(exported).__name__, kernel['values'].shape, kernel['pattern'].tolist()
+        ('dict', (2, 2, 16), [2, 4, 0])
+        >>> exported['head']['kernel'].shape            # not selected: kept dense
+        (16, 4)
     """
     specs = resolve_nm_rules(params, rules, axis, pattern)
     leaves = dict(named_leaves(params))
@@ -740,11 +906,18 @@ def import_nm(exported):
     pruned entries, the values' dtype), every other leaf unchanged. A malformed export
     leaf is a ValueError naming its path.
 
-    Example::
+    Example:
 
-        dense = import_nm(ocp.StandardCheckpointer().restore(path))
-        state = nnx.state(model, nnx.Param)
-        nnx.replace_by_pure_dict(state, dense); nnx.update(model, state)
+        >>> from flax import nnx
+        >>> from sparsejax.models import MLP
+        >>> from sparsejax.nm import export_nm, import_nm
+        >>> model = MLP(8, (16,), 4, rngs=nnx.Rngs(0))
+        >>> exported = export_nm(nnx.state(model, nnx.Param), [(r'layers/.*/kernel', '2:4')])
+        >>> dense = import_nm(exported)          # e.g. what a checkpointer restored
+        >>> state = nnx.state(model, nnx.Param)
+        >>> nnx.replace_by_pure_dict(state, dense); nnx.update(model, state)
+        >>> int((model.layers[0].kernel[...] != 0).sum()), model.layers[0].kernel.shape
+        (64, (8, 16))
     """
     def leaf(p, x):
         if not is_nm_export(x):

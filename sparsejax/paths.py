@@ -11,10 +11,15 @@ a predicate ``pattern(path, leaf) -> bool``. The first matching rule decides a l
 ``spec``; a rule that matches no leaf is an error, since it is almost always a typo. What
 ``spec`` means belongs to the caller (a sparsity, an N:M pattern, a sharding).
 
-Example::
+Example:
 
-    rules = [(r'conv1/kernel', 'dense'), (lambda path, w: w.ndim >= 2, 'sparse')]
-    [(p, spec) for p, _, _, spec in match_rules(params, rules, 'sparsity')]
+    >>> import jax.numpy as jnp
+    >>> from sparsejax.paths import match_rules
+    >>> params = {'conv1': {'kernel': jnp.ones((3, 3, 3, 8))},
+    ...           'conv2': {'kernel': jnp.ones((3, 3, 8, 8)), 'bias': jnp.zeros(8)}}
+    >>> rules = [(r'conv1/kernel', 'dense'), (lambda path, w: w.ndim >= 2, 'sparse')]
+    >>> [(p, spec) for p, _, _, spec in match_rules(params, rules, 'sparsity')]
+    [('conv1/kernel', 'dense'), ('conv2/bias', None), ('conv2/kernel', 'sparse')]
 """
 
 from __future__ import annotations
@@ -40,9 +45,15 @@ def _is_variable(x) -> bool:
 def unbox(tree):
     """``tree`` with every ``nnx.Variable`` replaced by its value (other leaves unchanged).
 
-    Example::
+    Example:
 
-        unbox(nnx.state(model, nnx.Param))   # same paths, plain arrays
+        >>> from flax import nnx
+        >>> from sparsejax.paths import unbox
+        >>> boxed = nnx.state(nnx.Linear(4, 2, rngs=nnx.Rngs(0)), nnx.Param)
+        >>> type(boxed['kernel']).__name__, isinstance(unbox(boxed)['kernel'], nnx.Variable)
+        ('Param', False)
+        >>> unbox(boxed)['kernel'].shape   # same paths, plain arrays
+        (4, 2)
     """
     return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree,
                         is_leaf=_is_variable)
@@ -58,10 +69,12 @@ def _key_name(k) -> str:
 def path_str(path) -> str:
     """'/'-joined key path, without an ``nnx.Variable``'s trailing ``value``.
 
-    Example::
+    Example:
 
-        [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({'a': {'b': 1}})[0]]
-        # ['a/b']
+        >>> import jax
+        >>> from sparsejax.paths import path_str
+        >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({'a': {'b': 1}})[0]]
+        ['a/b']
     """
     path = tuple(path)
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
@@ -72,9 +85,11 @@ def path_str(path) -> str:
 def named_leaves(tree) -> list[tuple[str, Any]]:
     """``(path, leaf)`` pairs of a pytree (``nnx.Variable``s unboxed), paths as in ``path_str``.
 
-    Example::
+    Example:
 
-        named_leaves({'w': 1, 'b': {'c': 2}})   # [('b/c', 2), ('w', 1)]
+        >>> from sparsejax.paths import named_leaves
+        >>> named_leaves({'w': 1, 'b': {'c': 2}})
+        [('b/c', 2), ('w', 1)]
     """
     return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(unbox(tree))[0]]
 
@@ -89,9 +104,13 @@ def pattern_name(pattern: Pattern) -> str:
 def matches(pattern: Pattern, path: str, leaf) -> bool:
     """Whether ``pattern`` (regex, full match; or predicate) selects ``(path, leaf)``.
 
-    Example::
+    Example:
 
-        matches(r'.*kernel', 'layers/0/kernel', w)   # True
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.paths import matches
+        >>> w = jnp.ones((4, 4))
+        >>> matches(r'.*kernel', 'layers/0/kernel', w), matches(r'kernel', 'layers/0/kernel', w)
+        (True, False)
     """
     if isinstance(pattern, str):
         return re.fullmatch(pattern, path) is not None
@@ -109,10 +128,14 @@ def match_rules(tree, rules: Sequence[Rule], kind: str) -> list[tuple[str, Any, 
     leaf is an error naming the rule and showing what the paths look like; ``kind`` names
     the rules in that error.
 
-    Example::
+    Example:
 
-        match_rules({'a': {'kernel': w}}, [(r'.*kernel', 'sparse')], 'sparsity')
-        # [('a/kernel', w, '.*kernel', 'sparse')]
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.paths import match_rules
+        >>> params = {'a': {'kernel': jnp.ones((4, 4)), 'bias': jnp.zeros(4)}}
+        >>> [(p, w.shape, pattern, spec)
+        ...  for p, w, pattern, spec in match_rules(params, [(r'.*kernel', 'sparse')], 'sparsity')]
+        [('a/bias', (4,), None, None), ('a/kernel', (4, 4), '.*kernel', 'sparse')]
     """
     rules = [tuple(r) for r in rules]
     for r in rules:
@@ -137,9 +160,13 @@ def match_rules(tree, rules: Sequence[Rule], kind: str) -> list[tuple[str, Any, 
 def is_embedding(path: str, leaf) -> bool:
     """An ``nnx.Embed`` table: the leaf is named ``embedding``.
 
-    Example::
+    Example:
 
-        is_embedding('embed/embedding', table)   # True
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.paths import is_embedding
+        >>> table = jnp.ones((100, 16))
+        >>> is_embedding('embed/embedding', table), is_embedding('head/kernel', table)
+        (True, False)
     """
     return path.rsplit("/", 1)[-1] == "embedding"
 
@@ -147,9 +174,12 @@ def is_embedding(path: str, leaf) -> bool:
 def is_kernel(path: str, leaf) -> bool:
     """A weight matrix or conv/einsum kernel: a leaf named ``kernel`` with two or more dims.
 
-    Example::
+    Example:
 
-        is_kernel('linear1/kernel', jnp.ones((64, 32)))   # True
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.paths import is_kernel
+        >>> is_kernel('linear1/kernel', jnp.ones((64, 32))), is_kernel('linear1/bias', jnp.ones(32))
+        (True, False)
     """
     return path.rsplit("/", 1)[-1] == "kernel" and np.ndim(leaf) >= 2
 
@@ -166,9 +196,13 @@ def rules_or_default(rules: Sequence[Rule] | None, tree, kind: str) -> Sequence[
     """``rules``, or ``DEFAULT_RULES`` when None; an error naming what to do when the
     default would match nothing (no leaf named ``kernel`` with two or more dims).
 
-    Example::
+    Example:
 
-        rules_or_default(None, params, 'sparsity')   # DEFAULT_RULES
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.paths import DEFAULT_RULES, rules_or_default
+        >>> params = {'linear': {'kernel': jnp.ones((8, 4)), 'bias': jnp.zeros(4)}}
+        >>> rules_or_default(None, params, 'sparsity') is DEFAULT_RULES
+        True
     """
     if rules is not None:
         return rules

@@ -2,10 +2,12 @@
 
 Each is a pure function of ``t`` that works on Python ints and on traced arrays.
 
-Example::
+Example:
 
-    f = cosine_drop_fraction(0.3, end_step=7500)
-    f(0), f(3750), f(7500)       # 0.3, 0.15, 0.0
+    >>> from sparsejax.schedules import cosine_drop_fraction
+    >>> f = cosine_drop_fraction(0.3, end_step=7500)
+    >>> [round(float(f(t)), 4) for t in (0, 3750, 7500)]
+    [0.3, 0.15, 0.0]
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ def constant_drop_fraction(f0: float) -> Schedule:
 def cosine_drop_fraction(f0: float, end_step: int) -> Schedule:
     """``f_t = f_0 · ½ (1 + cos(π t / T_end))`` (Evci et al. 2020, Eq. 1), 0 after ``T_end``.
 
-    Example::
+    Example:
 
-        cosine_drop_fraction(0.3, 100)(50)   # 0.15
+        >>> from sparsejax.schedules import cosine_drop_fraction
+        >>> print(round(float(cosine_drop_fraction(0.3, 100)(50)), 4))
+        0.15
     """
     def f(t):
         t = jnp.minimum(jnp.asarray(t, jnp.float32), end_step)
@@ -39,9 +43,12 @@ def cosine_drop_fraction(f0: float, end_step: int) -> Schedule:
 def drop_fraction_schedule(f0: float, anneal: str, end_step: int) -> Schedule:
     """'cosine' or 'constant' drop fraction.
 
-    Example::
+    Example:
 
-        drop_fraction_schedule(0.3, 'cosine', 7500)
+        >>> from sparsejax.schedules import drop_fraction_schedule
+        >>> f = drop_fraction_schedule(0.3, 'cosine', 7500)
+        >>> print(round(float(f(3750)), 4))
+        0.15
     """
     if anneal == "cosine":
         return cosine_drop_fraction(f0, end_step)
@@ -55,9 +62,11 @@ def gradual_sparsity(final: float, begin_step: int, end_step: int,
     """Zhu & Gupta 2017, Eq. 1: ``s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(T − t_0))³``,
     ``s_i`` before ``t_0 = begin_step``, ``s_f`` from ``T = end_step`` on.
 
-    Example::
+    Example:
 
-        gradual_sparsity(0.9, 0, 100)(50)   # 0.9 · (1 − 0.5³) = 0.7875
+        >>> from sparsejax.schedules import gradual_sparsity
+        >>> print(round(float(gradual_sparsity(0.9, 0, 100)(50)), 4))   # 0.9 · (1 − 0.5³)
+        0.7875
     """
     span = max(end_step - begin_step, 1)
 
@@ -71,9 +80,11 @@ def gradual_sparsity(final: float, begin_step: int, end_step: int,
 def is_update_step(t, every: int, begin_step: int, end_step: int):
     """Mask updates at ``t = begin, begin + ΔT, …`` while ``t ≤ end_step``.
 
-    Example::
+    Example:
 
-        is_update_step(200, 100, 0, 7500)   # True
+        >>> from sparsejax.schedules import is_update_step
+        >>> bool(is_update_step(200, 100, 0, 7500)), bool(is_update_step(250, 100, 0, 7500))
+        (True, False)
     """
     t = jnp.asarray(t)
     return (t >= begin_step) & (t <= end_step) & ((t - begin_step) % every == 0)

@@ -14,10 +14,21 @@ statistics and the model's own RNG counts stay as they are. Create per-call obje
 as ``nnx.Rngs`` inside the call: an abstract evaluation (``jax.eval_shape``) cannot
 update an object made outside it.
 
-Example::
+Example:
 
-    model = surgery.replace(model, [(r'blocks/\\d+/mlp/act', lambda p, m: TopK(0.08))])
-    stem, head = surgery.stem_and_head(model, lambda m: m(x))
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import surgery
+    >>> from sparsejax.models import DecoderLM
+    >>> from sparsejax.nn import TopKActivation
+    >>> model = DecoderLM(vocab_size=16, max_len=8, d_model=8, num_heads=2, num_layers=2,
+    ...                   d_ff=16, rngs=nnx.Rngs(0))
+    >>> model = surgery.replace(model, [(r'blocks/\\d+/mlp/act',
+    ...                                  lambda p, m: TopKActivation('relu', density=0.25))])
+    >>> type(model.blocks[1].mlp.act).__name__
+    'TopKActivation'
+    >>> surgery.stem_and_head(model, lambda m: m(jnp.zeros((1, 8), jnp.int32)))
+    ('embed', 'head')
 """
 
 from __future__ import annotations
@@ -33,6 +44,8 @@ from flax import errors as flax_errors
 from flax import nnx
 
 from sparsejax import paths as P
+from sparsejax.nn.layers import Activation
+from sparsejax.nn.spark import TopKActivation
 
 Rule = tuple[str, Callable[[str, nnx.Module], nnx.Module]]
 """``(regex over module paths, fn(path, module) -> module)``."""
@@ -57,9 +70,14 @@ def module_path(path: tuple) -> str:
 def named_modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     """``(path, module)`` for every submodule (the root excluded), outer modules first.
 
-    Example::
+    Example:
 
-        [p for p, m in named_modules(model) if isinstance(m, nnx.Linear)]
+        >>> from flax import nnx
+        >>> from sparsejax.models import MLP
+        >>> from sparsejax.surgery import named_modules
+        >>> model = MLP(8, (16, 16), 4, rngs=nnx.Rngs(0))
+        >>> [p for p, m in named_modules(model) if isinstance(m, nnx.Linear)]
+        ['head', 'layers/0', 'layers/1']
     """
     found = [(module_path(p), m) for p, m in nnx.iter_modules(model) if p]
     return sorted(found, key=lambda pm: (pm[0].count("/"), pm[0]))
@@ -113,9 +131,17 @@ def replace(model: nnx.Module, rules: Sequence[Rule]) -> nnx.Module:
 
     Outer modules are matched first; modules inside a replaced one are not visited.
 
-    Example::
+    Example:
 
-        replace(model, [(r'layers/1', lambda path, lin: MyLayer(lin.in_features, rngs=...))])
+        >>> from flax import nnx
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.models import MLP
+        >>> from sparsejax.surgery import replace
+        >>> model = MLP(8, (16, 16), 4, rngs=nnx.Rngs(0))
+        >>> model = replace(model, [(r'layers/1', lambda path, lin: nnx.Linear(
+        ...     lin.in_features, 32, rngs=nnx.Rngs(1)))])
+        >>> model.layers[1].kernel.shape
+        (16, 32)
     """
     for path, module, fn in _matches(model, rules, "surgery", skip_inside=True):
         _set(model, path, fn(path, module))
@@ -136,9 +162,16 @@ class Call(NamedTuple):
 def check_call(call) -> None:
     """Raises a clear TypeError unless ``call`` is a function ``call(model) -> output``.
 
-    Example::
+    Example:
 
-        check_call(lambda m: m(x))   # fine; check_call(x) raises
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.surgery import check_call
+        >>> x = jnp.ones((2, 8))
+        >>> check_call(lambda m: m(x))   # fine
+        >>> check_call(x)
+        Traceback (most recent call last):
+        ...
+        TypeError: call must be a function call(model) -> output, e.g. call=lambda m: m(x); got ...
     """
     if not callable(call) or isinstance(call, (jax.Array, np.ndarray)):
         raise TypeError(f"call must be a function call(model) -> output, e.g. "
@@ -225,9 +258,16 @@ def trace_calls(model: nnx.Module, call: ModelCall, *, kinds: tuple,
     evaluates with ``jax.eval_shape`` (nothing is computed) and records shapes
     (``jax.ShapeDtypeStruct``) instead of arrays.
 
-    Example::
+    Example:
 
-        [c.path for c in trace_calls(model, lambda m: m(x), kinds=(nnx.Linear,), abstract=True)]
+        >>> from flax import nnx
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.models import MLP
+        >>> from sparsejax.surgery import trace_calls
+        >>> model, x = MLP(8, (16,), 4, rngs=nnx.Rngs(0)), jnp.ones((2, 8))
+        >>> calls = trace_calls(model, lambda m: m(x), kinds=(nnx.Linear,), abstract=True)
+        >>> [(c.path, c.out.shape) for c in calls]
+        [('layers/0', (2, 16)), ('head', (2, 4))]
     """
     kinds = tuple(kinds)
     return _record(model, call, [(k, "__call__") for k in kinds],
@@ -239,9 +279,15 @@ def call_order(model: nnx.Module, call: ModelCall, *,
     """Paths of the ``kinds`` modules in the order ``call(model)`` first calls them
     (abstractly evaluated, so nothing is computed).
 
-    Example::
+    Example:
 
-        call_order(model, lambda m: m(x))   # ['stem', 'blocks/0/conv1', …, 'head']
+        >>> from flax import nnx
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.models import MLP
+        >>> from sparsejax.surgery import call_order
+        >>> model = MLP(8, (16, 16), 4, rngs=nnx.Rngs(0))
+        >>> call_order(model, lambda m: m(jnp.ones((2, 8))))
+        ['layers/0', 'layers/1', 'head']
     """
     calls = trace_calls(model, call, kinds=kinds, abstract=True)
     return list(dict.fromkeys(c.path for c in calls))
@@ -259,9 +305,13 @@ def holds_weights(module: nnx.Module) -> bool:
     dims: ``nnx.Linear``, ``nnx.Conv``, ``nnx.Einsum``, ``nnx.Embed``, or a user module
     holding a kernel.
 
-    Example::
+    Example:
 
-        holds_weights(nnx.Embed(10, 4, rngs=nnx.Rngs(0)))   # True
+        >>> from flax import nnx
+        >>> from sparsejax.nn.layers import Activation
+        >>> from sparsejax.surgery import holds_weights
+        >>> holds_weights(nnx.Embed(10, 4, rngs=nnx.Rngs(0))), holds_weights(Activation('relu'))
+        (True, False)
     """
     return any(isinstance(v, nnx.Param) and _ndim(v) >= 2 for v in vars(module).values())
 
@@ -271,10 +321,17 @@ def layer_calls(model: nnx.Module, call: ModelCall) -> list[str]:
     call order; a call of ``nnx.Embed.attend`` (a tied output head) counts as a call of
     its ``nnx.Embed``. Abstractly evaluated on a copy: nothing is computed or changed.
 
-    Example::
+    Example:
 
-        layer_calls(decoder, lambda m: m(tokens, positions))
-        # ['embed', 'pos', 'blocks/0/qkv', …, 'blocks/1/down', 'embed']
+        >>> from flax import nnx
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.models import DecoderLM
+        >>> from sparsejax.surgery import layer_calls
+        >>> decoder = DecoderLM(vocab_size=16, max_len=8, d_model=8, num_heads=2, num_layers=1,
+        ...                     d_ff=16, rngs=nnx.Rngs(0))
+        >>> layer_calls(decoder, lambda m: m(jnp.zeros((1, 8), jnp.int32)))
+        ['embed', 'blocks/0/attn/q', 'blocks/0/attn/k', 'blocks/0/attn/v', 'blocks/0/attn/o',
+         'blocks/0/mlp/up', 'blocks/0/mlp/down', 'head']
     """
     layers = {p: m for p, m in named_modules(model) if holds_weights(m)}
     targets = [(type(m), "__call__") for m in layers.values()]
@@ -289,10 +346,22 @@ def stem_and_head(model: nnx.Module, call: ModelCall) -> tuple[str, str]:
     (``holds_weights``) that ``call(model)`` calls, ``nnx.Embed`` included; a tied head
     (``embed.attend``) is its ``nnx.Embed``, so stem and head may be the same module.
 
-    Example::
+    Example:
 
-        stem_and_head(cnn, lambda m: m(x, nnx.Rngs(0)))            # ('conv1', 'linear2')
-        stem_and_head(decoder, lambda m: m(tokens, positions))     # ('embed', 'embed')
+        >>> from flax import nnx
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.models import MLP
+        >>> from sparsejax.surgery import stem_and_head
+        >>> stem_and_head(MLP(8, (16, 16), 4, rngs=nnx.Rngs(0)), lambda m: m(jnp.ones((2, 8))))
+        ('layers/0', 'head')
+        >>> class Tied(nnx.Module):   # the head is the embedding table
+        ...     def __init__(self, rngs):
+        ...         self.embed = nnx.Embed(10, 4, rngs=rngs)
+        ...         self.mid = nnx.Linear(4, 4, rngs=rngs)
+        ...     def __call__(self, tokens):
+        ...         return self.embed.attend(self.mid(self.embed(tokens)))
+        >>> stem_and_head(Tied(nnx.Rngs(0)), lambda m: m(jnp.zeros((1, 3), jnp.int32)))
+        ('embed', 'embed')
     """
     order = layer_calls(model, call)
     if not order:
@@ -349,10 +418,16 @@ def default_rules(model: nnx.Module, call: ModelCall | None = None) -> list[P.Ru
     head's kernels (none for an ``nnx.Embed``, whose table is not a kernel), then
     ``paths.DEFAULT_RULES`` when a kernel is left to make sparse.
 
-    Example::
+    Example:
 
-        default_rules(cnn, lambda m: m(x, nnx.Rngs(0)))
-        # [('conv1/kernel', 'dense'), ('linear2/kernel', 'dense'), (is_kernel, 'sparse')]
+        >>> from flax import nnx
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.models import MLP
+        >>> from sparsejax.surgery import default_rules
+        >>> model = MLP(8, (16, 16), 4, rngs=nnx.Rngs(0))
+        >>> default_rules(model, lambda m: m(jnp.ones((2, 8))))
+        [('layers/0/kernel', 'dense'), ('head/kernel', 'dense'),
+         (<function is_kernel at ...>, 'sparse')]
     """
     stem, head = _defined_stem_and_head(model) if call is None else stem_and_head(model, call)
     leaves = P.named_leaves(nnx.state(model, nnx.Param))
@@ -407,10 +482,20 @@ def attach(model: nnx.Module, rules: Sequence[Rule]) -> nnx.Module:
     ``TopKActivation('relu')`` attached to ``up`` in ``nnx.relu(self.up(x))`` is exactly
     top-k ReLU; a GELU following it maps the dropped units to ``gelu(0) = 0``.
 
-    Example::
+    Example:
 
-        attach(model, [(r'blocks/\\d+/up', lambda p, m: TopKActivation('relu', density=0.1))])
-        activation_sparsity(model, call)   # {'blocks/0/up/attached': 0.1, ...}
+        >>> from flax import nnx
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.models import MLP
+        >>> from sparsejax.nn import TopKActivation
+        >>> from sparsejax.surgery import activation_sparsity, attach
+        >>> model = MLP(8, (16, 16), 4, rngs=nnx.Rngs(0))
+        >>> model = attach(model, [(r'layers/\\d+',
+        ...                         lambda p, m: TopKActivation('relu', density=0.25))])
+        >>> type(model.layers[0]).__name__, model.layers[0].kernel.shape
+        ('LinearWithActivation', (8, 16))
+        >>> activation_sparsity(model, lambda m: m(jnp.ones((2, 8))))
+        {'acts/0': 0.25, 'acts/1': 0.25, 'layers/0/attached': 0.25, 'layers/1/attached': 0.25}
     """
     for path, module, fn in _matches(model, rules, "attach", skip_inside=False):
         cls = type(module)
@@ -427,15 +512,14 @@ def attach(model: nnx.Module, rules: Sequence[Rule]) -> nnx.Module:
 
 
 def activation_kinds() -> tuple[type, ...]:
-    """sparsejax's activation modules: ``models.layers.Activation`` and ``nn.TopKActivation``.
+    """sparsejax's activation modules: ``nn.layers.Activation`` and ``nn.TopKActivation``.
 
-    Example::
+    Example:
 
-        activation_kinds()   # (Activation, TopKActivation)
+        >>> from sparsejax.surgery import activation_kinds
+        >>> [k.__name__ for k in activation_kinds()]
+        ['Activation', 'TopKActivation']
     """
-    from sparsejax.models.layers import Activation
-    from sparsejax.nn.spark import TopKActivation
-
     return (Activation, TopKActivation)
 
 
@@ -451,10 +535,23 @@ def activation_sparsity(model: nnx.Module, call: ModelCall, *, kinds=None,
     Runs ``call`` eagerly on a copy of the model; a module called more than once reports
     its last call.
 
-    Example::
+    Example:
 
-        activation_sparsity(model, lambda m: m(x))   # {'blocks/0/mlp/act': 0.12, ...}
-        activation_sparsity(cnn, lambda m: m(x, nnx.Rngs(0)), after={'linear1': nnx.relu})
+        >>> from flax import nnx
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.models import MLP
+        >>> from sparsejax.surgery import activation_sparsity
+        >>> x = jnp.ones((2, 8))
+        >>> activation_sparsity(MLP(8, (16,), 4, rngs=nnx.Rngs(0)), lambda m: m(x))
+        {'acts/0': 0.625}
+        >>> class Net(nnx.Module):   # relu by a plain function
+        ...     def __init__(self, rngs):
+        ...         self.up = nnx.Linear(8, 32, rngs=rngs)
+        ...         self.down = nnx.Linear(32, 2, rngs=rngs)
+        ...     def __call__(self, x):
+        ...         return self.down(nnx.relu(self.up(x)))
+        >>> activation_sparsity(Net(nnx.Rngs(0)), lambda m: m(x), after={'up': nnx.relu})
+        {'up': 0.5}
     """
     kinds = activation_kinds() if kinds is None else tuple(kinds)
     after = dict(after or {})

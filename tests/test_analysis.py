@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from configs import quickstart  # noqa: E402
 from sparsejax import analysis as A  # noqa: E402
 from sparsejax import dst, global_sparsity, mask_counts  # noqa: E402
-from sparsejax.models.layers import Activation, Attention  # noqa: E402
+from sparsejax.nn.layers import Activation, Attention  # noqa: E402
 from sparsejax.nn.spark import SparkAttention  # noqa: E402
 from sparsejax.train import CheckpointError, make_trainer, train_and_evaluate  # noqa: E402
 
@@ -296,7 +296,7 @@ def test_attention_probs_reproduce_the_module_output(spark):
         attn, t = SparseAttention(8, 2, causal=True, pattern="window", window=16,
                                   block_size=16, rngs=nnx.Rngs(1)), 48
     elif spark:
-        attn = SparkAttention(8, 2, causal=True, k=2, rngs=nnx.Rngs(1))
+        attn = SparkAttention(8, 2, causal=True, keys_per_query=2, rngs=nnx.Rngs(1))
     else:
         attn = Attention(8, 2, causal=True, rngs=nnx.Rngs(1))
     model = Wrap(attn)

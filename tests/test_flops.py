@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec as P
 
 import sparsejax
 from sparsejax import flops as F
-from sparsejax.models import MLP, Block
+from sparsejax.models import MLP
+from sparsejax.nn.layers import Block
 
 ACT = F.ACTIVATION_KEY
 

@@ -143,13 +143,13 @@ def test_bad_input():
     with pytest.raises(ValueError, match="unknown Sparse-IFT family 'sparse_deep'"):
         ift.transform(_mlp(), "sparse_deep", 0.5, call=lambda m: m(x))
     with pytest.raises(ValueError, match=r"match no Linear/Conv module: \['acts/0'\]"):
-        ift.transform(_mlp(), "doped", 0.5, rules=["acts/0"])
+        ift.transform(_mlp(), "doped", 0.5, layers=["acts/0"])
     grouped = nnx.Conv(8, 8, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="grouped convolutions"):
         SparseParallel(grouped, 2, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="transforms nnx.Linear and nnx.Conv layers, not LayerNorm"):
         SparseDoped(nnx.LayerNorm(4, rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="needs rules, or call"):
+    with pytest.raises(ValueError, match="needs layers, or call"):
         ift.transform(_mlp(), "doped", 0.5)
     with pytest.raises(TypeError, match="call must be a function call\\(model\\)"):
         ift.transform(_mlp(), "doped", 0.5, call=x)
@@ -303,7 +303,10 @@ def test_rules_selecting_an_einsum_are_an_error():
     dec = Decoder(rngs=nnx.Rngs(0))
     einsum = r"selects module 'blocks/0/qkv' \(Einsum\); Sparse-IFT transforms nnx.Linear"
     with pytest.raises(TypeError, match=einsum):
-        ift.transform(dec, "doped", 0.5, rules=[r"blocks/0/(qkv|up)"])
+        ift.transform(dec, "doped", 0.5, layers=[r"blocks/0/(qkv|up)"])
     assert isinstance(dec.blocks[0].up, nnx.Linear)  # nothing was rewritten
     paths = ift.select(dec, [r"blocks/\d+/(up|down)"])
     assert paths == ["blocks/0/down", "blocks/0/up", "blocks/1/down", "blocks/1/up"]
+    # a layers pattern may be a sparsejax.paths predicate (path, module), as rules may
+    ups = ift.select(dec, [lambda path, m: isinstance(m, nnx.Linear) and path.endswith("up")])
+    assert ups == ["blocks/0/up", "blocks/1/up"]

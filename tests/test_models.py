@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax.models import (ATTENTIONS, FFNS, FFN, DataInfo, DecoderLM, ResNet, ViT,
-                              build_model)
-from sparsejax.models.layers import dot_product_attention
+from sparsejax.models import ATTENTIONS, FFNS, DecoderLM, ResNet, ViT
+from sparsejax.nn.layers import FFN, dot_product_attention
+from sparsejax.train.build import build_model
+from sparsejax.train.data import DataInfo
 
 IMG = DataInfo("classification", (8, 8, 1), 10)
 
@@ -21,9 +22,10 @@ IMG = DataInfo("classification", (8, 8, 1), 10)
     ("lm", DataInfo("lm", (12,), 20), jnp.ones((2, 12), jnp.int32), (2, 12, 20)),
 ])
 def test_build_model_shapes(name, info, x, out):
-    cfg = mc.ConfigDict({"name": name, "depth": 8, "patch_size": 2, "d_model": 32,
-                         "num_heads": 2, "d_ff": 64})
-    model = build_model(cfg, info, nnx.Rngs(0))
+    cfg = {"mlp": {"hidden": (16,)}, "resnet": {"depth": 8},
+           "vit": {"patch_size": 2, "d_model": 32, "num_heads": 2, "d_ff": 64},
+           "lm": {"d_model": 32, "num_heads": 2, "d_ff": 64}}[name]
+    model = build_model(name, mc.ConfigDict(cfg), info, nnx.Rngs(0))
     y = model(x)
     assert y.shape == out and bool(jnp.all(jnp.isfinite(y)))
 
@@ -58,30 +60,38 @@ def test_vit_activation_is_selectable():
         ViT(activation="swishy", rngs=nnx.Rngs(0), **kw)
 
 
-def test_ffn_is_replaceable_by_registry():
+def test_ffn_is_replaceable_by_passing_the_class():
     class DoubledFFN(FFN):
         def __call__(self, x):
             return 2 * super().__call__(x)
 
-    FFNS["doubled"] = DoubledFFN
-    try:
-        kw = dict(vocab_size=9, max_len=6, d_model=16, num_heads=2, num_layers=1, d_ff=32)
-        base = DecoderLM(rngs=nnx.Rngs(0), **kw)
-        swapped = DecoderLM(ffn="doubled", rngs=nnx.Rngs(0), **kw)
-        assert isinstance(swapped.blocks[0].mlp, DoubledFFN)
-        x = jnp.ones((1, 16))
-        np.testing.assert_allclose(swapped.blocks[0].mlp(x), 2 * base.blocks[0].mlp(x), rtol=1e-6)
-    finally:
-        del FFNS["doubled"]
-    assert "dense" in ATTENTIONS
+    kw = dict(vocab_size=9, max_len=6, d_model=16, num_heads=2, num_layers=1, d_ff=32)
+    base = DecoderLM(rngs=nnx.Rngs(0), **kw)
+    swapped = DecoderLM(ffn=DoubledFFN, rngs=nnx.Rngs(0), **kw)
+    assert isinstance(swapped.blocks[0].mlp, DoubledFFN)
+    x = jnp.ones((1, 16))
+    np.testing.assert_allclose(swapped.blocks[0].mlp(x), 2 * base.blocks[0].mlp(x), rtol=1e-6)
+    # names come from fixed tables, and options are the module's own keywords
+    assert set(ATTENTIONS) == {"dense", "spark", "sparse"}
+    assert set(FFNS) == {"dense", "topk", "stopk", "spark", "block"}
+    spark = DecoderLM(ffn="spark", ffn_options={"density": 0.2}, rngs=nnx.Rngs(0), **kw)
+    assert spark.blocks[0].mlp.density == 0.2
 
 
 def test_model_errors_are_clear():
     with pytest.raises(ValueError, match="6n\\+2"):
         ResNet(depth=10, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="unknown model 'mpl'"):
-        build_model(mc.ConfigDict({"name": "mpl"}), IMG, nnx.Rngs(0))
+        build_model("mpl", {}, IMG, nnx.Rngs(0))
     with pytest.raises(ValueError, match="is a lm model"):
-        build_model(mc.ConfigDict({"name": "lm"}), IMG, nnx.Rngs(0))
+        build_model("lm", {}, IMG, nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"MLP takes no argument\(s\) \['hiden'\]; config.model "
+                                         r"accepts \['activation', 'hidden'\]"):
+        build_model("mlp", {"hiden": (8,)}, IMG, nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"takes no argument\(s\) \['num_classes'\]"):
+        build_model("mlp", {"hidden": (8,), "num_classes": 3}, IMG, nnx.Rngs(0))  # the data's
     with pytest.raises(ValueError, match="unknown ffn"):
         DecoderLM(vocab_size=5, max_len=4, ffn="sparkle", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"ffn 'spark' takes no option\(s\) \['k'\]; it accepts "
+                                         r"\['density', 'r'\]"):
+        DecoderLM(vocab_size=5, max_len=4, ffn="spark", ffn_options={"k": 3}, rngs=nnx.Rngs(0))

@@ -76,3 +76,33 @@ def test_ci_runs_the_readme_test_command(root):
     install = next(line for line in lines if "pip install" in line)
     assert install in ci
     assert any("experiments.train --config configs/quickstart.py" in line for line in lines)
+
+
+def test_every_readme_command_names_real_modules_configs_and_keys(root):
+    """Each ``python3 -m`` line of README's bash blocks: the module exists; for the
+    launcher, the config file builds with its argument and every ``--config.x.y=v``
+    override names a key the config has (the short runs themselves are CI's smoke run and
+    the notebook and kernel tests)."""
+    import importlib
+    import importlib.util
+    import shlex
+
+    lines = [l for l in _bash_lines((root / "README.md").read_text()) if "python3 -m " in l]
+    assert len(lines) >= 10
+    for line in lines:
+        argv = shlex.split(line.split("#")[0].replace("$HOME", "/home"))
+        module = argv[argv.index("-m") + 1]
+        if module in ("pip", "pytest"):
+            continue
+        assert importlib.util.find_spec(module) is not None, line
+        if module != "experiments.train":
+            continue
+        path, _, arg = argv[argv.index("--config") + 1].partition(":")
+        config = importlib.import_module(path[:-3].replace("/", ".")).get_config(arg or None)
+        for flag in (a for a in argv if a.startswith("--config.")):
+            key, _, value = flag[len("--config."):].partition("=")
+            *parents, leaf = key.split(".")
+            section = config
+            for p in parents:
+                section = section[p]
+            assert leaf in section, f"{line}: config has no key {key!r}"

@@ -71,10 +71,10 @@ def test_transformers_select_activation_sparse_ffn_from_config(ffn):
 
     cfg = (vit_digits if ffn != "spark" else lm_recall).get_config("tiny")
     with cfg.unlocked():
-        cfg.model.ffn = ffn
+        cfg.model.ffn, cfg.model.ffn_options = ffn, {"density": 0.08}
         cfg.model.activation = "relu"
         if ffn == "spark":  # Spark FFN + Spark attention in the decoder LM
-            cfg.model.attention, cfg.model.attn_k = "spark", 4
+            cfg.model.attention, cfg.model.attention_options = "spark", {"keys_per_query": 4}
     t = make_trainer(cfg)
     with jax.set_mesh(t.mesh):
         state = t.init(jax.random.PRNGKey(0))
@@ -83,10 +83,10 @@ def test_transformers_select_activation_sparse_ffn_from_config(ffn):
             state, stats = t.step(state, t.device_batch(next(it)))
     assert np.isfinite(float(stats["loss_sum"]))
     if ffn == "block":  # block-sparse training path of the FFN kernel
-        from sparsejax.models import build_model
         from sparsejax.nn import BlockSparseFFN
+        from sparsejax.train.build import build_model
 
-        mlp = build_model(cfg.model, t.dataset.info, nnx.Rngs(0)).blocks[0].mlp
+        mlp = build_model(cfg.model_name, cfg.model, t.dataset.info, nnx.Rngs(0)).blocks[0].mlp
         assert isinstance(mlp, BlockSparseFFN) and mlp.keep_blocks == 1
     if ffn == "spark":
         assert "k1" in state.params["blocks"][0]["mlp"]
@@ -107,7 +107,7 @@ def test_bad_input():
 def test_spark_attention_equals_dense_reference_with_the_same_mask():
     from sparsejax.nn.spark import SparkAttention, spark_key_mask
 
-    attn = SparkAttention(32, 2, causal=True, k=6, rngs=nnx.Rngs(0))
+    attn = SparkAttention(32, 2, causal=True, keys_per_query=6, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 40, 32))
     heads = lambda lin: lin(x).reshape(2, 40, 2, 16)  # noqa: E731
     q, k, v = heads(attn.q), heads(attn.k), heads(attn.v)
@@ -131,8 +131,8 @@ def test_spark_attention_equals_dense_reference_with_the_same_mask():
     np.testing.assert_allclose(attn(x), want, rtol=1e-5, atol=1e-5)
     kept = np.asarray(keep).sum(-1)[..., 20:]  # rows with more than k valid keys
     assert 2 <= kept.mean() <= 12  # about k = 6 keys per query
-    with pytest.raises(ValueError, match="k > 0 keys"):
-        SparkAttention(32, 2, causal=True, k=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="keys_per_query > 0"):
+        SparkAttention(32, 2, causal=True, keys_per_query=0, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("cls", [SparkFFN, TopKFFN, StatisticalTopKFFN])
@@ -147,7 +147,7 @@ def test_decode_reading_selected_units_equals_the_module(cls):
 
 
 def test_block_sparse_ffn_computes_the_best_blocks_of_each_tile():
-    from sparsejax.models.layers import FFN
+    from sparsejax.nn.layers import FFN
     from sparsejax.nn import BlockSparseFFN
 
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 64))           # 64 tokens, 2 tiles

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax.models.layers import Attention, dot_product_attention
+from sparsejax.nn.layers import Attention, dot_product_attention
 from sparsejax.nn import SparseAttention
 from sparsejax.kernels.block_sparse_attention.masks import block_mean
 
@@ -14,7 +14,7 @@ D_MODEL, HEADS, T = 64, 4, 64
 
 
 def _layer(pattern, causal=True, **kw):
-    opts = dict(block_size=16, window=24, sinks=3, stride=32, keep=2, k=32)
+    opts = dict(block_size=16, window=24, sinks=3, stride=32, keep=2, keys_per_query=32)
     return SparseAttention(D_MODEL, HEADS, causal=causal, pattern=pattern, rngs=nnx.Rngs(0),
                            **{**opts, **kw})
 
@@ -96,7 +96,7 @@ def test_gated_pattern_keeps_the_top_pooled_blocks():
 
 
 def test_spark_pattern_selects_about_k_keys_per_query_by_statistical_top_k():
-    layer, x = _layer("spark", k=32, causal=False, d_low=8), _x()
+    layer, x = _layer("spark", keys_per_query=32, causal=False, d_low=8), _x()
     q, k, _ = _qkv(layer, x)
     dense = np.asarray(layer.block_mask(q, k).dense())
     nb = T // 16
@@ -129,13 +129,15 @@ def test_block_mean_averages_only_real_positions():
 
 def test_selectable_from_config_in_lm_and_vit(root):
     from configs import lm_recall, vit_digits
-    from sparsejax.models import DataInfo, build_model
+    from sparsejax.train.build import build_model
+    from sparsejax.train.data import DataInfo
 
     for mod, pattern, info in ((lm_recall, "spark", DataInfo("lm", (64,), 40)),
                                (vit_digits, "full", DataInfo("classification", (8, 8, 1), 10))):
         c = mod.get_config("tiny")
-        c.model.attention, c.model.attn_pattern = "sparse", pattern
-        model = build_model(c.model, info, nnx.Rngs(0))
+        c.model.attention = "sparse"
+        c.model.attention_options = dict(pattern=pattern, block_size=16, window=32, sinks=4)
+        model = build_model(c.model_name, c.model, info, nnx.Rngs(0))
         attn = model.blocks[0].attn
         assert isinstance(attn, SparseAttention) and attn.pattern == pattern
         assert (attn.block_size, attn.window, attn.sinks) == (16, 32, 4)

@@ -18,8 +18,8 @@ from sparsejax.train.checkpoint import abstract_like
 from sparsejax.train.data import BatchIterator
 
 
-def tiny(**overrides):
-    cfg = quickstart.get_config("tiny")
+def tiny(method="", **overrides):
+    cfg = quickstart.get_config(f"{method},tiny")
     with cfg.unlocked():
         cfg.model.hidden = (64, 64)
         for k, v in overrides.items():
@@ -80,7 +80,7 @@ def test_sharded_training_equals_single_device():
 
 @pytest.mark.parametrize("method", ["dense", "rigl"])
 def test_step_compiles_once(method):
-    t, state, _ = run_steps(tiny(**{"sparsity.name": method}), 1)  # tiny: masks update every 5
+    t, state, _ = run_steps(tiny(method), 1)  # tiny: masks update every 5
     with jax.set_mesh(t.mesh):
         it = BatchIterator(t.dataset.train, 32, 0, position=1)
         for _ in range(7):  # crosses the mask update at t=5
@@ -91,7 +91,7 @@ def test_step_compiles_once(method):
 @pytest.mark.parametrize("make_cfg", [
     lambda: vit_digits.get_config("tiny"),
     lambda: lm_recall.get_config("tiny"),
-    lambda: tiny(**{"model.name": "resnet", "model.depth": 8}),
+    lambda: tiny(**{"model_name": "resnet", "model": {"depth": 8}}),
 ], ids=["vit", "lm", "resnet"])
 def test_reference_models_train(make_cfg):
     cfg = make_cfg()
@@ -101,7 +101,7 @@ def test_reference_models_train(make_cfg):
     changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.params),
                                                      jax.tree.leaves(init.params))]
     assert all(changed)
-    if cfg.model.name == "resnet":  # BatchNorm running statistics move in train mode
+    if cfg.model_name == "resnet":  # BatchNorm running statistics move in train mode
         assert jax.tree.leaves(state.rest)
         assert not np.allclose(state.rest["stem_bn"]["mean"], init.rest["stem_bn"]["mean"])
     assert int(state.step) == 3
@@ -119,7 +119,7 @@ def test_nm_transformers_train_and_log_diagnostics(arg, tmp_path):
 
 @pytest.mark.parametrize("method", ["dense", "rigl"])
 def test_checkpoint_round_trip_is_exact(tmp_path, method):
-    t, state, _ = run_steps(tiny(**{"mesh.shape": (4, 2), "sparsity.name": method,
+    t, state, _ = run_steps(tiny(method, **{"mesh.shape": (4, 2),
                                     "sharding_rules": ((r"layers/.*/kernel", (None, "model")),)}), 7)
     ckpt = Checkpointer(tmp_path)
     ckpt.save(2, state, data_position=2)
@@ -187,21 +187,26 @@ def trained_workdir(tmp_path):
     ({"data.name": "cifar11"}, "unknown dataset 'cifar11'"),
     ({"data.name": "tfds", "data.tfds_name": "mnist", "data.data_dir": "/nonexistent/tfds"},
      "tfds dataset 'mnist' is not prepared"),
-    ({"model.name": "lm"}, "is a lm model"),
+    ({"model_name": "lm"}, "is a lm model"),
+    ({"model.hiden": (8,)}, r"MLP takes no argument\(s\) \['hiden'\]"),
     ({"sparsity.name": "magic"}, "unknown sparsity transform 'magic'"),
-    ({"sparsity.name": "rigl", "sparsity.sparsity": 1.0}, "sparsity 1.0 is outside"),
-    ({"sparsity.name": "rigl", "sparsity.distribution": "erx"}, "unknown distribution 'erx'"),
-    ({"sparsity.name": "static", "sparsity.rules": (("encoder/.*", "sparse"),)},
-     "rules match no parameter"),
-    ({"sparsity.name": "nm_ste", "sparsity.pattern": "4:4"}, "N:M pattern 4:4 needs 0 < N < M"),
-    ({"sparsity.name": "nm_ste", "sparsity.pattern": "1:128"}, "not divisible by M=128"),
-    ({"sparsity.name": "mdgf", "sparsity.decay": "cosine"}, "unknown decay 'cosine'"),
+    ({"sparsity.name": "rigl"}, r"config.sparsity \(name='rigl'\) must set \['end_step', 'sparsity'\]"),
+    ({"rigl.sparsity.sparsity": 1.0}, "sparsity 1.0 is outside"),
+    ({"rigl.sparsity.distribution": "erx"}, "unknown distribution 'erx'"),
+    ({"static.sparsity.rules": (("encoder/.*", "sparse"),)}, "rules match no parameter"),
+    ({"nm_ste.sparsity.pattern": "4:4"}, "N:M pattern 4:4 needs 0 < N < M"),
+    ({"nm_ste.sparsity.pattern": "1:128"}, "not divisible by M=128"),
+    ({"mdgf.sparsity.decay": "cosine"}, "unknown decay 'cosine'"),
+    ({"rigl.sparsity.pattern": "2:4"}, r"unknown key\(s\) \['pattern'\]"),
     ({"batch_size": 12}, "batch_size=12 is not divisible by the 8 data shards"),
     ({"num_steps": 0}, "config.num_steps must be positive"),
 ])
 def test_bad_config_is_clear_and_leaves_checkpoints_intact(trained_workdir, override, message):
+    """Keys ``method.section.leaf`` start from ``get_config('method,tiny')``."""
     before = tree_digest(trained_workdir)
-    cfg = quickstart.get_config("tiny")
+    (key,) = [k for k in override if k.count(".") == 2] or [None]
+    cfg = quickstart.get_config(f"{key.split('.')[0]},tiny" if key else "tiny")
+    override = {(k.split(".", 1)[1] if k == key else k): v for k, v in override.items()}
     with cfg.unlocked():
         for k, v in override.items():
             section, _, leaf = k.rpartition(".")

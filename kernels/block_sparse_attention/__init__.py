@@ -8,13 +8,20 @@ applied in-kernel), plus the transposed lists for the backward (FlexAttention-st
 falls back to XLA (``xla.py``) elsewhere; ``reference.attention_reference`` defines the
 answer (rows with no visible key give 0).
 
-Example::
+Example:
 
-    from sparsejax.kernels.block_sparse_attention import block_sparse_attention, masks
-    m = masks.sliding_window_mask(4096, 512, sinks=16, block_q=128, block_k=64)
-    out = block_sparse_attention(q, k, v, m)                       # [B, 4096, H, D]
-    g = masks.gated_block_mask(q, k, keep=8, block_q=128, block_k=64, causal=True)
-    out = block_sparse_attention(q, k, v, g, implementation="xla_blocks")
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax.kernels.block_sparse_attention import (attention_reference,
+    ...                                                       block_sparse_attention, masks)
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 128, 2, 16))
+    >>> m = masks.sliding_window_mask(128, 32, sinks=16, block_q=32, block_k=16)
+    >>> out = block_sparse_attention(q, k, v, m)                       # [B, 128, H, D]
+    >>> g = masks.gated_block_mask(q, k, keep=2, block_q=32, block_k=16, causal=True)
+    >>> out_g = jax.jit(lambda q, k, v: block_sparse_attention(
+    ...     q, k, v, g, implementation="xla_blocks"))(q, k, v)
+    >>> err = lambda o, m: float(jnp.abs(o - attention_reference(q, k, v, m.dense())).max())
+    >>> out.shape, err(out, m) < 1e-5, err(out_g, g) < 1e-5
+    ((1, 128, 2, 16), True, True)
 
 Not built here (no GPU was available to test them), and what each would need:
 

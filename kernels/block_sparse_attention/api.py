@@ -15,11 +15,19 @@ the default never silently runs the interpreter. Sequences that are not multiple
 block sizes are not padded: the default falls back to XLA (the mask handles the ragged last
 block), and an explicit ``"pallas"`` raises.
 
-Example::
+Example:
 
-    m = masks.causal_mask(4096, block_q=128, block_k=64)
-    out = block_sparse_attention(q, k, v, m)             # [B, T, H, D]
-    jax.grad(lambda q: block_sparse_attention(q, k, v, m).sum())(q)
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax.kernels.block_sparse_attention import masks, reference
+    >>> from sparsejax.kernels.block_sparse_attention.api import block_sparse_attention
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 64, 2, 16))
+    >>> m = masks.causal_mask(64, block_q=16, block_k=16)
+    >>> out = block_sparse_attention(q, k, v, m)             # [B, T, H, D]
+    >>> g = jax.jit(jax.grad(lambda q: block_sparse_attention(q, k, v, m).sum()))(q)
+    >>> g_ref = jax.jit(jax.grad(
+    ...     lambda q: reference.attention_reference(q, k, v, m.dense()).sum()))(q)
+    >>> out.shape, float(jnp.abs(g - g_ref).max()) < 1e-4
+    ((1, 64, 2, 16), True)
 """
 
 from __future__ import annotations
@@ -39,9 +47,17 @@ def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask) -> N
     ``q: [B, T, H, D]``, ``k, v: [B, S, Hkv, D]`` with ``H % Hkv == 0``; ``mask`` built for
     ``(T, S)`` with mask batch/heads in ``{1, B}`` / ``{1, H}``.
 
-    Example::
+    Example:
 
-        check_inputs(q, k, v, masks.causal_mask(q.shape[1], block_q=64, block_k=64))
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention import masks
+        >>> from sparsejax.kernels.block_sparse_attention.api import check_inputs
+        >>> q, k, v = jnp.zeros((3, 1, 64, 2, 16))
+        >>> check_inputs(q, k, v, masks.causal_mask(q.shape[1], block_q=16, block_k=16))   # ok
+        >>> check_inputs(q, k, v, masks.causal_mask(128, block_q=16, block_k=16))
+        Traceback (most recent call last):
+            ...
+        ValueError: mask was built for seq_q=128, seq_k=128 but q has seq 64 and k has seq 64
     """
     if not isinstance(mask, BlockMask):
         raise ValueError(f"mask must be a BlockMask (see masks.py); got {type(mask).__name__}")
@@ -76,10 +92,24 @@ def choose_implementation(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockM
     Raises ValueError for an unknown name, or for ``"pallas"`` on inputs the kernel cannot
     take (naming why).
 
-    Example::
+    Example:
 
-        choose_implementation(q, k, v, m)                  # "pallas" on GPU, "xla" on CPU
-        choose_implementation(q, k, v, m, interpret=True)  # "pallas" (interpreted) if it fits
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention import masks
+        >>> from sparsejax.kernels.block_sparse_attention.api import choose_implementation
+        >>> q, k, v = jnp.zeros((3, 1, 32, 2, 64))
+        >>> m = masks.causal_mask(32, block_q=16, block_k=16)
+        >>> choose_implementation(q, k, v, m)                  # "pallas" on GPU, "xla" on CPU
+        'xla'
+        >>> choose_implementation(q, k, v, m, interpret=True)  # "pallas" (interpreted) if it fits
+        'pallas'
+        >>> q32, k32, v32 = q[..., :32], k[..., :32], v[..., :32]   # head dim 32: it does not
+        >>> choose_implementation(q32, k32, v32, m, interpret=True)
+        'xla'
+        >>> choose_implementation(q32, k32, v32, m, "pallas")
+        Traceback (most recent call last):
+            ...
+        ValueError: head dim 32 is not supported by the Pallas kernel (needs one of (64, 128))
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} is not one of "
@@ -107,10 +137,17 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Block
     "xla_blocks"} (see the module docstring for the choice and the fallbacks);
     ``interpret`` (Pallas only) defaults to ``not on_gpu()``.
 
-    Example::
+    Example:
 
-        m = masks.sliding_window_mask(2048, 256, sinks=16, block_q=128, block_k=64)
-        out = block_sparse_attention(q, k, v, m, implementation="xla_blocks")
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention import masks, reference
+        >>> from sparsejax.kernels.block_sparse_attention.api import block_sparse_attention
+        >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 256, 2, 16))
+        >>> m = masks.sliding_window_mask(256, 32, sinks=16, block_q=32, block_k=16)
+        >>> out = jax.jit(lambda q, k, v: block_sparse_attention(
+        ...     q, k, v, m, implementation="xla_blocks"))(q, k, v)
+        >>> float(jnp.abs(out - reference.attention_reference(q, k, v, m.dense())).max()) < 1e-5
+        True
     """
     check_inputs(q, k, v, mask)
     impl = choose_implementation(q, k, v, mask, implementation, interpret)

@@ -22,10 +22,12 @@ baseline, the ideal ``1/(1-s) = 1/density`` and the fraction of it reached. GPU 
     python3 -m sparsejax.kernels.block_sparse_attention.bench --quick   # < 1 min on CPU
     python3 -m sparsejax.kernels.block_sparse_attention.bench           # 4k and 16k, GPU
 
-Example::
+Example:
 
-    rows = bench_rows(seq=512, batch=1, heads=2, head_dim=128, dtype=jnp.bfloat16,
-                      block_q=64, block_k=64, gpu=False, repeats=3)
+    >>> from sparsejax.kernels.block_sparse_attention import bench
+    >>> [round(float(bench.random_block_mask(1024, s, block_q=64, block_k=64).block_density), 3)
+    ...  for s in bench.SPARSITIES]          # block densities of the masks timed at 0/50/90%
+    [1.0, 0.449, 0.098]
 """
 
 from __future__ import annotations
@@ -49,9 +51,15 @@ def random_block_mask(seq: int, sparsity: float, *, block_q: int, block_k: int,
                       seed: int = 0) -> BlockMask:
     """Random block mask at about ``sparsity`` (fraction of blocks skipped), diagonal kept.
 
-    Example::
+    Example:
 
-        m = random_block_mask(4096, 0.9, block_q=128, block_k=64)
+        >>> from sparsejax.kernels.block_sparse_attention.bench import random_block_mask
+        >>> m = random_block_mask(4096, 0.9, block_q=128, block_k=64)
+        >>> round(float(m.block_density), 3), m.num_q_blocks, m.num_k_blocks
+        (0.106, 32, 64)
+        >>> full = m.block_classes()[0][0, 0]
+        >>> bool(all(full[i, 2 * i] for i in range(32)))     # the diagonal blocks are kept
+        True
     """
     n_q, n_k = seq // block_q, seq // block_k
     diagonal = np.zeros((n_q, n_k), bool)
@@ -100,9 +108,17 @@ def bench_rows(seq: int, batch: int, heads: int, head_dim: int, dtype, block_q: 
                block_k: int, gpu: bool, repeats: int = 5) -> list[dict]:
     """Times every (mask, implementation) against the dense baselines at one length.
 
-    Example::
+    ``bench_rows(512, 1, 2, 128, jnp.bfloat16, 64, 64, gpu=False, repeats=3)`` takes
+    seconds on CPU; a bad block size fails before anything is timed.
 
-        bench_rows(512, 1, 2, 128, jnp.bfloat16, 64, 64, gpu=False, repeats=3)
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention.bench import bench_rows
+        >>> bench_rows(512, 1, 2, 128, jnp.bfloat16, 48, 64, gpu=False, repeats=3)
+        Traceback (most recent call last):
+            ...
+        ValueError: block_q=48 must be a power of two >= 16 (Triton tiles are powers of two)
     """
     ks = jax.random.split(jax.random.key(seq), 4)
     shape = (batch, seq, heads, head_dim)
@@ -163,9 +179,18 @@ def bench_rows(seq: int, batch: int, heads: int, head_dim: int, dtype, block_q: 
 def print_table(rows: list[dict], gpu: bool) -> None:
     """Prints one line per (seq, mode, implementation, mask).
 
-    Example::
+    Example:
 
-        print_table(bench_rows(512, 1, 2, 128, jnp.bfloat16, 64, 64, False, 3), False)
+        >>> from sparsejax.kernels.block_sparse_attention.bench import print_table
+        >>> row = dict(seq=4096, mode="fwd", name="pallas/sparsity_90", impl="pallas",  # made up
+        ...            mask="sparsity_90", sparsity=0.9, ms=1.5, tflops=300.0,
+        ...            speedup_vs_dense=6.2, ideal_speedup=10.0, fraction_of_ideal=0.62)
+        >>> print_table([row], gpu=True)
+           seq     mode               name sparsity         ms  TFLOP/s vs dense  ideal of ideal
+          4096      fwd pallas/sparsity_90    90.0%      1.500  300.000    6.20x  10.0x      62%
+        GPU targets: >= 5.0x over dense cuDNN at 90% sparsity (fwd and fwd+bwd);
+        dense mode >= 0.5x cuDNN.
+          seq 4096 fwd sparsity_90: 6.20x (target 5.0x) met
     """
     print(f"{'seq':>6} {'mode':>8} {'name':>26} {'sparsity':>8} {'ms':>10} {'TFLOP/s':>8} "
           f"{'vs dense':>8} {'ideal':>6} {'of ideal':>8}")
@@ -191,9 +216,21 @@ def print_table(rows: list[dict], gpu: bool) -> None:
 def main(argv=None) -> None:
     """Command line: runs the bench, prints the table, writes the JSON.
 
-    Example::
+    ``main(["--quick", "--out=/tmp/bsa.json"])`` runs the quick bench (< 1 min on CPU). A
+    bad argument fails before anything is timed or written.
 
-        main(["--quick", "--out=/tmp/bsa.json"])
+    Example:
+
+        >>> import os, tempfile
+        >>> from sparsejax.kernels.block_sparse_attention.bench import main
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> main(["--quick", "--block_q=48", f"--out={tmp.name}/bsa.json"])
+        Traceback (most recent call last):
+            ...
+        ValueError: block_q=48 must be a power of two >= 16 (Triton tiles are powers of two)
+        >>> os.listdir(tmp.name)
+        []
+        >>> tmp.cleanup()
     """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, < 1 min on CPU")

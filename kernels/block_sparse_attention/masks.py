@@ -18,12 +18,14 @@ gated mask, else the number of blocks); entries past the count are 0 and never r
 
 Positions past ``seq_q`` / ``seq_k`` (a ragged last block) are never visible.
 
-Example::
+Example:
 
-    from sparsejax.kernels.block_sparse_attention import masks
-    m = masks.sliding_window_mask(1024, 256, sinks=16, block_q=64, block_k=64)
-    m.dense().shape        # (1, 1, 1024, 1024) element mask
-    float(m.block_density) # fraction of (query block, key block) pairs visited
+    >>> from sparsejax.kernels.block_sparse_attention import masks
+    >>> m = masks.sliding_window_mask(256, 64, sinks=16, block_q=32, block_k=32)
+    >>> m.dense().shape        # element mask
+    (1, 1, 256, 256)
+    >>> float(m.block_density) # fraction of (query block, key block) pairs visited
+    0.40625
 """
 
 from __future__ import annotations
@@ -58,10 +60,18 @@ class ElementRule:
     ``offset = seq_k - seq_q`` aligns a causal mask to the bottom-right, as
     ``jnp.tril(ones, k=seq_k - seq_q)`` does.
 
-    Example::
+    Example:
 
-        rule = ElementRule(causal=True, window=128, sinks=4)
-        rule(jnp.arange(8)[:, None], jnp.arange(8)[None, :])   # [8, 8] bool
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention.masks import ElementRule
+        >>> rule = ElementRule(causal=True, window=3, sinks=1)
+        >>> rule(jnp.arange(6)[:, None], jnp.arange(6)[None, :]).astype(int)   # [6, 6]
+        Array([[1, 0, 0, 0, 0, 0],
+               [1, 1, 0, 0, 0, 0],
+               [1, 1, 1, 0, 0, 0],
+               [1, 1, 1, 1, 0, 0],
+               [1, 0, 1, 1, 1, 0],
+               [1, 0, 0, 1, 1, 1]], dtype=int32)
     """
 
     causal: bool = False
@@ -75,18 +85,24 @@ class ElementRule:
     def is_trivial(self) -> bool:
         """Whether every element is visible (block-granular masks: only full blocks).
 
-        Example::
+        Example:
 
-            ElementRule().is_trivial   # True
+            >>> from sparsejax.kernels.block_sparse_attention.masks import ElementRule
+            >>> ElementRule().is_trivial, ElementRule(causal=True).is_trivial
+            (True, False)
         """
         return not self.causal and self.window is None and self.stride is None
 
     def __call__(self, qpos, kpos):
         """Boolean visibility for broadcastable int position arrays (numpy or jax).
 
-        Example::
+        Example:
 
-            ElementRule(causal=True)(np.arange(4)[:, None], np.arange(4)[None, :])
+            >>> import numpy as np
+            >>> from sparsejax.kernels.block_sparse_attention.masks import ElementRule
+            >>> vis = ElementRule(causal=True)(np.arange(4)[:, None], np.arange(4)[None, :])
+            >>> type(vis).__name__, vis.astype(int).tolist()
+            ('ndarray', [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
         """
         is_np = isinstance(qpos, np.ndarray) and isinstance(kpos, np.ndarray)
         d = (qpos + self.offset) - kpos
@@ -124,11 +140,14 @@ class BlockMask:
     ``q_count_full / q_index_full`` and ``q_count_partial / q_index_partial``.
     ``Bm`` is 1 or the batch, ``Hm`` is 1 or the number of query heads (broadcast).
 
-    Example::
+    Example:
 
-        m = causal_mask(256, block_q=32, block_k=32)
-        m.kv_count_full[0, 0]      # [0, 1, 2, ..., 7]: blocks strictly below the diagonal
-        m.kv_count_partial[0, 0]   # [1, 1, ..., 1]: the diagonal block
+        >>> from sparsejax.kernels.block_sparse_attention.masks import causal_mask
+        >>> m = causal_mask(256, block_q=32, block_k=32)
+        >>> m.kv_count_full[0, 0].tolist()      # blocks strictly below the diagonal
+        [0, 1, 2, 3, 4, 5, 6, 7]
+        >>> m.kv_count_partial[0, 0].tolist()   # the diagonal block
+        [1, 1, 1, 1, 1, 1, 1, 1]
     """
 
     kv_count_full: jax.Array
@@ -149,9 +168,11 @@ class BlockMask:
     def num_q_blocks(self) -> int:
         """``ceil(seq_q / block_q)``.
 
-        Example::
+        Example:
 
-            causal_mask(100, block_q=32, block_k=32).num_q_blocks   # 4
+            >>> from sparsejax.kernels.block_sparse_attention.masks import causal_mask
+            >>> causal_mask(100, block_q=32, block_k=32).num_q_blocks
+            4
         """
         return -(-self.seq_q // self.block_q)
 
@@ -159,9 +180,11 @@ class BlockMask:
     def num_k_blocks(self) -> int:
         """``ceil(seq_k / block_k)``.
 
-        Example::
+        Example:
 
-            causal_mask(64, 128, block_q=32, block_k=16).num_k_blocks   # 8
+            >>> from sparsejax.kernels.block_sparse_attention.masks import causal_mask
+            >>> causal_mask(64, 128, block_q=32, block_k=16).num_k_blocks
+            8
         """
         return -(-self.seq_k // self.block_k)
 
@@ -169,18 +192,25 @@ class BlockMask:
     def mask_shape(self) -> tuple[int, int]:
         """``(Bm, Hm)``: the broadcast batch and head sizes of the mask.
 
-        Example::
+        Example:
 
-            causal_mask(64, block_q=16, block_k=16).mask_shape   # (1, 1)
+            >>> from sparsejax.kernels.block_sparse_attention.masks import causal_mask
+            >>> causal_mask(64, block_q=16, block_k=16).mask_shape
+            (1, 1)
         """
         return tuple(self.kv_count_full.shape[:2])
 
     def block_classes(self) -> tuple[jax.Array, jax.Array]:
         """``(full, partial)`` boolean ``[Bm, Hm, nQ, nK]`` block maps, from the forward lists.
 
-        Example::
+        Example:
 
-            full, partial = causal_mask(64, block_q=16, block_k=16).block_classes()
+            >>> from sparsejax.kernels.block_sparse_attention.masks import causal_mask
+            >>> full, partial = causal_mask(64, block_q=16, block_k=16).block_classes()
+            >>> full[0, 0].astype(int).tolist()
+            [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
+            >>> partial[0, 0].astype(int).tolist()
+            [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
         """
         return _block_classes(self)
 
@@ -189,9 +219,11 @@ class BlockMask:
         """Fraction of (query block, key block) pairs visited (full or partial), averaged
         over the mask's batch and heads.
 
-        Example::
+        Example:
 
-            float(causal_mask(1024, block_q=64, block_k=64).block_density)   # ~0.53
+            >>> from sparsejax.kernels.block_sparse_attention.masks import causal_mask
+            >>> float(causal_mask(1024, block_q=64, block_k=64).block_density)   # 136 / 256
+            0.53125
         """
         visited = self.kv_count_full.sum(-1) + self.kv_count_partial.sum(-1)
         return jnp.mean(visited / (self.num_q_blocks * self.num_k_blocks))
@@ -199,9 +231,13 @@ class BlockMask:
     def dense(self) -> jax.Array:
         """The element-level boolean mask ``[Bm, Hm, seq_q, seq_k]`` this BlockMask encodes.
 
-        Example::
+        Example:
 
-            causal_mask(64, block_q=16, block_k=16).dense()[0, 0]   # == jnp.tril(ones)
+            >>> import jax.numpy as jnp
+            >>> from sparsejax.kernels.block_sparse_attention.masks import causal_mask
+            >>> d = causal_mask(64, block_q=16, block_k=16).dense()
+            >>> d.shape, bool((d[0, 0] == jnp.tril(jnp.ones((64, 64), bool))).all())
+            ((1, 1, 64, 64), True)
         """
         return _dense(self)
 
@@ -259,9 +295,14 @@ def _is_pow2(n: int) -> bool:
 def check_block_sizes(block_q: int, block_k: int) -> None:
     """Raises ValueError unless both block sizes are powers of two and at least 16.
 
-    Example::
+    Example:
 
-        check_block_sizes(64, 32)   # ok; check_block_sizes(48, 32) raises
+        >>> from sparsejax.kernels.block_sparse_attention.masks import check_block_sizes
+        >>> check_block_sizes(64, 32)   # ok
+        >>> check_block_sizes(48, 32)
+        Traceback (most recent call last):
+            ...
+        ValueError: block_q=48 must be a power of two >= 16 (Triton tiles are powers of two)
     """
     for name, b in (("block_q", block_q), ("block_k", block_k)):
         if not _is_pow2(b) or b < MIN_BLOCK:
@@ -285,10 +326,21 @@ def rule_block_classes(rule: ElementRule, seq_q: int, seq_k: int, block_q: int,
     Evaluated exactly on every element (in chunks of query blocks, host side, cached).
     Query rows past ``seq_q`` are ignored; keys past ``seq_k`` are never visible.
 
-    Example::
+    Example:
 
-        anyv, allv = rule_block_classes(ElementRule(causal=True), 64, 64, 16, 16)
-        # allv: strictly-lower blocks; anyv & ~allv: the diagonal blocks
+        >>> from sparsejax.kernels.block_sparse_attention.masks import (ElementRule,
+        ...                                                             rule_block_classes)
+        >>> anyv, allv = rule_block_classes(ElementRule(causal=True), 64, 64, 16, 16)
+        >>> allv.astype(int)            # strictly-lower blocks
+        array([[0, 0, 0, 0],
+               [1, 0, 0, 0],
+               [1, 1, 0, 0],
+               [1, 1, 1, 0]])
+        >>> (anyv & ~allv).astype(int)  # the diagonal blocks
+        array([[1, 0, 0, 0],
+               [0, 1, 0, 0],
+               [0, 0, 1, 0],
+               [0, 0, 0, 1]])
     """
     n_q, n_k = -(-seq_q // block_q), -(-seq_k // block_k)
     if rule.is_trivial and seq_q % block_q == 0 and seq_k % block_k == 0:
@@ -318,11 +370,18 @@ def from_selection(select: Any, rule: ElementRule, *, block_q: int, block_k: int
     PARTIAL, and blocks with no visible element are dropped. ``kv_length`` fixes the padded
     length of the forward lists (e.g. the gate's ``keep``) when ``select`` is traced.
 
-    Example::
+    Example:
 
-        sel = jnp.ones((1, 1, 4, 4), bool)
-        m = from_selection(sel, ElementRule(causal=True), block_q=16, block_k=16,
-                           seq_q=64, seq_k=64)     # == causal_mask(64, block_q=16, ...)
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention.masks import (ElementRule, causal_mask,
+        ...                                                             from_selection)
+        >>> sel = jnp.ones((1, 1, 4, 4), bool)
+        >>> m = from_selection(sel, ElementRule(causal=True), block_q=16, block_k=16,
+        ...                    seq_q=64, seq_k=64)
+        >>> m.kv_count_full[0, 0].tolist(), m.kv_count_partial[0, 0].tolist()
+        ([0, 1, 2, 3], [1, 1, 1, 1])
+        >>> bool((m.dense() == causal_mask(64, block_q=16, block_k=16).dense()).all())
+        True
     """
     check_block_sizes(block_q, block_k)
     _check_positive(seq_q=seq_q, seq_k=seq_k)
@@ -361,10 +420,13 @@ def causal_mask(seq_q: int, seq_k: int | None = None, *, block_q: int = 128,
     Blocks strictly below the diagonal are FULL, blocks crossing it PARTIAL, the rest
     skipped (density -> 1/2 for long sequences). Defaults 128x64 are the GPU tiles for D=128.
 
-    Example::
+    Example:
 
-        m = causal_mask(1024, block_q=64, block_k=64)
-        bool((m.dense()[0, 0] == jnp.tril(jnp.ones((1024, 1024), bool))).all())   # True
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention.masks import causal_mask
+        >>> m = causal_mask(1024, block_q=64, block_k=64)
+        >>> bool((m.dense()[0, 0] == jnp.tril(jnp.ones((1024, 1024), bool))).all())
+        True
     """
     seq_k = seq_q if seq_k is None else seq_k
     _check_positive(seq_q=seq_q, seq_k=seq_k)
@@ -382,10 +444,12 @@ def sliding_window_mask(seq: int, window: int, *, sinks: int = 0, causal: bool =
     itself included) and the first ``sinks`` keys ``k < min(sinks, i + 1)``.
     Non-causal: ``|i - k| < window`` or ``k < sinks``.
 
-    Example::
+    Example:
 
-        m = sliding_window_mask(4096, 512, sinks=64, block_q=128, block_k=64)
-        float(m.block_density)   # about (512 + 64 + 128) / 4096
+        >>> from sparsejax.kernels.block_sparse_attention.masks import sliding_window_mask
+        >>> m = sliding_window_mask(4096, 512, sinks=64, block_q=128, block_k=64)
+        >>> float(m.block_density)   # 11 of 64 key blocks per query block, fewer in the first 5
+        0.15966796875
     """
     _check_positive(seq=seq, window=window)
     if not isinstance(sinks, (int, np.integer)) or sinks < 0:
@@ -407,9 +471,17 @@ def strided_mask(seq: int, stride: int, *, local: int | None = None, summary: in
     ``block_k`` the summary columns are whole key blocks (FULL, cheapest), otherwise they are
     PARTIAL blocks masked in-kernel.
 
-    Example::
+    Example:
 
-        m = strided_mask(2048, 256, summary=64, block_q=64, block_k=64)
+        >>> import numpy as np
+        >>> from sparsejax.kernels.block_sparse_attention.masks import strided_mask
+        >>> m = strided_mask(512, 128, summary=32, block_q=32, block_k=32)
+        >>> i, k = np.arange(512)[:, None], np.arange(512)[None, :]
+        >>> want = (k <= i) & ((i - k < 128) | (k % 128 >= 128 - 32))
+        >>> bool((np.asarray(m.dense()[0, 0]) == want).all())
+        True
+        >>> int(m.kv_count_full.sum()), int(m.kv_count_partial.sum())   # full, partial blocks
+        (57, 25)
     """
     local = stride if local is None else local
     _check_positive(seq=seq, stride=stride, local=local, summary=summary)
@@ -429,10 +501,17 @@ def from_block_mask(block_bool: Any, *, block_q: int = 128, block_k: int = 64,
     nothing) give zero outputs and zero gradients. ``seq_q`` / ``seq_k`` default to
     ``nQ * block_q`` / ``nK * block_k``.
 
-    Example::
+    Example:
 
-        b = jax.random.bernoulli(jax.random.key(0), 0.1, (1, 4, 32, 32)) | jnp.eye(32, dtype=bool)
-        m = from_block_mask(b, block_q=128, block_k=128)   # 4096 x 4096, per head
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention.masks import from_block_mask
+        >>> b = (jax.random.bernoulli(jax.random.key(0), 0.1, (1, 4, 32, 32))
+        ...      | jnp.eye(32, dtype=bool))
+        >>> m = from_block_mask(b, block_q=128, block_k=128)   # 4096 x 4096, per head
+        >>> m.seq_q, m.seq_k, m.mask_shape
+        (4096, 4096, (1, 4))
+        >>> bool((m.block_classes()[0] == b).all()), int(m.kv_count_partial.sum())   # all FULL
+        (True, 0)
     """
     shape = jnp.shape(block_bool)
     if len(shape) != 4:
@@ -461,10 +540,20 @@ def gated_block_mask(q: jax.Array, k: jax.Array, keep: int, *, block_q: int = 12
     itself. As in SeerAttention, a gate with parameters would be trained by a separate
     distillation loss (not provided here).
 
-    Example::
+    Example:
 
-        m = gated_block_mask(q, k, keep=4, block_q=64, block_k=64, causal=True)
-        out = block_sparse_attention(q, k, v, m)
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention import block_sparse_attention, masks
+        >>> from sparsejax.kernels.block_sparse_attention.reference import attention_reference
+        >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 64, 2, 16))
+        >>> m = masks.gated_block_mask(q, k, keep=2, block_q=16, block_k=16, causal=True)
+        >>> m.mask_shape, m.kv_count_partial[0, 0].tolist()   # per (example, head); diagonal kept
+        ((2, 2), [1, 1, 1, 1])
+        >>> (m.kv_count_full + m.kv_count_partial)[0, 0].tolist()   # at most keep=2 blocks
+        [1, 2, 2, 2]
+        >>> out = block_sparse_attention(q, k, v, m)
+        >>> out.shape, float(jnp.abs(out - attention_reference(q, k, v, m.dense())).max()) < 1e-5
+        ((2, 64, 2, 16), True)
     """
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"q and k must be [B, T, H, D]; got {q.shape} and {k.shape}")
@@ -498,9 +587,13 @@ def block_mean(x: jax.Array, block: int) -> jax.Array:
     """Mean over each block of ``block`` positions along axis 1 of ``[B, T, H, D]`` →
     ``[B, ⌈T/block⌉, H, D]`` in f32; a ragged last block averages only its real positions.
 
-    Example::
+    Example:
 
-        block_mean(jnp.ones((1, 40, 2, 8)), 16).shape   # (1, 3, 2, 8)
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention.masks import block_mean
+        >>> r = block_mean(jnp.ones((1, 40, 2, 8)), 16)
+        >>> r.shape, bool((r == 1).all())     # the ragged last block (8 positions) averages to 1
+        ((1, 3, 2, 8), True)
     """
     b, n, h, d = x.shape
     nb = -(-n // block)

@@ -19,9 +19,17 @@ The kernel tile is the mask block (``block_q x block_k``); index arrays are ordi
 (scalar prefetch is TPU-only), loaded with scalar reads, and K/V/Q/dO blocks are read with
 ``ref[pl.ds(start, size), :]`` from whole-sequence BlockSpecs.
 
-Example::
+Example:
 
-    out = block_sparse_attention_pallas(q, k, v, mask, interpret=True)
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax.kernels.block_sparse_attention import masks, reference
+    >>> from sparsejax.kernels.block_sparse_attention.pallas import (
+    ...     block_sparse_attention_pallas)
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 32, 1, 64))
+    >>> mask = masks.causal_mask(32, block_q=16, block_k=16)
+    >>> out = block_sparse_attention_pallas(q, k, v, mask, interpret=True)
+    >>> float(jnp.abs(out - reference.attention_reference(q, k, v, mask.dense())).max()) < 1e-5
+    True
 """
 
 from __future__ import annotations
@@ -321,9 +329,17 @@ def unsupported_reason(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask
     Needs head dim in {64, 128}, q/k/v all bf16 or all f32, and sequence lengths that are
     multiples of the mask's blocks (shape agreement of q/k/v/mask is checked by the api).
 
-    Example::
+    Example:
 
-        unsupported_reason(q, k, v, mask)   # e.g. "head dim 32 is not in (64, 128)"
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention import masks
+        >>> from sparsejax.kernels.block_sparse_attention.pallas import unsupported_reason
+        >>> q, k, v = jnp.zeros((3, 1, 32, 1, 64))
+        >>> mask = masks.causal_mask(32, block_q=16, block_k=16)
+        >>> unsupported_reason(q, k, v, mask) is None
+        True
+        >>> unsupported_reason(q[..., :32], k[..., :32], v[..., :32], mask)
+        'head dim 32 is not supported by the Pallas kernel (needs one of (64, 128))'
     """
     d = q.shape[-1]
     if d not in HEAD_DIMS:
@@ -351,10 +367,20 @@ def block_sparse_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, mask
     kernel tile is the mask block. ``interpret=None`` means ``not on_gpu()``. ``num_warps``
     defaults to 4 for D=64 and 8 for D=128. Inputs are assumed validated (see ``api``).
 
-    Example::
+    Example:
 
-        out = block_sparse_attention_pallas(q, k, v, masks.causal_mask(256, block_q=32,
-                                                                       block_k=32))
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention import masks, reference
+        >>> from sparsejax.kernels.block_sparse_attention.pallas import (
+        ...     block_sparse_attention_pallas)
+        >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 64, 1, 64))
+        >>> m = masks.causal_mask(64, block_q=16, block_k=16)
+        >>> loss = lambda q: block_sparse_attention_pallas(q, k, v, m, interpret=True).sum()
+        >>> g = jax.jit(jax.grad(loss))(q)                      # through the backward kernels
+        >>> g_ref = jax.jit(jax.grad(lambda q: reference.attention_reference(q, k, v,
+        ...                                                                  m.dense()).sum()))(q)
+        >>> float(jnp.abs(g - g_ref).max()) < 1e-4
+        True
     """
     reason = unsupported_reason(q, k, v, mask)
     if reason is not None:

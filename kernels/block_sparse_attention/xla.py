@@ -10,9 +10,16 @@
 Both follow the reference's definition (softmax over visible keys in f32 statistics; rows
 with no visible key give 0 with zero gradients).
 
-Example::
+Example:
 
-    out = attention_xla_blocks(q, k, v, masks.causal_mask(1024, block_q=64, block_k=64))
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax.kernels.block_sparse_attention import masks, reference, xla
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 128, 2, 16))
+    >>> m = masks.causal_mask(128, block_q=32, block_k=32)
+    >>> out = jax.jit(xla.attention_xla_blocks)(q, k, v, m)
+    >>> want = reference.attention_reference(q, k, v, m.dense())
+    >>> out.shape, float(jnp.abs(out - want).max()) < 1e-5
+    ((1, 128, 2, 16), True)
 """
 
 from __future__ import annotations
@@ -39,9 +46,19 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, dense_mask: jax.Arra
     ``q: [B, T, H, D]``, ``k, v: [B, S, Hkv, D]`` (GQA by grouping, no repeat of k/v),
     ``dense_mask: [Bm, Hm, T, S]`` bool (``Bm ∈ {1, B}``, ``Hm ∈ {1, H}``).
 
-    Example::
+    Example:
 
-        out = attention_xla(q, k, v, mask.dense())
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention import masks, reference
+        >>> from sparsejax.kernels.block_sparse_attention.xla import attention_xla
+        >>> kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+        >>> q = jax.random.normal(kq, (1, 64, 4, 16))                    # H = 4
+        >>> k, v = jax.random.normal(kk, (1, 64, 2, 16)), jax.random.normal(kv, (1, 64, 2, 16))
+        >>> mask = masks.sliding_window_mask(64, 16, block_q=16, block_k=16)
+        >>> out = attention_xla(q, k, v, mask.dense())                   # GQA, Hkv = 2
+        >>> want = reference.attention_reference(q, k, v, mask.dense())
+        >>> out.shape, float(jnp.abs(out - want).max()) < 1e-5
+        ((1, 64, 4, 16), True)
     """
     b, t, h, d = q.shape
     s, h_kv = k.shape[1], k.shape[2]
@@ -66,10 +83,18 @@ def attention_xla_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMa
     lengths of the mask's forward lists — the cost is the visited fraction of dense
     attention (for concrete masks L is the largest per-row count).
 
-    Example::
+    Example:
 
-        out = attention_xla_blocks(q, k, v, masks.sliding_window_mask(4096, 256,
-                                                                      block_q=64, block_k=64))
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.kernels.block_sparse_attention import masks, reference
+        >>> from sparsejax.kernels.block_sparse_attention.xla import attention_xla_blocks
+        >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 256, 2, 16))
+        >>> m = masks.sliding_window_mask(256, 32, block_q=32, block_k=32)
+        >>> m.kv_index_full.shape[-1] + m.kv_index_partial.shape[-1]   # L: 3 of the 8 key blocks
+        3
+        >>> out = jax.jit(attention_xla_blocks)(q, k, v, m)
+        >>> float(jnp.abs(out - reference.attention_reference(q, k, v, m.dense())).max()) < 1e-5
+        True
     """
     b, t, h, d = q.shape
     s, h_kv = k.shape[1], k.shape[2]

@@ -3,7 +3,7 @@
 ``nm_matmul`` picks the Pallas kernel (GPU: reads N/M of the weights plus uint8
 indices, rebuilds dense tiles in registers, dense MMA) or XLA (decompress, then one
 matmul), and is differentiable in ``x`` and the kept values. The answer is
-``sparsejax.nm.nm_matmul`` (re-exported as ``reference.nm_matmul``). See README.md for
+``reference.nm_matmul_reference``. See README.md for
 what Hopper can and cannot give here.
 
 Example::

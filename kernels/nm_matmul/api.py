@@ -11,19 +11,24 @@ Implementations:
   CPU default: on the CPU it beats the gather reference at every size measured by
   ``bench.py`` (the gather materialises ``[rows, K/M, N, out]``). It also takes a
   2-D kernel compressed along axis 1.
-- ``"reference"``: ``sparsejax.nm.nm_matmul``, the gather that defines the answer.
+- ``"reference"``: ``reference.nm_matmul_reference``, the gather that defines the answer.
 
 ``implementation=None`` uses ``"pallas"`` on a GPU when the kernel applies (2-D
 kernel compressed along axis 0, M a power of two, K and out divisible by power-of-two
 tiles of at least 16, x in f32/bf16/f16) and ``"xla"`` otherwise. An explicit
 ``"pallas"`` on an input it cannot take raises a ValueError naming the problem.
 
-Example::
+Example:
 
-    from sparsejax.nm import compress_nm
-    from sparsejax.kernels.nm_matmul import nm_matmul
-    c = compress_nm(kernel, 2, 4, axis=0)      # kernel: [K, out]
-    y = nm_matmul(x, c)                       # x: [..., K] -> [..., out]
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax.nm import compress_nm, decompress_nm
+    >>> from sparsejax.kernels.nm_matmul import nm_matmul
+    >>> kernel = jax.random.normal(jax.random.key(0), (64, 32))
+    >>> x = jax.random.normal(jax.random.key(1), (2, 3, 64))
+    >>> c = compress_nm(kernel, 2, 4, axis=0)      # kernel: [K, out]
+    >>> y = nm_matmul(x, c)                       # x: [..., K] -> [..., out]
+    >>> y.shape, float(jnp.abs(y - x @ decompress_nm(c)).max()) < 1e-5
+    ((2, 3, 32), True)
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ import jax.numpy as jnp
 from .._common import on_gpu
 from . import reference
 from .pallas import check_tiles, nm_matmul_pallas
-from .reference import NMCompressed, check_args, decompress_nm
+from sparsejax.nm import NMCompressed, decompress_nm
+
+from .reference import check_args
 
 IMPLEMENTATIONS = ("pallas", "xla", "reference")
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -46,8 +53,10 @@ KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 class Tiles(NamedTuple):
     """Tile sizes and Triton launch options of one Pallas call.
 
-    Example::
+    Example:
 
+        >>> from sparsejax.kernels.nm_matmul.api import Tiles
+        >>> Tiles(block_m=64, block_n=128, block_k=64)       # launch options defaulted
         Tiles(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
     """
 
@@ -75,9 +84,15 @@ def default_tiles(rows: int, k: int, out: int, m: int) -> Tiles | None:
     fill the GPU) and longer K tiles; many rows get 128×128 tiles. Untuned guesses:
     this session had no GPU to tune them on.
 
-    Example::
+    Example:
 
-        default_tiles(16, 4096, 4096, 4)    # Tiles(block_m=16, block_n=64, block_k=128, ...)
+        >>> from sparsejax.kernels.nm_matmul.api import default_tiles
+        >>> default_tiles(16, 4096, 4096, 4)
+        Tiles(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+        >>> default_tiles(4096, 4096, 4096, 4)
+        Tiles(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+        >>> default_tiles(16, 4096, 4096, 3) is None          # M not a power of two
+        True
     """
     if m & (m - 1):
         return None
@@ -174,9 +189,19 @@ def nm_matmul_xla(x: jax.Array, c: NMCompressed) -> jax.Array:
 
     Takes any 2-D kernel (compressed along axis 0 or 1); output dtype is ``x.dtype``.
 
-    Example::
+    Example:
 
-        y = nm_matmul_xla(x, compress_nm(kernel, 2, 4, axis=0))   # == x @ (kernel ⊙ mask)
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.nm import compress_nm, nm_mask
+        >>> from sparsejax.kernels.nm_matmul.api import nm_matmul_xla
+        >>> kernel = jax.random.normal(jax.random.key(0), (64, 32))
+        >>> x = jax.random.normal(jax.random.key(1), (2, 64))
+        >>> y = nm_matmul_xla(x, compress_nm(kernel, 2, 4, axis=0))
+        >>> float(jnp.abs(y - x @ (kernel * nm_mask(kernel, 2, 4, axis=0))).max()) < 1e-5
+        True
+        >>> y1 = nm_matmul_xla(x, compress_nm(kernel, 2, 4, axis=1))   # grouped along out
+        >>> float(jnp.abs(y1 - x @ (kernel * nm_mask(kernel, 2, 4, axis=1))).max()) < 1e-5
+        True
     """
     check_args(x, c, axes=(0, 1))
     return jnp.matmul(x, decompress_nm(c).astype(x.dtype))
@@ -196,11 +221,22 @@ def nm_matmul(x: jax.Array, c: NMCompressed, *, implementation: str | None = Non
     :func:`default_tiles`; with ``implementation=None`` tiles that do not fit fall back
     to XLA, with ``"pallas"`` they raise. Differentiable in ``x`` and ``c.values``.
 
-    Example::
+    Example:
 
-        c = compress_nm(kernel, 2, 4, axis=0)
-        y = nm_matmul(x, c)                                     # [..., out]
-        y = nm_matmul(x, c, implementation="pallas", interpret=True)   # on CPU
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.nm import compress_nm
+        >>> from sparsejax.kernels.nm_matmul.api import nm_matmul
+        >>> kernel = jax.random.normal(jax.random.key(0), (64, 32))
+        >>> x = jax.random.normal(jax.random.key(1), (2, 3, 64))
+        >>> c = compress_nm(kernel, 2, 4, axis=0)
+        >>> y = nm_matmul(x, c)                                     # [..., out]
+        >>> y_pallas = nm_matmul(x, c, implementation="pallas", interpret=True)   # on CPU
+        >>> y.shape, float(jnp.abs(y_pallas - y).max()) < 1e-5
+        ((2, 3, 32), True)
+        >>> grad = lambda impl: jax.jit(jax.grad(lambda x: nm_matmul(
+        ...     x, c, implementation=impl, interpret=True).sum()))(x)
+        >>> float(jnp.abs(grad("pallas") - grad("xla")).max()) < 1e-5   # the custom VJP
+        True
     """
     if implementation not in (None,) + IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; known: "
@@ -212,7 +248,7 @@ def nm_matmul(x: jax.Array, c: NMCompressed, *, implementation: str | None = Non
         return _run_pallas(x, c, interpret, block_m, block_n, block_k)
     if implementation == "reference":
         check_args(x, c)
-        return reference.nm_matmul(x, c)
+        return reference.nm_matmul_reference(x, c)
     return nm_matmul_xla(x, c)
 
 
@@ -222,11 +258,21 @@ def nm_linear_apply(x: jax.Array, c: NMCompressed, bias: jax.Array | None = None
 
     ``kwargs`` go to :func:`nm_matmul` (``implementation``, ``interpret``, tiles).
 
-    Example::
+    Example:
 
-        exported = sparsejax.export_nm(params, [(r'.*kernel', '2:4')], axis=0)
-        fc1 = exported['mlp']['fc1']
-        y = nm_linear_apply(x, NMCompressed.from_export(fc1['kernel']), fc1['bias'])
+        >>> import jax, jax.numpy as jnp
+        >>> import sparsejax
+        >>> from sparsejax.nm import NMCompressed, nm_mask
+        >>> from sparsejax.kernels.nm_matmul.api import nm_linear_apply
+        >>> kernel = jax.random.normal(jax.random.key(0), (64, 32))
+        >>> params = {'mlp': {'fc1': {'kernel': kernel, 'bias': jnp.ones(32)}}}
+        >>> exported = sparsejax.export_nm(params, [(r'.*kernel', '2:4')], axis=0)
+        >>> fc1 = exported['mlp']['fc1']
+        >>> x = jax.random.normal(jax.random.key(1), (2, 64))
+        >>> y = nm_linear_apply(x, NMCompressed.from_export(fc1['kernel']), fc1['bias'])
+        >>> want = x @ (kernel * nm_mask(kernel, 2, 4, axis=0)) + 1
+        >>> y.shape, float(jnp.abs(y - want).max()) < 1e-5
+        ((2, 32), True)
     """
     y = nm_matmul(x, c, **kwargs)
     return y if bias is None else y + bias.astype(y.dtype)

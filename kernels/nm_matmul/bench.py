@@ -18,9 +18,12 @@ traffic shrinks, which can matter when few rows make the matmul memory-bound.
     python3 -m sparsejax.kernels.nm_matmul.bench --quick    # < 1 min on a 2-core CPU
     python3 -m sparsejax.kernels.nm_matmul.bench            # GPU: bf16, 4096² sizes
 
-Example::
+Example:
 
-    rows = run_bench(sizes=[(16, 512, 512)], patterns=[(2, 4)], dtype=jnp.float32)
+    >>> import jax.numpy as jnp
+    >>> from sparsejax.kernels.nm_matmul import bench
+    >>> [bench.weight_bytes(4096, 4096, n, m, jnp.bfloat16)["ratio"] for n, m in bench.PATTERNS]
+    [0.75, 0.1875, 0.375]
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.nm import NMCompressed, compress_nm, decompress_nm
+
 from .._common import interleaved_ms, on_gpu, write_json
 from .api import default_tiles, nm_matmul, nm_matmul_xla
-from .reference import NMCompressed, compress_nm, decompress_nm
-from .reference import nm_matmul as nm_matmul_reference
+from .reference import nm_matmul_reference
 
 GPU_SIZES = [(16, 4096, 4096), (128, 4096, 4096), (4096, 4096, 4096)]
 CPU_SIZES = [(16, 4096, 4096), (512, 4096, 4096)]
@@ -46,9 +50,12 @@ def weight_bytes(k: int, out: int, n: int, m: int, dtype) -> dict:
     """Bytes of weights one matmul reads: dense ``K·out`` entries vs ``K·N/M·out``
     values plus as many uint8 indices.
 
-    Example::
+    Example:
 
-        weight_bytes(4096, 4096, 2, 4, jnp.bfloat16)["ratio"]   # 0.75
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.nm_matmul.bench import weight_bytes
+        >>> weight_bytes(4096, 4096, 2, 4, jnp.bfloat16)
+        {'dense': 33554432, 'compressed': 25165824, 'ratio': 0.75}
     """
     item = jnp.dtype(dtype).itemsize
     dense = k * out * item
@@ -87,10 +94,18 @@ def run_bench(sizes, patterns, dtype, gather_limit: int = 1 << 27, repeats: int 
     """One row per (size, pattern): ms per variant, speed-up vs dense, weight bytes,
     and the max |error| of each variant against the dense matmul.
 
-    Example::
+    ``run_bench([(16, 512, 512)], [(2, 4)], jnp.float32)[0]["speedup_vs_dense"]["xla"]``
+    takes seconds on CPU; a shape or pattern that cannot be compressed fails before
+    anything is timed.
 
-        rows = run_bench([(16, 512, 512)], [(2, 4)], jnp.float32)
-        rows[0]["speedup_vs_dense"]["xla"]
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.nm_matmul.bench import run_bench
+        >>> run_bench([(16, 510, 512)], [(2, 4)], jnp.float32)
+        Traceback (most recent call last):
+            ...
+        ValueError: N:M 2:4: axis 0 of size 510 is not divisible by M
     """
     gpu = on_gpu()
     rows = []
@@ -119,9 +134,19 @@ def run_bench(sizes, patterns, dtype, gather_limit: int = 1 << 27, repeats: int 
 def print_table(rows: list[dict]) -> None:
     """Prints one line per (size, pattern, variant).
 
-    Example::
+    Example:
 
-        print_table(run_bench([(16, 512, 512)], [(2, 4)], jnp.float32))
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.nm_matmul.bench import print_table, weight_bytes
+        >>> row = dict(rows=16, k=4096, out=4096, pattern="2:4",            # a made-up row
+        ...            ms={"dense": 0.9, "xla": 1.2}, speedup_vs_dense={"dense": 1.0, "xla": 0.75},
+        ...            weight_bytes=weight_bytes(4096, 4096, 2, 4, jnp.bfloat16),
+        ...            max_abs_err_vs_dense={"xla": 0.0}, skipped={"pallas": "not timed"})
+        >>> print_table([row])
+         rows     K   out  N:M   variant        ms vs dense     W bytes   max err
+           16  4096  4096  2:4     dense     0.900    1.00x    33554432  0.00e+00
+           16  4096  4096  2:4       xla     1.200    0.75x    25165824  0.00e+00
+                                  pallas  skipped: not timed
     """
     print(f"{'rows':>5} {'K':>5} {'out':>5} {'N:M':>4} {'variant':>9} {'ms':>9} "
           f"{'vs dense':>8} {'W bytes':>11} {'max err':>9}")

@@ -20,11 +20,19 @@ program, as Pallas's GPU (Triton) lowering has no sequential grid axis to accumu
 over. Uses the portable BlockSpec form with Triton compiler params, so
 ``interpret=True`` runs it on CPU.
 
-Example::
+Example:
 
-    from sparsejax.nm import compress_nm
-    c = compress_nm(w, 2, 4, axis=0)                       # w: [256, 128]
-    y = nm_matmul_pallas(x, c, block_m=32, block_n=32, block_k=64, interpret=True)
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax.nm import compress_nm, decompress_nm
+    >>> from sparsejax.kernels.nm_matmul.pallas import nm_matmul_pallas
+    >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+    >>> x = jax.random.normal(jax.random.key(1), (16, 64))
+    >>> c = compress_nm(w, 2, 4, axis=0)
+    >>> c.values.shape, c.indices.dtype                   # [K/M, N, out] values, uint8 slots
+    ((16, 2, 32), dtype('uint8'))
+    >>> y = nm_matmul_pallas(x, c, block_m=16, block_n=16, block_k=32, interpret=True)
+    >>> y.shape, float(jnp.abs(y - x @ decompress_nm(c)).max()) < 1e-5
+    ((16, 32), True)
 """
 
 from __future__ import annotations
@@ -54,9 +62,18 @@ def check_tiles(rows: int, k: int, out: int, m: int, block_m: int, block_n: int,
     ``block_k`` is a multiple of ``M`` (whole groups per tile); ``M`` is a power of two
     (the ``[block_k/M, M, block_n]`` rebuild tile); rows, K and out divide into tiles.
 
-    Example::
+    Example:
 
-        check_tiles(128, 256, 128, 4, 32, 32, 64)   # passes silently
+        >>> from sparsejax.kernels.nm_matmul.pallas import check_tiles
+        >>> check_tiles(128, 256, 128, 4, 32, 32, 64)   # passes silently
+        >>> check_tiles(128, 256, 128, 4, 32, 32, 48)
+        Traceback (most recent call last):
+            ...
+        ValueError: block_k=48 is not a power of two (Triton tiles must be)
+        >>> check_tiles(100, 256, 128, 4, 32, 32, 64)
+        Traceback (most recent call last):
+            ...
+        ValueError: rows of x=100 is not divisible by block_m=32
     """
     for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
         if not isinstance(v, int) or not _is_pow2(v):
@@ -131,11 +148,21 @@ def nm_matmul_pallas(x: jax.Array, c, *, block_m: int = 64, block_n: int = 128,
     Output dtype is ``x.dtype``; values are cast to it inside the kernel and products
     accumulate in f32. Not differentiable by itself: ``api.nm_matmul`` adds the VJP.
 
-    Example::
+    Example:
 
-        c = compress_nm(w, 2, 4, axis=0)                  # w: [256, 128]
-        y = nm_matmul_pallas(x, c, block_m=32, block_n=32, block_k=64, interpret=True)
-        # == x @ decompress_nm(c)
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.nm import compress_nm, decompress_nm
+        >>> from sparsejax.kernels.nm_matmul.pallas import nm_matmul_pallas
+        >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+        >>> x = jax.random.normal(jax.random.key(1), (16, 64))
+        >>> c = compress_nm(w, 1, 4, axis=0)
+        >>> y = nm_matmul_pallas(x, c, block_m=16, block_n=16, block_k=32, interpret=True)
+        >>> float(jnp.abs(y - x @ decompress_nm(c)).max()) < 1e-5
+        True
+        >>> nm_matmul_pallas(x[:10], c, block_m=16, block_n=16, block_k=32, interpret=True)
+        Traceback (most recent call last):
+            ...
+        ValueError: rows of x=10 is not divisible by block_m=16
     """
     if x.ndim != 2:
         raise ValueError(f"nm_matmul_pallas needs x of shape [rows, K], got {x.shape}")

@@ -1,27 +1,30 @@
-"""The answer for ``x @ W`` with W N:M-compressed: ``sparsejax.nm.nm_matmul``, re-exported.
+"""The answer for ``x @ W`` with W N:M-compressed, which every implementation must match.
 
-There is one implementation of the answer, in ``sparsejax/nm.py``: for a ``[K, out]``
-kernel compressed along axis 0 (``values, indices: [K/M, N, out]``),
+The compressed format is ``sparsejax.nm.NMCompressed`` (``compress_nm``/``decompress_nm``,
+the same format ``export_nm`` writes). For a ``[K, out]`` kernel compressed along axis 0
+(``values, indices: [K/M, N, out]``),
 
     y[r, o] = Σ_g Σ_j x[r, g·M + indices[g, j, o]] · values[g, j, o]
 
-(a gather of the N kept inputs of every group, then a contraction). This module adds
-only the argument checks the other implementations share.
+a gather of the N kept inputs of every group, then a contraction. ``check_args`` holds
+the argument checks every implementation shares.
 
 Example::
 
+    from sparsejax.nm import compress_nm, decompress_nm
     from sparsejax.kernels.nm_matmul import reference
-    c = reference.compress_nm(w, 2, 4, axis=0)
-    y = reference.nm_matmul(x, c)          # == x @ reference.decompress_nm(c)
+    c = compress_nm(w, 2, 4, axis=0)
+    y = reference.nm_matmul_reference(x, c)    # == x @ decompress_nm(c)
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from sparsejax.nm import NMCompressed, compress_nm, decompress_nm, nm_matmul
+from sparsejax.nm import NMCompressed
 
-__all__ = ["NMCompressed", "compress_nm", "decompress_nm", "nm_matmul", "check_args"]
+__all__ = ["check_args", "nm_matmul_reference"]
 
 
 def check_args(x: jax.Array, c: NMCompressed, axes: tuple[int, ...] = (0,)
@@ -55,3 +58,19 @@ def check_args(x: jax.Array, c: NMCompressed, axes: tuple[int, ...] = (0,)
         raise ValueError(f"x has {x.shape[-1] if x.ndim else 0} features (shape "
                          f"{tuple(x.shape)}), the kernel expects K={k}")
     return n, m, k, out
+
+
+def nm_matmul_reference(x: jax.Array, c: NMCompressed) -> jax.Array:
+    """``x @ W`` for a compressed ``[K, out]`` kernel (axis 0), read directly: each output
+    gathers the ``N`` kept inputs of every group, ``y[r, o] = Σ_g Σ_j x[r, g·M + idx] · v``.
+
+    Example::
+
+        y = nm_matmul_reference(x, compress_nm(kernel, 2, 4, axis=0))  # x @ (kernel ⊙ mask)
+    """
+    check_args(x, c)
+    k = c.shape[0]
+    xg = x.reshape(*x.shape[:-1], k // c.m, c.m, 1)                    # [..., G, M, 1]
+    idx = c.indices.astype(jnp.int32)[(None,) * (x.ndim - 1)]          # [1.., G, N, out]
+    picked = jnp.take_along_axis(xg, idx, axis=-2)                     # [..., G, N, out]
+    return jnp.einsum("...gno,gno->...o", picked, c.values.astype(x.dtype))

@@ -10,11 +10,18 @@ Training keeps ``keep_blocks`` blocks of ``block_units`` units per tile of
 speed up training matmuls). ``reference.py`` defines the answers, ``pallas.py`` holds the
 Pallas gather-GEMV, ``api.py`` picks an implementation and falls back to XLA.
 
-Example::
+Example:
 
-    from sparsejax.kernels.sparse_ffn import spark_ffn_decode, unit_major
-    y = spark_ffn_decode(x, ffn.k1.kernel[...], unit_major(ffn.k2), ffn.v.kernel[...],
-                         v_bias=ffn.v.bias[...], density=0.08, k_max=64)
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sparsejax.nn.spark import SparkFFN
+    >>> from sparsejax.kernels.sparse_ffn import spark_ffn_decode, unit_major
+    >>> ffn = SparkFFN(32, 128, 'gelu', density=0.08, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(1), (2, 32))
+    >>> y = spark_ffn_decode(x, ffn.k1.kernel[...], unit_major(ffn.k2), ffn.v.kernel[...],
+    ...                      v_bias=ffn.v.bias[...], density=0.08, k_max=24)
+    >>> y.shape, float(jnp.abs(y - ffn(x)).max()) < 1e-5
+    ((2, 32), True)
 """
 
 from .api import (DECODE_IMPLEMENTATIONS, TRAIN_IMPLEMENTATIONS, block_sparse_ffn,

@@ -13,13 +13,27 @@ kernel as is); the gated input matrix ``w_in``/``k2`` is **unit-major** ``[F, d2
 unit is one contiguous row: convert an ``nnx.Linear(d2, F)`` kernel once with
 ``unit_major`` (not per call on a hot path: it copies the matrix).
 
-Example::
+Example:
 
-    k2_t = unit_major(ffn.k2)                                  # once
-    y = spark_ffn_decode(x, ffn.k1.kernel[...], k2_t, ffn.v.kernel[...],
-                         v_bias=ffn.v.bias[...], density=0.08, k_max=2 * k)
-    y = block_sparse_ffn(x, w_up, w_down, activation='relu', block_units=128,
-                         tile_tokens=128, keep_blocks=16)
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from flax import nnx
+    >>> from sparsejax.nn.spark import SparkFFN
+    >>> from sparsejax.kernels.sparse_ffn.api import block_sparse_ffn, spark_ffn_decode, unit_major
+    >>> ffn = SparkFFN(32, 128, 'gelu', density=0.08, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(1), (2, 32))
+    >>> k2_t = unit_major(ffn.k2)                                  # once
+    >>> y = spark_ffn_decode(x, ffn.k1.kernel[...], k2_t, ffn.v.kernel[...],
+    ...                      v_bias=ffn.v.bias[...], density=0.08, k_max=24)
+    >>> float(jnp.abs(y - ffn(x)).max()) < 1e-5
+    True
+    >>> rng = np.random.default_rng(0)
+    >>> xt, w_up, w_down = (jnp.asarray(rng.normal(size=s), jnp.float32)
+    ...                     for s in [(8, 16), (16, 64), (64, 16)])
+    >>> cfg = dict(activation='relu', block_units=16, tile_tokens=4, keep_blocks=2)
+    >>> y = block_sparse_ffn(xt, w_up, w_down, **cfg)
+    >>> y_masked = block_sparse_ffn(xt, w_up, w_down, **cfg, implementation='masked')
+    >>> y.shape, float(jnp.abs(y - y_masked).max()) < 1e-4
+    ((8, 16), True)
 """
 
 from __future__ import annotations
@@ -32,13 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sparsejax.activations import statistical_topk
+from sparsejax.activations import activation_fn, statistical_topk
 
 from .._common import on_gpu
 from . import reference
 from .pallas import sparse_ffn_decode_pallas, unsupported_reason
-from .reference import (activation_fn, block_scores, block_sparse_ffn_reference,
-                        clean_indices, nonzero_indices, select_blocks, topk_indices)
+from .reference import (block_scores, block_sparse_ffn_reference, clean_indices,
+                        nonzero_indices, select_blocks, topk_indices)
 
 DECODE_IMPLEMENTATIONS = ("pallas", "xla", "dense", "reference")
 TRAIN_IMPLEMENTATIONS = ("gather", "ragged", "masked")
@@ -54,9 +68,14 @@ def unit_major(w) -> jax.Array:
     """``[d_in, F]`` (an ``nnx.Linear`` kernel, or the module itself) → unit-major
     ``[F, d_in]``, the layout ``w_in``/``k2`` take (a unit's weights are one row).
 
-    Example::
+    Example:
 
-        k2_t = unit_major(ffn.k2)          # == ffn.k2.kernel[...].T
+        >>> from flax import nnx
+        >>> from sparsejax.kernels.sparse_ffn.api import unit_major
+        >>> k2 = nnx.Linear(16, 128, use_bias=False, rngs=nnx.Rngs(0))
+        >>> k2_t = unit_major(k2)
+        >>> k2_t.shape, bool((k2_t == k2.kernel[...].T).all())
+        ((128, 16), True)
     """
     w = getattr(w, "kernel", w)
     w = jnp.asarray(w[...])
@@ -114,9 +133,20 @@ def sparse_ffn_decode_xla(x2: jax.Array | None, w_in: jax.Array | None, w_out: j
     rows keeps the gathered block at ``[k, d]`` (a batched ``[B, k, d]`` einsum was up
     to 3× slower on CPU at B = 8).
 
-    Example::
+    Example:
 
-        y = sparse_ffn_decode_xla(None, None, w_down, idx, coef)
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> from sparsejax.kernels.sparse_ffn.api import sparse_ffn_decode_xla
+        >>> from sparsejax.kernels.sparse_ffn.reference import (sparse_ffn_decode_reference,
+        ...                                                     topk_indices)
+        >>> rng = np.random.default_rng(0)
+        >>> x, w_up, w_down = (jnp.asarray(rng.normal(size=s), jnp.float32)
+        ...                    for s in [(2, 16), (16, 64), (64, 16)])
+        >>> idx, coef = topk_indices(jax.nn.relu(x @ w_up), 8)
+        >>> y = sparse_ffn_decode_xla(None, None, w_down, idx, coef)
+        >>> want = sparse_ffn_decode_reference(None, None, w_down, idx, coef)
+        >>> y.shape, float(jnp.abs(y - want).max()) < 1e-4
+        ((2, 16), True)
     """
     dtype = jnp.result_type(*[t for t in (x2, w_in, w_out, coef) if t is not None])
     safe, cf = clean_indices(idx, coef, w_out.shape[0])
@@ -141,9 +171,20 @@ def sparse_ffn_decode_dense(x2: jax.Array | None, w_in: jax.Array | None, w_out:
     What reading every row costs; the right choice when the rows together select more
     units than ``F`` (``choose_decode`` picks it then), e.g. a prefill.
 
-    Example::
+    Example:
 
-        y = sparse_ffn_decode_dense(None, None, w_down, idx, coef)
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> from sparsejax.kernels.sparse_ffn.api import sparse_ffn_decode_dense
+        >>> from sparsejax.kernels.sparse_ffn.reference import (sparse_ffn_decode_reference,
+        ...                                                     topk_indices)
+        >>> rng = np.random.default_rng(0)
+        >>> x, w_up, w_down = (jnp.asarray(rng.normal(size=s), jnp.float32)
+        ...                    for s in [(8, 16), (16, 64), (64, 16)])
+        >>> idx, coef = topk_indices(jax.nn.relu(x @ w_up), 16)    # 8 rows x 16 > F = 64 units
+        >>> y = sparse_ffn_decode_dense(None, None, w_down, idx, coef)
+        >>> want = sparse_ffn_decode_reference(None, None, w_down, idx, coef)
+        >>> y.shape, float(jnp.abs(y - want).max()) < 1e-4
+        ((8, 16), True)
     """
     dtype = jnp.result_type(*[t for t in (x2, w_in, w_out, coef) if t is not None])
     a = reference.dense_coefficients(idx, coef, w_out.shape[0]).astype(dtype)
@@ -158,9 +199,21 @@ def choose_decode(x2, w_in, w_out, idx, coef, implementation: str | None) -> str
     read more than the matrix), else Pallas on a GPU for ≤ 8 rows and supported inputs,
     else the XLA gather.
 
-    Example::
+    Example:
 
-        choose_decode(None, None, w, idx, coef, None)   # 'xla' on CPU
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.sparse_ffn.api import choose_decode
+        >>> w = jnp.ones((64, 16))                                   # F = 64
+        >>> idx, coef = jnp.zeros((2, 8), jnp.int32), jnp.ones((2, 8))
+        >>> choose_decode(None, None, w, idx, coef, None)   # 'xla' on CPU
+        'xla'
+        >>> idx, coef = jnp.zeros((8, 16), jnp.int32), jnp.ones((8, 16))   # 128 > F units
+        >>> choose_decode(None, None, w, idx, coef, None)
+        'dense'
+        >>> choose_decode(None, None, w[:, :8], idx, coef, 'pallas')
+        Traceback (most recent call last):
+            ...
+        ValueError: implementation='pallas' cannot run this input: w_out has d_out=8 columns; ...
     """
     if implementation is not None and implementation not in DECODE_IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; use one of "
@@ -193,10 +246,25 @@ def sparse_ffn_decode(x2: jax.Array | None, w_in: jax.Array | None, w_out: jax.A
     ``jit`` on a hot path); under ``jit`` an id ``>= F`` makes its output row NaN.
     ``interpret`` is passed to Pallas (None: interpret off GPU).
 
-    Example::
+    Example:
 
-        idx, coef = topk_indices(jax.nn.relu(x @ w_up), k=64)
-        y = sparse_ffn_decode(None, None, w_down, idx, coef)
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> from sparsejax.kernels.sparse_ffn.api import sparse_ffn_decode
+        >>> from sparsejax.kernels.sparse_ffn.reference import topk_indices
+        >>> rng = np.random.default_rng(0)
+        >>> x, w_up, w_down = (jnp.asarray(rng.normal(size=s), jnp.float32)
+        ...                    for s in [(1, 16), (16, 64), (64, 16)])
+        >>> h = jax.nn.relu(x @ w_up)
+        >>> int((h != 0).sum())
+        41
+        >>> idx, coef = topk_indices(h, k=48)           # capacity 48: every nonzero fits
+        >>> y = sparse_ffn_decode(None, None, w_down, idx, coef)
+        >>> float(jnp.abs(y - h @ w_down).max()) < 1e-4
+        True
+        >>> sparse_ffn_decode(None, None, w_down, idx.at[0, 0].set(64), coef)
+        Traceback (most recent call last):
+            ...
+        ValueError: idx values must be unit ids in [0, F=64) or -1 for padding; got range [-1, 64]
     """
     _check_decode(x2, w_in, w_out, idx, coef)
     impl = choose_decode(x2, w_in, w_out, idx, coef, implementation)
@@ -240,10 +308,23 @@ def spark_ffn_decode(x: jax.Array, k1: jax.Array, k2: jax.Array, v: jax.Array, *
     ``reference.dropped_units`` counts the loss. Equal to the module when nothing is
     dropped. ``x [..., d]`` → ``[..., d_out]``.
 
-    Example::
+    Example:
 
-        y = spark_ffn_decode(x, ffn.k1.kernel[...], unit_major(ffn.k2), ffn.v.kernel[...],
-                             v_bias=ffn.v.bias[...], density=0.08, k_max=64)
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn.spark import SparkFFN
+        >>> from sparsejax.kernels.sparse_ffn.api import spark_ffn_decode, unit_major
+        >>> ffn = SparkFFN(32, 128, 'gelu', density=0.08, rngs=nnx.Rngs(0))
+        >>> x = jax.random.normal(jax.random.key(1), (2, 32))
+        >>> (ffn.gate(x) != 0).sum(-1).tolist()                       # units kept per token
+        [7, 11]
+        >>> decode = lambda k_max: spark_ffn_decode(
+        ...     x, ffn.k1.kernel[...], unit_major(ffn.k2), ffn.v.kernel[...],
+        ...     v_bias=ffn.v.bias[...], density=0.08, k_max=k_max)
+        >>> float(jnp.abs(decode(24) - ffn(x)).max()) < 1e-5         # nothing dropped
+        True
+        >>> float(jnp.abs(decode(4) - ffn(x)).max()) < 1e-5          # k_max=4 drops units
+        False
     """
     if jnp.ndim(k1) != 2 or jnp.ndim(k2) != 2 or jnp.ndim(v) != 2:
         raise ValueError(f"k1 [r, F], k2 [F, d - r] and v [F, d_out] must be 2-D; got shapes "
@@ -290,10 +371,18 @@ def topk_ffn_decode(x: jax.Array, w_up: jax.Array, b_up: jax.Array | None, w_dow
     capacity (overflow handled by ``selection`` as in ``spark_ffn_decode``). ``w_up [d,
     F]``, ``w_down [F, d_out]``, biases may be None. ``x [..., d]`` → ``[..., d_out]``.
 
-    Example::
+    Example:
 
-        y = topk_ffn_decode(x, ffn.up.kernel[...], ffn.up.bias[...], ffn.down.kernel[...],
-                            ffn.down.bias[...], activation='relu', k=20)
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn.spark import TopKFFN
+        >>> from sparsejax.kernels.sparse_ffn.api import topk_ffn_decode
+        >>> ffn = TopKFFN(16, 64, 'relu', density=0.125, mode='exact', rngs=nnx.Rngs(0))   # k = 8
+        >>> x = jax.random.normal(jax.random.key(1), (2, 16))
+        >>> y = topk_ffn_decode(x, ffn.up.kernel[...], ffn.up.bias[...], ffn.down.kernel[...],
+        ...                     ffn.down.bias[...], activation='relu', k=8)
+        >>> float(jnp.abs(y - ffn(x)).max()) < 1e-5
+        True
     """
     if mode not in ("exact", "statistical"):
         raise ValueError(f"unknown mode {mode!r}; use 'exact' or 'statistical'")
@@ -365,10 +454,19 @@ def block_sparse_ffn_gather(x: jax.Array, w_up: jax.Array, w_down: jax.Array,
     of the dense FFN; memory: the gathered weights, ``tiles·keep/n_blocks`` weight copies.
     Gradients flow to x and (scatter-added) to the weights.
 
-    Example::
+    Example:
 
-        y = block_sparse_ffn_gather(x, w_up, w_down, sel, activation='relu',
-                                    block_units=128, tile_tokens=128)
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from sparsejax.kernels.sparse_ffn.api import block_sparse_ffn_gather
+        >>> from sparsejax.kernels.sparse_ffn.reference import block_sparse_ffn_reference
+        >>> rng = np.random.default_rng(0)
+        >>> x, w_up, w_down = (jnp.asarray(rng.normal(size=s), jnp.float32)
+        ...                    for s in [(8, 16), (16, 64), (64, 16)])
+        >>> sel = jnp.array([[0, 3], [2, 1]])            # 2 tiles of 4 tokens, 2 of 4 blocks each
+        >>> cfg = dict(activation='relu', block_units=16, tile_tokens=4)
+        >>> y = block_sparse_ffn_gather(x, w_up, w_down, sel, **cfg)
+        >>> float(jnp.abs(y - block_sparse_ffn_reference(x, w_up, w_down, sel, **cfg)).max()) < 1e-4
+        True
     """
     (t, d), f, n_tiles = x.shape, w_up.shape[1], selected.shape[0]
     nb = f // block_units
@@ -394,10 +492,19 @@ def block_sparse_ffn_ragged(x: jax.Array, w_up: jax.Array, w_down: jax.Array,
     Same contract as ``block_sparse_ffn_gather``; no weight copies (token copies
     instead). Slow where XLA has no native ragged dot (on CPU it is lowered densely).
 
-    Example::
+    Example:
 
-        y = block_sparse_ffn_ragged(x, w_up, w_down, sel, activation='relu',
-                                    block_units=128, tile_tokens=128)
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from sparsejax.kernels.sparse_ffn.api import block_sparse_ffn_ragged
+        >>> from sparsejax.kernels.sparse_ffn.reference import block_sparse_ffn_reference
+        >>> rng = np.random.default_rng(0)
+        >>> x, w_up, w_down = (jnp.asarray(rng.normal(size=s), jnp.float32)
+        ...                    for s in [(8, 16), (16, 64), (64, 16)])
+        >>> sel = jnp.array([[0, 3], [2, 1]])            # 2 tiles of 4 tokens, 2 of 4 blocks each
+        >>> cfg = dict(activation='relu', block_units=16, tile_tokens=4)
+        >>> y = block_sparse_ffn_ragged(x, w_up, w_down, sel, **cfg)
+        >>> float(jnp.abs(y - block_sparse_ffn_reference(x, w_up, w_down, sel, **cfg)).max()) < 1e-4
+        True
     """
     (t, d), f = x.shape, w_up.shape[1]
     n_tiles, keep = selected.shape
@@ -436,10 +543,24 @@ def block_sparse_ffn(x: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
     'gather' (gather + batched matmul; fastest on CPU), 'ragged' (``lax.ragged_dot``),
     'masked' (dense masked reference). ``keep_blocks = F/block_units`` is the dense FFN.
 
-    Example::
+    Example:
 
-        y = block_sparse_ffn(x, w_up, w_down, activation='gelu', block_units=128,
-                             tile_tokens=128, keep_blocks=8)
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> from sparsejax.kernels.sparse_ffn.api import block_sparse_ffn
+        >>> rng = np.random.default_rng(0)
+        >>> x, w_up, w_down = (jnp.asarray(rng.normal(size=s), jnp.float32)
+        ...                    for s in [(2, 4, 16), (16, 64), (64, 16)])
+        >>> cfg = dict(activation='gelu', block_units=16, tile_tokens=4, keep_blocks=2)
+        >>> y = block_sparse_ffn(x, w_up, w_down, **cfg)
+        >>> y.shape
+        (2, 4, 16)
+        >>> grad = lambda impl: jax.grad(lambda x: block_sparse_ffn(
+        ...     x, w_up, w_down, **cfg, implementation=impl).sum())(x)
+        >>> float(jnp.abs(grad('gather') - grad('masked')).max()) < 1e-4
+        True
+        >>> full = block_sparse_ffn(x, w_up, w_down, **{**cfg, 'keep_blocks': 4})   # all blocks
+        >>> float(jnp.abs(full - jax.nn.gelu(x @ w_up) @ w_down).max()) < 1e-4
+        True
     """
     _check_train(x, w_up, w_down, block_units, tile_tokens, keep_blocks, scores)
     impl = "gather" if implementation is None else implementation

@@ -23,9 +23,13 @@ out) and ``ragged`` (``lax.ragged_dot``) at 25%.
     python3 -m sparsejax.kernels.sparse_ffn.bench --quick    # < 1 min on a 2-core CPU
     python3 -m sparsejax.kernels.sparse_ffn.bench            # d = 2048, T = 2048
 
-Example::
+Example:
 
-    rows = decode_rows(d=256, batches=(1,), dtype=jnp.float32, gpu=False)
+    >>> from sparsejax.kernels.sparse_ffn import bench
+    >>> bench.print_tables([], [])             # the target is printed with the results
+    decode: d_ff = 4·d_model, 8% active units; target: Spark FFN decode >= 2x over the dense
+    XLA FFN at B = 1 on GPU
+      form  B     d     k         variant        ms vs dense   max err
 """
 
 from __future__ import annotations
@@ -68,9 +72,17 @@ def _dense_topk(x, w_up, b_up, w_down, b, k):
 def decode_rows(d: int, batches, dtype, gpu: bool, repeats: int = 7, seed: int = 0) -> list:
     """One row per (form, B): ms of each variant, speed-up vs the dense XLA baseline.
 
-    Example::
+    ``decode_rows(d=256, batches=(1,), dtype=jnp.float32, gpu=False)`` takes seconds on
+    CPU; a bad size fails before anything is timed.
 
-        decode_rows(d=256, batches=(1,), dtype=jnp.float32, gpu=False)[0]["speedup"]
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.sparse_ffn.bench import decode_rows
+        >>> decode_rows(d=0, batches=(1,), dtype=jnp.float32, gpu=False)
+        Traceback (most recent call last):
+            ...
+        ValueError: d must be a positive int, got 0
     """
     f = 4 * d
     k = k_from_density(f, DENSITY)
@@ -130,9 +142,17 @@ def train_rows(tokens: int, d: int, dtype, block: int = 128, tile: int = 128,
                keeps=(0.25, 0.5), repeats: int = 5, seed: int = 1) -> list:
     """One row per keep fraction: fwd+bwd ms of the dense FFN and the block-sparse paths.
 
-    Example::
+    ``train_rows(tokens=256, d=128, dtype=jnp.float32)`` takes seconds on CPU; tokens
+    that are not whole tiles fail before anything is timed.
 
-        train_rows(tokens=256, d=128, dtype=jnp.float32)[0]["speedup"]
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.sparse_ffn.bench import train_rows
+        >>> train_rows(tokens=100, d=128, dtype=jnp.float32)     # tile = 128 tokens
+        Traceback (most recent call last):
+            ...
+        TypeError: cannot reshape array of shape (100, 512) (size 51200) into shape ...
     """
     f = 4 * d
     w = _weights(seed, d, f, dtype)
@@ -170,9 +190,24 @@ def train_rows(tokens: int, d: int, dtype, block: int = 128, tile: int = 128,
 def print_tables(decode: list, train: list) -> None:
     """Prints the decode and training tables (one line per variant).
 
-    Example::
+    Example:
 
-        print_tables(decode_rows(256, (1,), jnp.float32, False), [])
+        >>> from sparsejax.kernels.sparse_ffn.bench import print_tables
+        >>> dec = dict(form="spark", batch=1, d_model=2048, k=655,           # made-up rows
+        ...            ms={"dense": 0.5, "xla/topk": 0.2}, speedup={"dense": 1.0, "xla/topk": 2.5},
+        ...            max_abs_err_vs_dense={"xla/topk": 1e-6})
+        >>> tr = dict(tokens=2048, d_model=1024, keep_fraction=0.25,
+        ...           ms={"dense": 40.0, "gather": 16.0}, speedup={"dense": 1.0, "gather": 2.5})
+        >>> print_tables([dec], [tr])
+        decode: d_ff = 4·d_model, 8% active units; target: Spark FFN decode >= 2x over the
+        dense XLA FFN at B = 1 on GPU
+          form  B     d     k         variant        ms vs dense   max err
+         spark  1  2048   655           dense    0.5000    1.00x  0.00e+00
+         spark  1  2048   655        xla/topk    0.2000    2.50x  1.00e-06
+        training fwd+bwd: block-granular FFN vs dense
+            T     d  keep       variant        ms vs dense
+         2048  1024   25%         dense    40.000    1.00x
+         2048  1024   25%        gather    16.000    2.50x
     """
     print(f"decode: d_ff = 4·d_model, {DENSITY:.0%} active units; target: {TARGET}")
     print(f"{'form':>6} {'B':>2} {'d':>5} {'k':>5} {'variant':>15} {'ms':>9} {'vs dense':>8}"

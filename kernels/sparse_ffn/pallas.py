@@ -14,9 +14,20 @@ in its share of the output columns, ``[u, tn]`` at a time, and writes
 The partial sums ``[n_chunks, B, d_out]`` (float32) are added by XLA. Index arrays are
 ordinary inputs (scalar prefetch is TPU-only); gathers are vector-indexed loads.
 
-Example::
+Example:
 
-    y = sparse_ffn_decode_pallas(x2, k2_t, v, idx, coef, interpret=True)
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from sparsejax.kernels.sparse_ffn.pallas import sparse_ffn_decode_pallas
+    >>> from sparsejax.kernels.sparse_ffn.reference import sparse_ffn_decode_reference
+    >>> rng = np.random.default_rng(0)
+    >>> x2, k2_t, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
+    ...                for s in [(2, 16), (32, 16), (32, 16)])
+    >>> idx = jnp.array([[3, 7, 30, -1], [0, 5, 5, 9]])
+    >>> coef = jnp.array([[1., 2., -1., 0.], [0.5, 1., 1., 2.]])
+    >>> y = sparse_ffn_decode_pallas(x2, k2_t, v, idx, coef, interpret=True)
+    >>> want = sparse_ffn_decode_reference(x2, k2_t, v, idx, coef)
+    >>> y.shape, float(jnp.abs(y - want).max()) < 1e-4
+    ((2, 16), True)
 """
 
 from __future__ import annotations
@@ -53,9 +64,16 @@ def unsupported_reason(x2, w_in, w_out, idx, coef, *, col_splits: int = 1) -> st
     Needs: float32/bfloat16/float16 weights and activations; ``d2`` and ``d_out /
     col_splits`` multiples of 16 (column tiles are powers of two, as Triton needs).
 
-    Example::
+    Example:
 
-        unsupported_reason(None, None, w_out, idx, coef)   # None or a sentence
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.sparse_ffn.pallas import unsupported_reason
+        >>> w_out, idx, coef = jnp.ones((32, 16)), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4))
+        >>> unsupported_reason(None, None, w_out, idx, coef) is None
+        True
+        >>> unsupported_reason(None, None, w_out[:, :8], idx, coef)
+        'w_out has d_out=8 columns; with col_splits=1 the kernel needs d_out / col_splits to be
+        a whole multiple of 16'
     """
     for name, t in (("x2", x2), ("w_in", w_in), ("w_out", w_out), ("coef", coef)):
         if t is not None and jnp.dtype(t.dtype) not in [jnp.dtype(d) for d in DTYPES]:
@@ -110,9 +128,15 @@ def sparse_ffn_decode_pallas(x2: jax.Array | None, w_in: jax.Array | None, w_out
     ``ValueError`` on inputs the kernel does not take (``unsupported_reason``); use
     ``api.sparse_ffn_decode`` for automatic fallback.
 
-    Example::
+    Example:
 
-        y = sparse_ffn_decode_pallas(None, None, w_down, idx, coef, interpret=True)
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from sparsejax.kernels.sparse_ffn.pallas import sparse_ffn_decode_pallas
+        >>> w_down = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32)), jnp.float32)
+        >>> idx, coef = jnp.array([[5, 60, -1]]), jnp.array([[2., -1., 7.]])   # -1: padding
+        >>> y = sparse_ffn_decode_pallas(None, None, w_down, idx, coef, interpret=True)
+        >>> float(jnp.abs(y[0] - (2 * w_down[5] - w_down[60])).max()) < 1e-5
+        True
     """
     if (x2 is None) != (w_in is None):
         raise ValueError("give x2 and w_in together, or neither")

@@ -18,12 +18,30 @@ of ``tile_tokens``; every tile keeps ``keep_blocks`` unit blocks, and
 
     y = (act(x W_up + b_up) ⊙ M) W_down + b_down,   M[t, j] = [block(j) kept by tile(t)].
 
-Example::
+Example:
 
-    idx, coef = topk_indices(h_sparse, k=64)                  # [B, 64] each
-    y = sparse_ffn_decode_reference(None, None, w_down, idx, coef)
-    y_train = block_sparse_ffn_reference(x, w_up, w_down, sel, activation='relu',
-                                         block_units=128, tile_tokens=128)
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from sparsejax.kernels.sparse_ffn.reference import (
+    ...     block_scores, block_sparse_ffn_reference, dropped_units, select_blocks,
+    ...     sparse_ffn_decode_reference, topk_indices)
+    >>> rng = np.random.default_rng(0)
+    >>> x, w_up, w_down = (jnp.asarray(rng.normal(size=s), jnp.float32)
+    ...                    for s in [(4, 8), (8, 32), (32, 8)])
+    >>> h_sparse = jax.nn.relu(x @ w_up)
+    >>> idx, coef = topk_indices(h_sparse, k=24)                  # [4, 24] each
+    >>> dropped_units(h_sparse, 24).tolist()                      # every nonzero fits
+    [0, 0, 0, 0]
+    >>> y = sparse_ffn_decode_reference(None, None, w_down, idx, coef)
+    >>> float(jnp.abs(y - h_sparse @ w_down).max()) < 1e-4
+    True
+    >>> sel = select_blocks(block_scores(x, w_up, activation='relu', block_units=8,
+    ...                                  tile_tokens=2), 2)
+    >>> sel.tolist()                      # per tile of 2 tokens, 2 of the 4 unit blocks
+    [[2, 3], [1, 0]]
+    >>> y_train = block_sparse_ffn_reference(x, w_up, w_down, sel, activation='relu',
+    ...                                      block_units=8, tile_tokens=2)
+    >>> y_train.shape
+    (4, 8)
 """
 
 from __future__ import annotations
@@ -35,26 +53,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sparsejax.activations import activation_fn
+
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def activation_fn(activation: str | Callable) -> Callable:
-    """The activation as a function: a callable is returned as is, a name is looked up in
-    ``sparsejax.models.layers.ACTIVATIONS`` ('relu', 'gelu', 'silu', 'tanh').
-
-    Example::
-
-        activation_fn('gelu')(jnp.zeros(3))   # [0., 0., 0.]
-    """
-    if callable(activation):
-        return activation
-    from sparsejax.models.layers import ACTIVATIONS  # lazy: models imports nn, nn may import us
-
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)} "
-                         "or a callable")
-    return ACTIVATIONS[activation]
 
 
 @functools.partial(jax.jit, static_argnames="num_units")
@@ -65,9 +67,14 @@ def dense_coefficients(idx: jax.Array, coef: jax.Array, num_units: int) -> jax.A
     (``clean_indices``); a unit listed twice gets the sum of its coefficients. The
     inverse of ``topk_indices`` when nothing overflowed.
 
-    Example::
+    Example:
 
-        dense_coefficients(jnp.array([[2, -1]]), jnp.array([[5., 9.]]), 4)   # [[0,0,5,0]]
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.sparse_ffn.reference import dense_coefficients
+        >>> dense_coefficients(jnp.array([[2, -1]]), jnp.array([[5., 9.]]), 4).tolist()
+        [[0.0, 0.0, 5.0, 0.0]]
+        >>> dense_coefficients(jnp.array([[2, 2]]), jnp.array([[5., 9.]]), 4).tolist()
+        [[0.0, 0.0, 14.0, 0.0]]
     """
     safe, coef = clean_indices(idx, coef, num_units)
     rows = jnp.broadcast_to(jnp.arange(safe.shape[0])[:, None], safe.shape)
@@ -80,10 +87,13 @@ def clean_indices(idx: jax.Array, coef: jax.Array, num_units: int
     with coefficient 0; an index ``>= num_units`` (an error that cannot be raised under
     ``jit``) becomes unit 0 with coefficient NaN, so its row of the output is NaN.
 
-    Example::
+    Example:
 
-        clean_indices(jnp.array([[3, -1, 9]]), jnp.ones((1, 3)), 4)
-        # ([[3, 0, 0]], [[1., 0., nan]])
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.sparse_ffn.reference import clean_indices
+        >>> idx, coef = clean_indices(jnp.array([[3, -1, 9]]), jnp.ones((1, 3)), 4)
+        >>> idx.tolist(), coef.tolist()
+        ([[3, 0, 0]], [[1.0, 0.0, nan]])
     """
     idx = jnp.asarray(idx)
     coef = jnp.asarray(coef)
@@ -106,9 +116,13 @@ def topk_indices(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     threshold can keep more than its capacity) keep their ``k`` largest ``|value|``;
     ``dropped_units`` counts the rest. Uses ``lax.top_k`` (a full sort on GPU).
 
-    Example::
+    Example:
 
-        topk_indices(jnp.array([[0., 3., -5., 0.]]), 3)   # ([[2, 1, -1]], [[-5., 3., 0.]])
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.sparse_ffn.reference import topk_indices
+        >>> idx, coef = topk_indices(jnp.array([[0., 3., -5., 0.]]), 3)
+        >>> idx.tolist(), coef.tolist()
+        ([[2, 1, -1]], [[-5.0, 3.0, 0.0]])
     """
     a = jnp.asarray(a)
     _, idx = lax.top_k(jnp.abs(a), k)
@@ -127,9 +141,13 @@ def nonzero_indices(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     nonzeros (not the largest: use ``topk_indices`` for that); ``dropped_units`` counts
     the rest. Same output set as ``topk_indices`` whenever nothing overflows.
 
-    Example::
+    Example:
 
-        nonzero_indices(jnp.array([[0., 3., -5., 0.]]), 3)   # ([[1, 2, -1]], [[3., -5., 0.]])
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.sparse_ffn.reference import nonzero_indices
+        >>> idx, coef = nonzero_indices(jnp.array([[0., 3., -5., 0.]]), 3)
+        >>> idx.tolist(), coef.tolist()
+        ([[1, 2, -1]], [[3.0, -5.0, 0.0]])
     """
     a = jnp.asarray(a)
     b, f = a.shape
@@ -149,9 +167,12 @@ def dropped_units(a: jax.Array, k: int) -> jax.Array:
     ``max(0, nnz(a[b]) − k)``; nonzero means a statistical threshold kept more units
     than the decode capacity ``k_max`` (raise ``k_max`` or lower the density).
 
-    Example::
+    Example:
 
-        dropped_units(jnp.array([[1., 2., 0., 3.]]), 2)   # [1]
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.sparse_ffn.reference import dropped_units
+        >>> dropped_units(jnp.array([[1., 2., 0., 3.]]), 2).tolist()
+        [1]
     """
     return jnp.maximum(jnp.sum(jnp.asarray(a) != 0, axis=-1) - k, 0)
 
@@ -169,9 +190,20 @@ def sparse_ffn_decode_reference(x2: jax.Array | None, w_in: jax.Array | None,
     ``((A ⊙ (x2 w_inᵀ)) w_out)`` with ``A = dense_coefficients(idx, coef, F)``; the
     result has the promoted dtype of the inputs.
 
-    Example::
+    Example:
 
-        y = sparse_ffn_decode_reference(x2, k2_t, v, idx, coef)     # [B, d_out]
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from sparsejax.kernels.sparse_ffn.reference import sparse_ffn_decode_reference
+        >>> rng = np.random.default_rng(0)
+        >>> x2, k2_t, v = (rng.normal(size=s).astype(np.float32)
+        ...                for s in [(2, 8), (16, 8), (16, 4)])
+        >>> idx = jnp.array([[3, 7, -1], [0, 0, 5]])          # row 1 lists unit 0 twice
+        >>> coef = jnp.array([[1., 2., 9.], [1., 1., -1.]])
+        >>> y = sparse_ffn_decode_reference(x2, k2_t, v, idx, coef)     # [B, d_out]
+        >>> want = np.stack([(x2[0] @ k2_t[3]) * v[3] + 2 * (x2[0] @ k2_t[7]) * v[7],
+        ...                  2 * (x2[1] @ k2_t[0]) * v[0] - (x2[1] @ k2_t[5]) * v[5]])
+        >>> y.shape, float(np.abs(y - want).max()) < 1e-4
+        ((2, 4), True)
     """
     dtype = jnp.result_type(*[t for t in (x2, w_in, w_out, coef) if t is not None])
     hp = lax.Precision.HIGHEST
@@ -197,9 +229,15 @@ def block_scores(x: jax.Array, w_up: jax.Array, b_up: jax.Array | None = None, *
     ``stop_gradient``: selection is a constant for the backward pass. ``x [T, d]`` →
     ``[T / tile_tokens, F / block_units]`` float32.
 
-    Example::
+    Example:
 
-        s = block_scores(x, w_up, activation='relu', block_units=128, tile_tokens=128)
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> from sparsejax.kernels.sparse_ffn.reference import block_scores
+        >>> rng = np.random.default_rng(0)
+        >>> x, w_up = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(4, 8), (8, 32)])
+        >>> s = block_scores(x, w_up, activation='relu', block_units=8, tile_tokens=2)
+        >>> s.shape, float(jnp.abs(s.sum() - jax.nn.relu(x @ w_up).sum())) < 1e-3
+        ((2, 4), True)
     """
     t, f = x.shape[0], w_up.shape[1]
     if dims is not None:
@@ -217,9 +255,12 @@ def select_blocks(scores: jax.Array, keep_blocks: int) -> jax.Array:
     """The ``keep_blocks`` highest-scoring unit blocks of each token tile, ``[n_tiles,
     keep_blocks]`` int32 (descending score, ties to the lower block).
 
-    Example::
+    Example:
 
-        select_blocks(jnp.array([[1., 5., 3.]]), 2)   # [[1, 2]]
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.sparse_ffn.reference import select_blocks
+        >>> select_blocks(jnp.array([[1., 5., 3.]]), 2).tolist()
+        [[1, 2]]
     """
     return lax.top_k(lax.stop_gradient(scores), keep_blocks)[1].astype(jnp.int32)
 
@@ -231,9 +272,12 @@ def block_mask(selected: jax.Array, num_blocks: int, block_units: int,
 
     ``M[t, j] = 1`` iff block ``j // block_units`` is in ``selected[t // tile_tokens]``.
 
-    Example::
+    Example:
 
-        block_mask(jnp.array([[1]]), 2, 2, 1)   # [[False, False, True, True]]
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.kernels.sparse_ffn.reference import block_mask
+        >>> block_mask(jnp.array([[1]]), 2, 2, 1).tolist()
+        [[False, False, True, True]]
     """
     n_tiles = selected.shape[0]
     m = jnp.zeros((n_tiles, num_blocks), bool).at[jnp.arange(n_tiles)[:, None], selected].set(True)
@@ -250,10 +294,19 @@ def block_sparse_ffn_reference(x: jax.Array, w_up: jax.Array, w_down: jax.Array,
     block_mask(selected, ...)``; ``x [T, d]``, ``selected [T / tile_tokens, keep]``.
     Differentiable in ``x`` and the weights (the mask is a constant).
 
-    Example::
+    Example:
 
-        y = block_sparse_ffn_reference(x, w_up, w_down, select_blocks(s, 2),
-                                       activation='relu', block_units=128, tile_tokens=128)
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> from sparsejax.kernels.sparse_ffn.reference import block_sparse_ffn_reference
+        >>> rng = np.random.default_rng(0)
+        >>> x, w_up, w_down = (jnp.asarray(rng.normal(size=s), jnp.float32)
+        ...                    for s in [(4, 8), (8, 8), (8, 3)])
+        >>> sel = jnp.array([[1, 3]])             # one tile of 4 tokens keeps blocks 1 and 3
+        >>> y = block_sparse_ffn_reference(x, w_up, w_down, sel, activation='relu',
+        ...                                block_units=2, tile_tokens=4)
+        >>> kept = jnp.array([0, 0, 1, 1, 0, 0, 1, 1])
+        >>> float(jnp.abs(y - (jax.nn.relu(x @ w_up) * kept) @ w_down).max()) < 1e-5
+        True
     """
     z = x @ w_up
     if b_up is not None:

@@ -14,18 +14,21 @@
 
 Results are ``Table``s (a list of row dicts; ``to_pandas()`` if pandas is installed).
 
-Example::
+Example (a run records with ``train_and_evaluate(config, workdir, hooks=[masks, acts])``
+and is read back with ``read_metrics(workdir)`` and ``load_checkpoint``; each module's
+examples show those steps; here two mask snapshots are recorded by hand):
 
-    from sparsejax import analysis
-    from sparsejax.train import make_trainer, train_and_evaluate
-
-    trainer = make_trainer(config)
-    masks, acts = analysis.MaskRecorder(every=100), analysis.ActivationSparsityRecorder(
-        trainer, lambda m: m(x), every=100)
-    train_and_evaluate(config, workdir, hooks=[masks, acts])
-    analysis.read_metrics(workdir).where(split='eval', metric='accuracy')
-    masks.turnover().where(layer=analysis.TOTAL)['turnover']
-    analysis.load_checkpoint(workdir, analysis.checkpoint_steps(workdir)[-1], trainer).masks
+    >>> import numpy as np
+    >>> from sparsejax import analysis
+    >>> masks = analysis.MaskRecorder(every=100)
+    >>> masks.record(0, {'dense': {'kernel': np.array([1, 1, 0, 0], bool)}})
+    >>> masks.record(100, {'dense': {'kernel': np.array([0, 1, 1, 0], bool)}})
+    >>> masks.turnover().where(layer=analysis.TOTAL)['turnover']
+    [0.5]
+    >>> runs = analysis.Table([{'flops': 1.0, 'accuracy': 0.90}, {'flops': 2.0, 'accuracy': 0.88},
+    ...                        {'flops': 4.0, 'accuracy': 0.93}])
+    >>> analysis.pareto_frontier(runs, x='flops', y='accuracy')['flops']
+    [1.0, 4.0]
 """
 
 from sparsejax.analysis.activations import ActivationSparsityRecorder, activation_sparsity_by_layer

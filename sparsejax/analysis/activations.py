@@ -9,12 +9,31 @@ since every token has ``d_ff`` of them. The fractions come from
 order in which the forward pass first calls it) and width (``d_ff``, the output's last
 dimension), and a hook that records them over training.
 
-Example::
+Example (``train_and_evaluate(config, workdir, hooks=[rec])`` calls the hook at every
+step with the train state; here a loop does, with a ``state -> model`` function):
 
-    activation_sparsity_by_layer(model, lambda m: m(batch))   # (layer, depth, width, fraction)
-    rec = ActivationSparsityRecorder(make_trainer(config), lambda m: m(batch), every=100)
-    train_and_evaluate(config, workdir, hooks=[rec])
-    rec.table()               # rows (step, layer, depth, width, fraction_nonzero)
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from sparsejax.analysis import ActivationSparsityRecorder, activation_sparsity_by_layer
+    >>> from sparsejax.models import MLP
+    >>> model, batch = MLP(8, (16, 16), 4, rngs=nnx.Rngs(0)), jnp.ones((2, 8))
+    >>> activation_sparsity_by_layer(model, lambda m: m(batch))   # (layer, depth, width, fraction)
+    layer   depth  width  fraction_nonzero
+    acts/0  0      16     0.625
+    acts/1  1      16     0.5625
+    >>> graphdef, params = nnx.split(model)
+    >>> rec = ActivationSparsityRecorder(lambda p: nnx.merge(graphdef, p), lambda m: m(batch),
+    ...                                  every=100)
+    >>> for step in range(0, 250, 50):
+    ...     rec(step, params)
+    >>> rec.table()               # rows (step, layer, depth, width, fraction_nonzero)
+    step  layer   depth  width  fraction_nonzero
+    0     acts/0  0      16     0.625
+    0     acts/1  1      16     0.5625
+    100   acts/0  0      16     0.625
+    100   acts/1  1      16     0.5625
+    200   acts/0  0      16     0.625
+    200   acts/1  1      16     0.5625
 """
 
 from __future__ import annotations
@@ -54,12 +73,19 @@ def activation_sparsity_by_layer(model: nnx.Module, call: ModelCall, *, kinds=No
     call's fraction; give each layer its own activation module (as the reference models
     do) to see them all.
 
-    Example::
+    Example:
 
-        model = ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10,
-                    activation='relu', rngs=nnx.Rngs(0))
-        rows = activation_sparsity_by_layer(model, lambda m: m(images))
-        rows['fraction_nonzero']   # ≈ [0.5, 0.5]
+        >>> import numpy as np
+        >>> from flax import nnx
+        >>> from sparsejax.analysis import activation_sparsity_by_layer
+        >>> from sparsejax.models import MLP
+        >>> model = MLP(64, (32, 16), 10, activation='relu', rngs=nnx.Rngs(0))
+        >>> x = np.random.default_rng(0).normal(size=(16, 64))
+        >>> rows = activation_sparsity_by_layer(model, lambda m: m(x))
+        >>> rows['layer'], rows['depth'], rows['width']
+        (['acts/0', 'acts/1'], [0, 1], [32, 16])
+        >>> [round(f, 2) for f in rows['fraction_nonzero']]   # ≈ [0.5, 0.5] at init
+        [0.46, 0.46]
     """
     fractions = activation_sparsity(model, call, kinds=kinds, after=after)
     widths = _output_widths(model, call, set(fractions))
@@ -99,12 +125,24 @@ class ActivationSparsityRecorder:
     callable ``state -> nnx.Module``. The rebuilt model is put in eval mode. ``kinds``
     and ``after`` as in ``activation_sparsity_by_layer``.
 
-    Example::
+    Example (``model`` an ``nnx.GraphDef``, and the state a ``TrainState`` as in training):
 
-        trainer = make_trainer(config)
-        rec = ActivationSparsityRecorder(trainer, lambda m: m(batch['inputs'][:64]), every=100)
-        train_and_evaluate(config, workdir, hooks=[rec])
-        rec.table().where(layer='blocks/0/mlp/act')['fraction_nonzero']
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.analysis import ActivationSparsityRecorder
+        >>> from sparsejax.models import MLP
+        >>> from sparsejax.train.state import TrainState
+        >>> batch = {'inputs': jnp.ones((2, 8))}
+        >>> graphdef, params, rest = nnx.split(MLP(8, (16,), 4, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        >>> state = TrainState(jnp.int32(0), nnx.to_pure_dict(params), nnx.to_pure_dict(rest),
+        ...                    opt_state=(), rng=jax.random.PRNGKey(0))
+        >>> rec = ActivationSparsityRecorder(graphdef, lambda m: m(batch['inputs'][:64]), every=100)
+        >>> for step in (99, 100, 101):
+        ...     rec(step, state)
+        >>> rec.table()['step']   # every 100 steps
+        [100]
+        >>> rec.table().where(layer='acts/0')['fraction_nonzero']
+        [0.625]
     """
 
     def __init__(self, model, call: ModelCall, *, every: int = 1, kinds=None,

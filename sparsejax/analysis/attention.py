@@ -7,10 +7,20 @@ nonzero probability (a causal row near the start) has mass 1. High concentration
 small ``k`` is what lets top-k / block-sparse attention drop the rest (Spark attention,
 ``sparsejax.nn.SparkAttention``).
 
-Example::
+Example:
 
-    probs = attention_probs(model, lambda m: m(tokens), 'blocks/0/attn')   # [B, H, T, T]
-    attention_concentration(probs, k=8)                       # [H], each in (0, 1]
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from sparsejax.analysis import attention_concentration, attention_probs
+    >>> from sparsejax.models import DecoderLM
+    >>> model = DecoderLM(vocab_size=16, max_len=8, d_model=8, num_heads=2, num_layers=2,
+    ...                   d_ff=16, rngs=nnx.Rngs(0))
+    >>> tokens = jnp.arange(8)[None]
+    >>> probs = attention_probs(model, lambda m: m(tokens), 'blocks/0/attn')
+    >>> probs.shape                                           # [B, H, T, T]
+    (1, 2, 8, 8)
+    >>> attention_concentration(probs, k=2).round(2)          # [H], each in (0, 1]
+    array([0.75, 0.74], dtype=float32)
 """
 
 from __future__ import annotations
@@ -20,6 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsejax.nn.layers import Attention
+from sparsejax.nn.spark import SparkAttention, spark_key_mask
+from sparsejax.nn.sparse_attention import SparseAttention
 from sparsejax.surgery import ModelCall, named_modules, trace_calls
 
 
@@ -29,10 +42,15 @@ def attention_concentration(probs, k: int) -> np.ndarray:
 
     ``probs``: ``[B, H, Tq, Tk]``. Returns a float array ``[H]``.
 
-    Example::
+    Example:
 
-        p = jnp.array([[[[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]]]])   # B=1, H=1, Tq=2, Tk=3
-        attention_concentration(p, 1)                           # [(0.5 + 1.0) / 2] = [0.75]
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.analysis import attention_concentration
+        >>> p = jnp.array([[[[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]]]])   # B=1, H=1, Tq=2, Tk=3
+        >>> attention_concentration(p, 1)                           # [(0.5 + 1.0) / 2]
+        array([0.75], dtype=float32)
+        >>> attention_concentration(p, 2)                           # [(0.8 + 1.0) / 2]
+        array([0.9], dtype=float32)
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1 (keys per query), got {k!r}")
@@ -54,18 +72,24 @@ def attention_probs(model: nnx.Module, call: ModelCall, layer: str) -> jax.Array
     pass (as ``sparsejax.surgery`` does), then the probabilities are recomputed from its
     ``q``/``k`` projections: ``softmax(q kᵀ / √d_head)`` with the causal mask if the module
     is causal, and, for ``SparkAttention``, only the keys its statistical top-k keeps.
-    Supports ``sparsejax.models.layers.Attention`` and ``sparsejax.nn.SparkAttention``
+    Supports ``sparsejax.nn.layers.Attention`` and ``sparsejax.nn.SparkAttention``
     (other attention modules compute their own scores and are rejected).
 
-    Example::
+    Example:
 
-        probs = attention_probs(lm, lambda m: m(tokens), 'blocks/1/attn')
-        probs.sum(-1)   # all ones
+        >>> from flax import nnx
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.analysis import attention_probs
+        >>> from sparsejax.models import DecoderLM
+        >>> lm = DecoderLM(vocab_size=16, max_len=8, d_model=8, num_heads=2, num_layers=2,
+        ...                d_ff=16, rngs=nnx.Rngs(0))
+        >>> tokens = jnp.arange(8)[None]
+        >>> probs = attention_probs(lm, lambda m: m(tokens), 'blocks/1/attn')
+        >>> probs.shape, bool(jnp.allclose(probs.sum(-1), 1))   # all ones
+        ((1, 2, 8, 8), True)
+        >>> bool((jnp.triu(probs, 1) == 0).all())   # causal: no weight on later keys
+        True
     """
-    from sparsejax.models.layers import Attention
-    from sparsejax.nn.spark import SparkAttention, spark_key_mask
-    from sparsejax.nn.sparse_attention import SparseAttention
-
     modules = dict(named_modules(model))
     if layer not in modules:
         attn = [p for p, m in modules.items() if isinstance(m, Attention)]

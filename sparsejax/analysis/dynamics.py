@@ -14,12 +14,18 @@ whose ``layer`` is ``TOTAL``.
   Over-Parameterization? In-Time Over-Parameterization in Sparse Training"):
   ``R_s = |∪_t m_t| / N``, the fraction of the ``N`` weights ever active so far.
 
-Example::
+Example (``train_and_evaluate(config, workdir, hooks=[rec])`` records the run's masks
+every 100 steps; here three snapshots are recorded by hand):
 
-    rec = MaskRecorder(every=100)
-    train_and_evaluate(config, workdir, hooks=[rec])
-    rec.turnover().where(layer=TOTAL)['turnover']
-    rec.ever_active().where(layer=TOTAL)['rate']      # the ITOP rate over training
+    >>> import numpy as np
+    >>> from sparsejax.analysis import TOTAL, MaskRecorder
+    >>> rec = MaskRecorder(every=100)
+    >>> for step, kernel in [(0, [1, 1, 0, 0]), (100, [0, 1, 1, 0]), (200, [0, 1, 0, 1])]:
+    ...     rec.record(step, {'dense': {'kernel': np.array(kernel, bool), 'bias': None}})
+    >>> rec.turnover().where(layer=TOTAL)['turnover']
+    [0.5, 0.5]
+    >>> rec.ever_active().where(layer=TOTAL)['rate']      # the ITOP rate over training
+    [0.5, 0.75, 1.0]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from sparsejax.analysis.table import Table
 from sparsejax.base import sparsity_states
@@ -36,7 +43,6 @@ from sparsejax.masks import named_leaves
 TOTAL = "<total>"
 """``layer`` of the row that sums over all layers."""
 
-_is_none = lambda x: x is None  # noqa: E731
 
 
 # ----------------------------------------------------------------------------- finding masks
@@ -47,9 +53,19 @@ def find_masks(tree) -> Any:
     outermost first), e.g. the ``SparseState``/``NMState`` inside a train state's
     ``opt_state``, however wrapped; ``None`` if there is none.
 
-    Example::
+    Example:
 
-        masks = find_masks(state.opt_state)   # params-shaped, None for dense leaves
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> from sparsejax.analysis import find_masks
+        >>> params = {'w': {'kernel': jnp.ones((4, 4)), 'bias': jnp.zeros(4)}}
+        >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+        ...                  sparsejax.static_sparse(optax.sgd(0.1), 0.5))
+        >>> masks = find_masks(tx.init(params))   # params-shaped, None for dense leaves
+        >>> masks['w']['bias'], masks['w']['kernel'].shape, int(masks['w']['kernel'].sum())
+        (None, (4, 4), 8)
+        >>> find_masks(optax.sgd(0.1).init(params)) is None   # a dense run
+        True
     """
     states = sparsity_states(tree)
     return states[0][1].masks if states else None
@@ -57,8 +73,6 @@ def find_masks(tree) -> Any:
 
 def _host(x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-host: gather
-        from jax.experimental import multihost_utils
-
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 
@@ -66,9 +80,12 @@ def _host(x) -> np.ndarray:
 def mask_dict(masks) -> dict[str, np.ndarray]:
     """``{path: bool numpy array}`` of every mask leaf (``None`` leaves skipped), on host.
 
-    Example::
+    Example:
 
-        mask_dict({'a': {'kernel': m}, 'b': {'bias': None}})   # {'a/kernel': m}
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.analysis import mask_dict
+        >>> mask_dict({'a': {'kernel': jnp.array([1, 0, 1])}, 'b': {'bias': None}})
+        {'a/kernel': array([ True, False,  True])}
     """
     if masks is None:
         raise ValueError("no masks given (None): a dense run has no masks")
@@ -105,10 +122,17 @@ def mask_turnover(prev_masks, next_masks) -> Table:
     """Per layer and in total: ``dropped = |prev ∧ ¬next|``, ``grown = |¬prev ∧ next|``,
     active counts, and ``turnover = dropped / |prev|`` (0 when nothing was active).
 
-    Example::
+    Example:
 
-        t = mask_turnover(masks_before, masks_after)
-        t.value('turnover', layer=TOTAL)    # e.g. 0.3 right after a RigL update
+        >>> import numpy as np
+        >>> from sparsejax.analysis import TOTAL, mask_turnover
+        >>> before = {'a': np.array([1, 1, 0, 0], bool), 'b': np.array([1, 1, 0, 0], bool)}
+        >>> after = {'a': np.array([0, 1, 1, 0], bool), 'b': np.array([1, 1, 0, 0], bool)}
+        >>> t = mask_turnover(before, after)
+        >>> t['layer'], t['dropped'], t['grown'], t['turnover']
+        (['a', 'b', '<total>'], [1, 0, 1], [1, 0, 1], [0.5, 0.0, 0.25])
+        >>> t.value('turnover', layer=TOTAL)    # 1 of the 4 active weights was dropped
+        0.25
     """
     rows, totals = [], np.zeros(5, np.int64)
     for path, a, b in _paired(prev_masks, next_masks):
@@ -122,9 +146,17 @@ def mask_turnover(prev_masks, next_masks) -> Table:
 def flip_rate(prev_mask, next_mask) -> Table:
     """SR-STE flip rate ``‖m_t − m_{t−1}‖₁ / D`` per layer and in total (``D`` entries).
 
-    Example::
+    Example:
 
-        flip_rate(nm_masks_from_params(p0, rules), nm_masks_from_params(p1, rules))
+        >>> import jax.numpy as jnp
+        >>> from sparsejax import nm_masks_from_params
+        >>> from sparsejax.analysis import TOTAL, flip_rate
+        >>> rules = [('w', '2:4')]
+        >>> p0 = {'w': jnp.array([[4.], [3.], [2.], [1.]])}   # keeps rows 0 and 1
+        >>> p1 = {'w': jnp.array([[4.], [1.], [2.], [3.]])}   # keeps rows 0 and 3
+        >>> flip_rate(nm_masks_from_params(p0, rules),
+        ...           nm_masks_from_params(p1, rules)).value('flip_rate', layer=TOTAL)
+        0.5
     """
     rows, flips_total, size_total = [], 0, 0
     for path, a, b in _paired(prev_mask, next_mask):
@@ -143,12 +175,17 @@ class InTimeOverParam:
     """Running union of masks: ``R_s = |∪_t m_t| / N`` (Liu et al. 2021), per layer and
     in total. ``update(masks)`` adds one snapshot.
 
-    Example::
+    Example:
 
-        itop = InTimeOverParam()
-        for masks in snapshots:
-            itop.update(masks)
-        itop.rate, itop.layer_rates
+        >>> import numpy as np
+        >>> from sparsejax.analysis import InTimeOverParam
+        >>> snapshots = [{'a': np.array([1, 0, 0, 0], bool), 'b': np.array([1, 0], bool)},
+        ...              {'a': np.array([0, 1, 0, 0], bool), 'b': np.array([1, 0], bool)}]
+        >>> itop = InTimeOverParam()
+        >>> for masks in snapshots:
+        ...     _ = itop.update(masks)
+        >>> itop.rate, itop.layer_rates
+        (0.5, {'a': 0.5, 'b': 0.5})
     """
 
     def __init__(self):
@@ -197,9 +234,14 @@ def ever_active(mask_sequence: Sequence, steps: Sequence[int] | None = None) -> 
     ``R_s = |∪_{τ≤t} m_τ| / N``), per layer and in total; ``step`` is ``steps[t]`` or
     the snapshot index.
 
-    Example::
+    Example:
 
-        ever_active([m0, m1, m2]).where(layer=TOTAL)['rate']   # non-decreasing
+        >>> import numpy as np
+        >>> from sparsejax.analysis import TOTAL, ever_active
+        >>> m0, m1, m2 = ({'w': np.array(m, bool)} for m in ([1, 0, 0, 0], [0, 1, 0, 0],
+        ...                                                 [1, 0, 0, 0]))
+        >>> ever_active([m0, m1, m2], steps=[0, 10, 20]).where(layer=TOTAL)['rate']
+        [0.25, 0.5, 0.5]
     """
     mask_sequence = list(mask_sequence)
     if not mask_sequence:
@@ -225,12 +267,27 @@ class MaskRecorder:
     ``every`` accordingly for large models. ``record(step, masks)`` adds a snapshot by hand
     (e.g. the masks at init).
 
-    Example::
+    Example (a training loop calls the hook with its state at every step, as
+    ``train_and_evaluate(config, workdir, hooks=[rec])`` does):
 
-        rec = MaskRecorder(every=100)
-        train_and_evaluate(config, workdir, hooks=[rec])
-        rec.turnover()       # rows (step, layer, dropped, grown, turnover, ...)
-        rec.ever_active()    # rows (step, layer, ever_active, size, rate)
+        >>> import jax, jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> from sparsejax.analysis import TOTAL, MaskRecorder
+        >>> params = {'w': {'kernel': jnp.ones((8, 8)), 'bias': jnp.zeros(8)}}
+        >>> tx = sparsejax.rigl(optax.sgd(0.1), 0.5, update_every=1, end_step=10)
+        >>> state, update = tx.init(params), jax.jit(tx.update)
+        >>> rec = MaskRecorder(every=1)
+        >>> for step in range(3):
+        ...     rec(step, state)
+        ...     grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(step), x.shape),
+        ...                          params)
+        ...     _, state = update(grads, state, params)
+        >>> rec.turnover().columns
+        ['step', 'layer', 'size', 'prev_active', 'next_active', 'dropped', 'grown', 'turnover']
+        >>> rec.turnover().where(layer=TOTAL)['turnover']   # RigL: dropped == grown
+        [0.25, 0.1875]
+        >>> rec.ever_active().where(layer=TOTAL)['rate']
+        [0.5, 0.625, 0.6875]
     """
 
     def __init__(self, every: int = 1):

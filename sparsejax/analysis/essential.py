@@ -15,11 +15,21 @@ Pruning keeps the largest ``|w|`` of the sparse parameters (picked by path rules
 
 Ties go to the lower index (``sparsejax.masks.topk_mask``).
 
-Example::
+Example (a linear classifier, scored against the dense model's predictions):
 
-    sweep = essential_sparsity_sweep(params, lambda p: accuracy(p), [0.1, 0.3, 0.5, 0.7, 0.9])
-    drop = sharp_drop(sweep['sparsity'], sweep['metric'], tolerance=0.01)
-    drop.sparsity     # the essential sparsity: largest s within 1 point of dense
+    >>> import numpy as np
+    >>> from sparsejax.analysis import essential_sparsity_sweep, sharp_drop
+    >>> rng = np.random.default_rng(0)
+    >>> x, w = rng.normal(size=(256, 16)), rng.normal(size=(16, 4)) ** 3
+    >>> params, labels = {'linear': {'kernel': w}}, np.argmax(x @ w, -1)
+    >>> def accuracy(p):
+    ...     return float(np.mean(np.argmax(x @ np.asarray(p['linear']['kernel']), -1) == labels))
+    >>> sweep = essential_sparsity_sweep(params, lambda p: accuracy(p), [0.1, 0.3, 0.5, 0.7, 0.9])
+    >>> [round(a, 3) for a in sweep['metric']]   # dense first
+    [1.0, 1.0, 1.0, 0.98, 0.879, 0.691]
+    >>> drop = sharp_drop(sweep['sparsity'], sweep['metric'], tolerance=0.01)
+    >>> drop.sparsity     # the essential sparsity: largest s within 1 point of dense
+    0.3
 """
 
 from __future__ import annotations
@@ -28,12 +38,11 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from sparsejax.nm import nm_masks_from_params
+from sparsejax.nm import nm_masks_from_params, nm_rules_like
 from sparsejax.analysis.table import Table
-from sparsejax.masks import (apply_masks, global_sparsity, global_topk_masks, path_str,
-                             resolve_rules, topk_mask)
+from sparsejax.masks import (apply_masks, global_magnitude_masks, global_sparsity, is_unowned,
+                             path_str, resolve_rules, topk_mask)
 
 STRUCTURES = ("unstructured", "n:m")
 _SLACK = 1e-12  # float rounding: 0.9 - 0.89 is 0.010000000000000009
@@ -53,32 +62,31 @@ def magnitude_masks(params, sparsity: float, *, rules=None, scope: str = "global
     (``'global'``) or ``round((1−s)·size)`` per leaf (``'layer'``); ``None`` for dense
     leaves. Every rule that is not ``'dense'`` makes its leaves sparse.
 
-    Example::
+    Example:
 
-        magnitude_masks({'w': jnp.array([3., -1., 2., 0.5])}, 0.5, rules=[('w', 'sparse')])
-        # {'w': [True, False, True, False]}
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.analysis import magnitude_masks
+        >>> p, rules = {'a': jnp.array([4., -3.]), 'b': jnp.array([2., 1.])}, [('a|b', 'sparse')]
+        >>> magnitude_masks(p, 0.5, rules=rules)
+        {'a': Array([ True,  True], dtype=bool), 'b': Array([False, False], dtype=bool)}
+        >>> magnitude_masks(p, 0.5, rules=rules, scope='layer')
+        {'a': Array([ True, False], dtype=bool), 'b': Array([ True, False], dtype=bool)}
     """
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity {sparsity!r} is outside [0, 1)")
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; known: {SCOPES}")
-    sparse = _sparse_tree(params, rules)
-    scores = jax.tree.map(lambda s, w: None if s is None else jnp.abs(w), sparse, params,
-                          is_leaf=lambda x: x is None)
     if scope == "global":
-        n = sum(int(np.size(w)) for w in jax.tree.leaves(scores))
-        return global_topk_masks(scores, round((1.0 - sparsity) * n), method="sort")
-    return jax.tree.map(lambda s: None if s is None else
-                        topk_mask(s, round((1.0 - sparsity) * s.size), method="sort"),
-                        scores, is_leaf=lambda x: x is None)
+        return global_magnitude_masks(params, sparsity, rules)
+    return jax.tree.map(lambda s, w: None if s is None else
+                        topk_mask(jnp.abs(w), round((1.0 - sparsity) * w.size), method="sort"),
+                        _sparse_tree(params, rules), params, is_leaf=is_unowned)
 
 
 def _nm_masks(params, n: int, m: int, rules, axis: int):
     """N:M masks for every leaf a non-dense rule selects (``'sparse'`` or a sparsity
     become ``'n:m'``), through ``sparsejax.nm.nm_masks_from_params``."""
-    nm_rules = None if rules is None else [
-        (pattern, "dense" if spec in (None, "dense") else "sparse") for pattern, spec in rules]
-    return nm_masks_from_params(params, nm_rules, axis, pattern=f"{n}:{m}")
+    return nm_masks_from_params(params, nm_rules_like(rules), axis, pattern=f"{n}:{m}")
 
 
 def _metrics(value) -> dict[str, float]:
@@ -102,10 +110,21 @@ def essential_sparsity_sweep(params, evaluate: Callable[[Any], Any],
     (the reference ``sharp_drop`` needs). ``realised_sparsity`` is the measured fraction
     of zeros in the masks (rounding of the kept count).
 
-    Example::
+    Example (``evaluate`` here is the ``|w|`` mass the pruning keeps):
 
-        sweep = essential_sparsity_sweep(params, evaluate, structure='n:m',
-                                         patterns=[(2, 4), (1, 4), (1, 8)])
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.analysis import essential_sparsity_sweep
+        >>> params = {'w': {'kernel': jnp.arange(1., 17.).reshape(8, 2)}}
+        >>> def evaluate(p):
+        ...     return float(jnp.abs(p['w']['kernel']).sum())
+        >>> sweep = essential_sparsity_sweep(params, evaluate, structure='n:m',
+        ...                                  patterns=[(2, 4), (1, 4), (1, 8)])
+        >>> sweep
+        sparsity  structure  pattern  realised_sparsity  metric
+        0         dense      None     0                  136
+        0.5       n:m        2:4      0.5                84
+        0.75      n:m        1:4      0.75               46
+        0.875     n:m        1:8      0.875              31
     """
     if structure not in STRUCTURES:
         raise ValueError(f"unknown structure {structure!r}; known: {STRUCTURES}")
@@ -143,9 +162,13 @@ class SharpDrop(NamedTuple):
     """The essential sparsity: its ``sparsity`` and ``index`` in the input sequences
     (both ``None`` if no point qualifies), and the ``dense`` metric it was compared with.
 
-    Example::
+    Example:
 
-        sharp_drop([0, .5, .9], [.9, .895, .6], 0.01)   # SharpDrop(0.5, 1, 0.9)
+        >>> from sparsejax.analysis import sharp_drop
+        >>> sharp_drop([0, .5, .9], [.9, .895, .6], 0.01)
+        SharpDrop(sparsity=0.5, index=1, dense=0.9)
+        >>> sharp_drop([0, .5], [.9, .5], 0.01)   # no sparse point qualifies
+        SharpDrop(sparsity=0.0, index=0, dense=0.9)
     """
 
     sparsity: float | None
@@ -166,10 +189,14 @@ def sharp_drop(sparsities: Sequence[float], metric: Sequence[float], tolerance: 
     ``contiguous=False`` it is the largest qualifying sparsity anywhere. Several points at
     one sparsity (N:M patterns 1:2 and 2:4) count as the best of them.
 
-    Example::
+    Example:
 
-        sharp_drop([0.0, 0.5, 0.7, 0.9], [0.90, 0.895, 0.85, 0.20], 0.01)
-        # SharpDrop(sparsity=0.5, index=1, dense=0.9)
+        >>> from sparsejax.analysis import sharp_drop
+        >>> sharp_drop([0.0, 0.5, 0.7, 0.9], [0.90, 0.895, 0.85, 0.20], 0.01)
+        SharpDrop(sparsity=0.5, index=1, dense=0.9)
+        >>> sharp_drop([0.0, 0.5, 0.7, 0.9], [0.90, 0.85, 0.90, 0.20], 0.01,
+        ...            contiguous=False)   # the recovery at 0.7 counts
+        SharpDrop(sparsity=0.7, index=2, dense=0.9)
     """
     s, y = [float(v) for v in sparsities], [float(v) for v in metric]
     if len(s) != len(y):

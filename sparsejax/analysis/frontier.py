@@ -9,11 +9,22 @@ The plot helpers take a matplotlib ``Axes`` and rows (a ``Table`` or list of dic
 draw, and return the artists; they never import matplotlib themselves, so the library
 does not depend on it.
 
-Example::
+Example (``matplotlib.figure.Figure().subplots()`` gives an ``ax`` as
+``plt.subplots()`` does):
 
-    front = pareto_frontier(runs, x='flops', y='eval_accuracy')
-    fig, ax = plt.subplots()
-    plot_frontier(ax, runs, x='flops', y='eval_accuracy', label='method')
+    >>> from matplotlib.figure import Figure
+    >>> from sparsejax.analysis import pareto_frontier, plot_frontier
+    >>> runs = [{'method': 'rigl', 'flops': 1.0, 'eval_accuracy': 0.80},
+    ...         {'method': 'rigl', 'flops': 2.0, 'eval_accuracy': 0.85},
+    ...         {'method': 'set', 'flops': 1.0, 'eval_accuracy': 0.78},
+    ...         {'method': 'dense', 'flops': 4.0, 'eval_accuracy': 0.84}]
+    >>> front = pareto_frontier(runs, x='flops', y='eval_accuracy')
+    >>> front['method'], front['flops']
+    (['rigl', 'rigl'], [1.0, 2.0])
+    >>> ax = Figure().subplots()
+    >>> scatters, line = plot_frontier(ax, runs, x='flops', y='eval_accuracy', label='method')
+    >>> len(scatters), line.get_xydata().tolist()   # one scatter per method; the frontier
+    (3, [[1.0, 0.8], [2.0, 0.85]])
 """
 
 from __future__ import annotations
@@ -34,11 +45,14 @@ def pareto_frontier(rows, x: str = "flops", y: str = "accuracy", *,
     better unless ``y_higher_is_better=False``). Along the result ``y`` strictly
     improves with ``x``.
 
-    Example::
+    Example:
 
-        pareto_frontier([{'flops': 1, 'accuracy': .8}, {'flops': 2, 'accuracy': .7},
-                         {'flops': 3, 'accuracy': .9}])
-        # rows with flops 1 and 3 (flops 2 is dominated by flops 1)
+        >>> from sparsejax.analysis import pareto_frontier
+        >>> pareto_frontier([{'flops': 1, 'accuracy': .8}, {'flops': 2, 'accuracy': .7},
+        ...                  {'flops': 3, 'accuracy': .9}])   # flops 1 dominates flops 2
+        flops  accuracy
+        1      0.8
+        3      0.9
     """
     rows = as_table(rows)
     sign = 1.0 if y_higher_is_better else -1.0
@@ -83,9 +97,20 @@ def plot_frontier(ax, rows, x: str = "flops", y: str = "accuracy", *, label: str
     """Scatter of every row (one colour per value of column ``label``, if given) and the
     Pareto frontier as a line; returns ``(scatters, frontier_line)``.
 
-    Example::
+    Example:
 
-        plot_frontier(ax, runs, x='flops', y='eval_accuracy', label='sparsity.name')
+        >>> from matplotlib.figure import Figure
+        >>> from sparsejax.analysis import plot_frontier
+        >>> runs = [{'sparsity.name': 'rigl', 'flops': 1.0, 'eval_accuracy': 0.8},
+        ...         {'sparsity.name': 'set', 'flops': 1.0, 'eval_accuracy': 0.7},
+        ...         {'sparsity.name': 'dense', 'flops': 3.0, 'eval_accuracy': 0.9}]
+        >>> ax = Figure().subplots()
+        >>> scatters, line = plot_frontier(ax, runs, x='flops', y='eval_accuracy',
+        ...                                label='sparsity.name')
+        >>> [t.get_text() for t in ax.get_legend().get_texts()]
+        ['rigl', 'set', 'dense', 'Pareto frontier']
+        >>> line.get_xydata().tolist()
+        [[1.0, 0.8], [3.0, 0.9]]
     """
     rows = as_table(rows)
     _xy(rows, x, y)
@@ -104,9 +129,17 @@ def plot_activation_sparsity(ax, rows, *, x: str = "step", y: str = "fraction_no
     """One line per layer of ``ActivationSparsityRecorder.table()`` rows (fraction of
     nonzero activations over training); returns the lines.
 
-    Example::
+    Example (rows as ``ActivationSparsityRecorder.table()`` gives them):
 
-        plot_activation_sparsity(ax, recorder.table())
+        >>> from matplotlib.figure import Figure
+        >>> from sparsejax.analysis import plot_activation_sparsity
+        >>> rows = [{'step': 0, 'layer': 'acts/0', 'fraction_nonzero': 0.5},
+        ...         {'step': 100, 'layer': 'acts/0', 'fraction_nonzero': 0.3},
+        ...         {'step': 0, 'layer': 'acts/1', 'fraction_nonzero': 0.4},
+        ...         {'step': 100, 'layer': 'acts/1', 'fraction_nonzero': 0.2}]
+        >>> lines = plot_activation_sparsity(Figure().subplots(), rows)
+        >>> [(l.get_label(), l.get_ydata().tolist()) for l in lines]
+        [('acts/0', [0.5, 0.3]), ('acts/1', [0.4, 0.2])]
     """
     return _lines(ax, rows, x, y, by, marker="o")
 
@@ -116,9 +149,18 @@ def plot_mask_dynamics(ax, rows, *, y: str = "turnover", x: str = "step",
     """One line per layer (``TOTAL`` included) of ``MaskRecorder`` tables: ``turnover``,
     ``flip_rate`` or the ITOP ``rate``; returns the lines.
 
-    Example::
+    Example:
 
-        plot_mask_dynamics(ax, rec.ever_active().where(layer=TOTAL), y='rate')
+        >>> import numpy as np
+        >>> from matplotlib.figure import Figure
+        >>> from sparsejax.analysis import TOTAL, MaskRecorder, plot_mask_dynamics
+        >>> rec = MaskRecorder()
+        >>> for step, kernel in [(0, [1, 1, 0, 0]), (1, [0, 1, 1, 0]), (2, [0, 1, 0, 1])]:
+        ...     rec.record(step, {'w': np.array(kernel, bool)})
+        >>> ax = Figure().subplots()
+        >>> (line,) = plot_mask_dynamics(ax, rec.ever_active().where(layer=TOTAL), y='rate')
+        >>> line.get_xydata().tolist(), ax.get_ylabel()
+        ([[0.0, 0.5], [1.0, 0.75], [2.0, 1.0]], 'rate')
     """
     return _lines(ax, rows, x, y, by)
 
@@ -127,9 +169,16 @@ def plot_sweep(ax, rows, *, x: str = "sparsity", y: str = "metric", drop=None) -
     """The metric against sparsity of an ``essential_sparsity_sweep``, and a vertical line
     at ``drop`` (a ``SharpDrop`` or a sparsity) if given; returns the artists.
 
-    Example::
+    Example (rows as ``essential_sparsity_sweep`` gives them):
 
-        plot_sweep(ax, sweep, drop=sharp_drop(sweep['sparsity'], sweep['metric']))
+        >>> from matplotlib.figure import Figure
+        >>> from sparsejax.analysis import plot_sweep, sharp_drop
+        >>> sweep = [{'sparsity': s, 'metric': m} for s, m in [(0.0, 0.9), (0.5, 0.895),
+        ...                                                    (0.7, 0.85), (0.9, 0.2)]]
+        >>> drop = sharp_drop([r['sparsity'] for r in sweep], [r['metric'] for r in sweep])
+        >>> artists = plot_sweep(Figure().subplots(), sweep, drop=drop)
+        >>> len(artists), artists[-1].get_label()
+        (2, 'sharp drop at 0.5')
     """
     artists = _lines(ax, rows, x, y, None, marker="o")
     s = getattr(drop, "sparsity", drop)

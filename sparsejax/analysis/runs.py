@@ -5,13 +5,35 @@ A workdir written by ``sparsejax.train.train_and_evaluate`` holds ``metrics.json
 ``tensorboard/`` and orbax checkpoints under ``checkpoints/<step>/``. Nothing here
 writes to a workdir.
 
-Example::
+Example (a workdir written by hand here: metrics, config and one checkpoint):
 
-    m = read_metrics('runs/qs_rigl')                  # rows (step, split, metric, value)
-    m.where(split='eval', metric='accuracy')['value']
-    ckpt = load_checkpoint('runs/qs_rigl', 500, make_trainer(config))
-    sparsejax.global_sparsity(ckpt.masks)
-    read_runs(['runs/qs', 'runs/qs_rigl'])             # one row per run
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> import jax, jax.numpy as jnp
+    >>> import optax, sparsejax
+    >>> from sparsejax.analysis import load_checkpoint, read_metrics, read_runs
+    >>> from sparsejax.train.checkpoint import Checkpointer
+    >>> from sparsejax.train.state import TrainState
+    >>> workdir = Path(tempfile.mkdtemp()) / 'qs_rigl'
+    >>> workdir.mkdir()
+    >>> _ = (workdir / 'metrics.jsonl').write_text(
+    ...     '{"step": 250, "split": "eval", "accuracy": 0.81}\\n'
+    ...     '{"step": 500, "split": "eval", "accuracy": 0.86}\\n')
+    >>> _ = (workdir / 'config.json').write_text(json.dumps({'sparsity': {'name': 'rigl'}}))
+    >>> params = {'w': {'kernel': jnp.ones((4, 4)), 'bias': jnp.zeros(4)}}
+    >>> opt_state = sparsejax.static_sparse(optax.sgd(0.1), 0.75).init(params)
+    >>> state = TrainState(jnp.int32(500), params, {}, opt_state, jax.random.PRNGKey(0))
+    >>> ckpt = Checkpointer(workdir / 'checkpoints')
+    >>> ckpt.save(500, state, data_position=500); ckpt.close()
+    >>> m = read_metrics(workdir)                  # rows (step, split, metric, value)
+    >>> m.where(split='eval', metric='accuracy')['value']
+    [0.81, 0.86]
+    >>> ckpt = load_checkpoint(workdir, 500, state)
+    >>> sparsejax.global_sparsity(ckpt.masks)
+    0.75
+    >>> read_runs([workdir], keys=['sparsity.name'])   # one row per run; unfinished
+    workdir  sparsity.name  finished
+    /.../qs_rigl  rigl  False
 """
 
 from __future__ import annotations
@@ -24,6 +46,8 @@ import jax
 
 from sparsejax.analysis.dynamics import find_masks
 from sparsejax.analysis.table import Table
+from sparsejax.train.checkpoint import Checkpointer, abstract_like
+from sparsejax.train.loop import make_trainer
 
 DEFAULT_RUN_KEYS = ("model.name", "sparsity.name", "sparsity.sparsity", "sparsity.distribution",
                     "sparsity.pattern", "ift.family", "ift.sparsity", "seed", "num_steps")
@@ -49,10 +73,22 @@ def read_metrics(workdir) -> Table:
     """Tidy rows ``(step, split, metric, value)`` from ``metrics.jsonl``, in file order
     (within a line, in the order the metrics were written).
 
-    Example::
+    Example:
 
-        m = read_metrics('runs/quickstart')
-        m.where(split='train', metric='loss')['value']
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from sparsejax.analysis import read_metrics
+        >>> workdir = Path(tempfile.mkdtemp())
+        >>> _ = (workdir / 'metrics.jsonl').write_text(
+        ...     '{"step": 1, "split": "train", "loss": 2.3, "accuracy": 0.1}\\n'
+        ...     '{"step": 2, "split": "train", "loss": 1.9, "accuracy": 0.3}\\n')
+        >>> m = read_metrics(workdir)
+        >>> m[:2]
+        step  split  metric    value
+        1     train  loss      2.3
+        1     train  accuracy  0.1
+        >>> m.where(split='train', metric='loss')['value']
+        [2.3, 1.9]
     """
     rows = []
     with open(_file(workdir, "metrics.jsonl")) as f:
@@ -73,9 +109,19 @@ def read_summary(workdir) -> dict:
     """``summary.json`` (written when a run finishes): final train/eval metrics, steps,
     wall time.
 
-    Example::
+    Example:
 
-        read_summary('runs/quickstart')['eval_accuracy']
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> from sparsejax.analysis import read_summary
+        >>> workdir = Path(tempfile.mkdtemp())
+        >>> _ = (workdir / 'summary.json').write_text(json.dumps({'eval_accuracy': 0.93}))
+        >>> read_summary(workdir)['eval_accuracy']
+        0.93
+        >>> read_summary(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no summary.json in run directory '...'
     """
     return json.loads(_file(workdir, "summary.json").read_text())
 
@@ -83,9 +129,16 @@ def read_summary(workdir) -> dict:
 def read_config(workdir) -> dict:
     """``config.json``: the run's config as nested dicts (tuples became lists).
 
-    Example::
+    Example:
 
-        read_config('runs/quickstart')['sparsity']['name']
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> from sparsejax.analysis import read_config
+        >>> workdir = Path(tempfile.mkdtemp())
+        >>> config = {'sparsity': {'name': 'rigl'}, 'model': {'hidden': (64, 64)}}
+        >>> _ = (workdir / 'config.json').write_text(json.dumps(config))
+        >>> read_config(workdir)['sparsity']['name'], read_config(workdir)['model']['hidden']
+        ('rigl', [64, 64])
     """
     return json.loads(_file(workdir, "config.json").read_text())
 
@@ -93,9 +146,12 @@ def read_config(workdir) -> dict:
 def config_value(config: dict, key: str, default=None):
     """``config['a']['b']`` for ``key='a.b'``, or ``default`` when a part is missing.
 
-    Example::
+    Example:
 
-        config_value(read_config(workdir), 'sparsity.sparsity')   # 0.9
+        >>> from sparsejax.analysis import config_value
+        >>> config = {'sparsity': {'name': 'rigl', 'sparsity': 0.9}}   # as read_config gives it
+        >>> config_value(config, 'sparsity.sparsity'), config_value(config, 'ift.family', 'none')
+        (0.9, 'none')
     """
     node: Any = config
     for part in key.split("."):
@@ -109,9 +165,16 @@ def checkpoint_steps(workdir) -> list[int]:
     """Steps of the finished checkpoints under ``checkpoints/``, ascending (orbax
     writes to a temporary name and renames, so only finished ones have a bare step name).
 
-    Example::
+    Example:
 
-        checkpoint_steps('runs/quickstart')   # [1000, 1250, 1500]
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from sparsejax.analysis import checkpoint_steps
+        >>> workdir = Path(tempfile.mkdtemp())
+        >>> for name in ['1250', '1000', '1500.orbax-checkpoint-tmp-17']:   # the last unfinished
+        ...     (workdir / 'checkpoints' / name).mkdir(parents=True)
+        >>> checkpoint_steps(workdir)
+        [1000, 1250]
     """
     directory = _workdir(workdir) / "checkpoints"
     if not directory.is_dir():
@@ -123,10 +186,23 @@ class Checkpoint(NamedTuple):
     """A restored checkpoint: the whole ``TrainState``, its params, the sparsity masks
     found in the optimizer state (``None`` for a dense run) and the data position.
 
-    Example::
+    Example (a dense run's checkpoint, saved here by hand):
 
-        ckpt = load_checkpoint(workdir, 500, trainer)
-        ckpt.params['layers'][0]['kernel'], mask_counts(ckpt.masks)
+        >>> import tempfile
+        >>> import jax, jax.numpy as jnp
+        >>> import optax
+        >>> from sparsejax.analysis import load_checkpoint
+        >>> from sparsejax.train.checkpoint import Checkpointer
+        >>> from sparsejax.train.state import TrainState
+        >>> params = {'layers': [{'kernel': jnp.ones((2, 3))}]}
+        >>> state = TrainState(jnp.int32(7), params, {}, optax.sgd(0.1).init(params),
+        ...                    jax.random.PRNGKey(0))
+        >>> workdir = tempfile.mkdtemp()
+        >>> saver = Checkpointer(f'{workdir}/checkpoints')
+        >>> saver.save(7, state, data_position=7); saver.close()
+        >>> ckpt = load_checkpoint(workdir, 7, state)
+        >>> ckpt.step, ckpt.params['layers'][0]['kernel'].shape, ckpt.masks, ckpt.data_position
+        (7, (2, 3), None, 7)
     """
 
     step: int
@@ -138,13 +214,9 @@ class Checkpoint(NamedTuple):
 
 def _restore_target(like):
     """``ShapeDtypeStruct`` leaves with shardings, from a Trainer, a config or a tree."""
-    from sparsejax.train.checkpoint import abstract_like
-
     if hasattr(like, "abstract_state") and hasattr(like, "state_shardings"):  # a Trainer
         return abstract_like(like.abstract_state, like.state_shardings)
     if hasattr(like, "sparsity") and hasattr(like, "model"):  # a config
-        from sparsejax.train.loop import make_trainer
-
         return _restore_target(make_trainer(like))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -166,18 +238,32 @@ def load_checkpoint(workdir, step: int, like) -> Checkpoint:
     array leaves; those without a sharding go to the first device). Reads only; an
     unknown step or missing workdir raises before anything is opened.
 
-    Example::
+    Example (``like`` here is the saved state itself; a run passes its ``Trainer``):
 
-        trainer = make_trainer(config)
-        ckpt = load_checkpoint('runs/qs_rigl', 500, trainer)
-        sparsejax.global_sparsity(ckpt.masks)   # 0.9
+        >>> import tempfile
+        >>> import jax, jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> from sparsejax.analysis import load_checkpoint
+        >>> from sparsejax.train.checkpoint import Checkpointer
+        >>> from sparsejax.train.state import TrainState
+        >>> params = {'w': {'kernel': jnp.ones((4, 4)), 'bias': jnp.zeros(4)}}
+        >>> opt_state = sparsejax.static_sparse(optax.sgd(0.1), 0.75).init(params)
+        >>> state = TrainState(jnp.int32(500), params, {}, opt_state, jax.random.PRNGKey(0))
+        >>> workdir = tempfile.mkdtemp()
+        >>> saver = Checkpointer(f'{workdir}/checkpoints')
+        >>> saver.save(500, state, data_position=500); saver.close()
+        >>> ckpt = load_checkpoint(workdir, 500, state)
+        >>> sparsejax.global_sparsity(ckpt.masks), sparsejax.mask_counts(ckpt.masks)
+        (0.75, {'w/kernel': (4, 16)})
+        >>> load_checkpoint(workdir, 400, state)
+        Traceback (most recent call last):
+        ...
+        ValueError: no checkpoint for step 400 in '.../checkpoints'; saved steps: [500]
     """
     steps = checkpoint_steps(workdir)
     if int(step) not in steps:
         where = str(Path(workdir) / "checkpoints")
         raise ValueError(f"no checkpoint for step {step} in {where!r}; saved steps: {steps}")
-    from sparsejax.train.checkpoint import Checkpointer
-
     target = _restore_target(like)
     ckpt = Checkpointer(Path(workdir) / "checkpoints", max_to_keep=None)
     try:
@@ -192,10 +278,22 @@ def read_runs(workdirs: Sequence, keys: Sequence[str] = DEFAULT_RUN_KEYS) -> Tab
     """One row per run: ``workdir``, the config ``keys`` (dotted; ``None`` if absent),
     ``finished`` (a summary exists) and every summary metric.
 
-    Example::
+    Example:
 
-        runs = read_runs(sorted(Path('runs').glob('qs_*')))
-        runs.where(**{'sparsity.name': 'rigl'})['eval_accuracy']
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> from sparsejax.analysis import read_runs
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for name, method, accuracy in [('qs_dense', 'dense', 0.9), ('qs_rigl', 'rigl', 0.88)]:
+        ...     run = root / name
+        ...     run.mkdir()
+        ...     _ = (run / 'config.json').write_text(json.dumps({'sparsity': {'name': method}}))
+        ...     _ = (run / 'summary.json').write_text(json.dumps({'eval_accuracy': accuracy}))
+        >>> runs = read_runs(sorted(root.glob('qs_*')))
+        >>> runs.where(**{'sparsity.name': 'rigl'})['eval_accuracy']
+        [0.88]
+        >>> runs['finished'], runs['seed']   # keys missing from a config read as None
+        ([True, True], [None, None])
     """
     if isinstance(workdirs, (str, Path)):
         raise TypeError("read_runs takes a list of workdirs; for one run use [workdir]")

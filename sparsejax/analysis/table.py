@@ -5,13 +5,20 @@ plot it without pandas, or hand it to pandas when pandas is installed. Rows are 
 dicts; the columns are the union of the rows' keys in first-seen order (a missing cell
 reads as ``None``).
 
-Example::
+Example:
 
-    t = Table([{'step': 1, 'loss': 0.5}, {'step': 2, 'loss': 0.4}])
-    t['loss']                     # [0.5, 0.4]
-    t.where(step=2)[0]            # {'step': 2, 'loss': 0.4}
-    t.value('loss', step=1)       # 0.5
-    df = t.to_pandas()            # needs pandas, imported here only
+    >>> from sparsejax.analysis import Table
+    >>> t = Table([{'step': 1, 'loss': 0.5}, {'step': 2, 'loss': 0.4}])
+    >>> t['loss']
+    [0.5, 0.4]
+    >>> t.where(step=2)[0]
+    {'step': 2, 'loss': 0.4}
+    >>> t.value('loss', step=1)
+    0.5
+    >>> t
+    step  loss
+    1     0.5
+    2     0.4
 """
 
 from __future__ import annotations
@@ -26,11 +33,14 @@ class Table:
     number of rows; ``where`` filters by equality, ``sort_by`` orders, ``value`` reads
     the one cell a filter selects, ``to_pandas`` converts (lazy import).
 
-    Example::
+    Example:
 
-        t = Table([{'layer': 'a', 'rate': 0.5}, {'layer': 'b', 'rate': 0.25}])
-        t.columns                       # ['layer', 'rate']
-        t.where(layer='b')['rate']      # [0.25]
+        >>> from sparsejax.analysis import Table
+        >>> t = Table([{'layer': 'a', 'rate': 0.5}, {'layer': 'b', 'rate': 0.25}])
+        >>> t.columns, len(t)
+        (['layer', 'rate'], 2)
+        >>> t.where(layer='b')['rate']
+        [0.25]
     """
 
     def __init__(self, rows: Iterable[Mapping[str, Any]] = (),
@@ -67,19 +77,27 @@ class Table:
     def records(self) -> list[dict]:
         """The rows as new dicts, every column present (missing cells ``None``).
 
-        Example::
+        Example:
 
-            Table([{'a': 1}, {'b': 2}]).records()   # [{'a': 1, 'b': None}, {'a': None, 'b': 2}]
+            >>> from sparsejax.analysis import Table
+            >>> Table([{'a': 1}, {'b': 2}]).records()
+            [{'a': 1, 'b': None}, {'a': None, 'b': 2}]
         """
         return [{c: r.get(c) for c in self._columns} for r in self._rows]
 
     def where(self, predicate: Callable[[dict], bool] | None = None, **equal) -> "Table":
         """Rows whose columns equal ``equal`` (and satisfy ``predicate``, if given).
 
-        Example::
+        Example:
 
-            t.where(split='eval', metric='accuracy')
-            t.where(lambda r: r['step'] > 100)
+            >>> from sparsejax.analysis import Table
+            >>> t = Table([{'step': 100, 'split': 'eval', 'metric': 'accuracy', 'value': 0.8},
+            ...            {'step': 100, 'split': 'train', 'metric': 'loss', 'value': 0.6},
+            ...            {'step': 200, 'split': 'eval', 'metric': 'accuracy', 'value': 0.9}])
+            >>> t.where(split='eval', metric='accuracy')['value']
+            [0.8, 0.9]
+            >>> t.where(lambda r: r['step'] > 100)['value']
+            [0.9]
         """
         for k in equal:
             if k not in self._columns:
@@ -91,9 +109,12 @@ class Table:
     def sort_by(self, *columns: str, reverse: bool = False) -> "Table":
         """Rows ordered by ``columns`` (stable).
 
-        Example::
+        Example:
 
-            t.sort_by('step')
+            >>> from sparsejax.analysis import Table
+            >>> t = Table([{'step': 2, 'loss': 0.4}, {'step': 1, 'loss': 0.5}])
+            >>> t.sort_by('step')['step'], t.sort_by('step', reverse=True)['step']
+            ([1, 2], [2, 1])
         """
         return Table(sorted(self._rows, key=lambda r: tuple(r.get(c) for c in columns),
                             reverse=reverse), self._columns)
@@ -102,9 +123,17 @@ class Table:
         """The single cell of ``column`` in the one row matching ``equal``; an error if
         no row or several rows match.
 
-        Example::
+        Example:
 
-            turnover.value('turnover', layer=TOTAL)
+            >>> from sparsejax.analysis import TOTAL, Table
+            >>> turnover = Table([{'layer': 'a', 'turnover': 0.5},
+            ...                   {'layer': TOTAL, 'turnover': 0.25}])
+            >>> turnover.value('turnover', layer=TOTAL)
+            0.25
+            >>> Table([{'a': 1}, {'a': 1}]).value('a', a=1)
+            Traceback (most recent call last):
+            ...
+            ValueError: 2 rows match {'a': 1}; expected exactly one
         """
         hits = self.where(**equal)[column]
         if len(hits) != 1:
@@ -114,9 +143,16 @@ class Table:
     def to_pandas(self):
         """A ``pandas.DataFrame`` of the rows (pandas is imported here, only when asked).
 
-        Example::
+        Example (pandas is optional, so this holds with or without it):
 
-            read_metrics(workdir).to_pandas().pivot_table(index='step', columns='metric')
+            >>> from sparsejax.analysis import Table
+            >>> t = Table([{'step': 1, 'loss': 0.5}, {'step': 2, 'loss': 0.4}])
+            >>> try:
+            ...     shape = t.to_pandas().shape
+            ... except ImportError:   # no pandas: the same rows are t.records()
+            ...     shape = (len(t.records()), len(t.columns))
+            >>> shape
+            (2, 2)
         """
         try:
             import pandas as pd
@@ -144,8 +180,11 @@ def _fmt(x) -> str:
 def as_table(rows) -> Table:
     """``rows`` as a ``Table`` (a Table, or any iterable of dicts).
 
-    Example::
+    Example:
 
-        as_table([{'flops': 1.0, 'accuracy': 0.9}])
+        >>> from sparsejax.analysis import Table, as_table
+        >>> t = as_table([{'flops': 1.0, 'accuracy': 0.9}])
+        >>> t.columns, as_table(t) is t
+        (['flops', 'accuracy'], True)
     """
     return rows if isinstance(rows, Table) else Table(rows)

@@ -9,17 +9,20 @@ Example::
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 from flax import nnx
 
-from sparsejax.models.layers import block_stack
+from sparsejax.models.blocks import ATTENTIONS, FFNS, block_factory
+from sparsejax.nn.layers import block_stack
 
 
 class DecoderLM(nnx.Module):
     """Token + learned position embeddings, causal pre-LN blocks, final LN, untied head.
 
-    ``attention`` and ``ffn`` name entries of ``layers.ATTENTIONS``/``layers.FFNS``; later
-    modules (sparse attention, Spark FFN) register there and are chosen from config.
+    ``attention``/``ffn`` name an entry of ``models.blocks.ATTENTIONS``/``FFNS`` (or are a
+    module class or factory); ``attention_options``/``ffn_options`` are its keywords.
 
     Example::
 
@@ -28,15 +31,17 @@ class DecoderLM(nnx.Module):
 
     def __init__(self, *, vocab_size: int, max_len: int, d_model: int = 64,
                  num_heads: int = 4, num_layers: int = 2, d_ff: int = 256,
-                 activation: str = "gelu", attention: str = "dense", ffn: str = "dense",
-                 ffn_options: dict | None = None, attention_options: dict | None = None,
-                 rngs: nnx.Rngs):
+                 activation: str = "gelu", attention: str | Callable = "dense",
+                 attention_options: dict | None = None, ffn: str | Callable = "dense",
+                 ffn_options: dict | None = None, rngs: nnx.Rngs):
         self.max_len = max_len
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)))
         self.blocks = block_stack(num_layers, d_model, num_heads, d_ff, activation=activation,
-                                  causal=True, attention=attention, ffn=ffn, rngs=rngs,
-                                  ffn_options=ffn_options, attention_options=attention_options)
+                                  causal=True, rngs=rngs,
+                                  attention=block_factory(ATTENTIONS, "attention", attention,
+                                                          attention_options),
+                                  ffn=block_factory(FFNS, "ffn", ffn, ffn_options))
         self.ln = nnx.LayerNorm(d_model, rngs=rngs)
         self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from sparsejax.models.layers import Activation
+from sparsejax.nn.layers import Activation
 
 
 class MLP(nnx.Module):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.models.layers import Activation
+from sparsejax.nn.layers import Activation
 
 
 class BasicBlock(nnx.Module):

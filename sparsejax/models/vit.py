@@ -9,18 +9,23 @@ Example::
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.models.layers import block_stack
+from sparsejax.models.blocks import ATTENTIONS, FFNS, block_factory
+from sparsejax.nn.layers import block_stack
 
 
 class ViT(nnx.Module):
     """Patch embedding, learned positions, pre-LN blocks, final LN, mean pool, head.
 
     ``activation`` is the FFN activation ('relu' for the Lazy Neuron measurements,
-    'gelu' as in the original ViT); ``attention``/``ffn`` pick registered modules.
+    'gelu' as in the original ViT); ``attention``/``ffn`` name an entry of
+    ``models.blocks.ATTENTIONS``/``FFNS`` (or are a module class or factory), and
+    ``attention_options``/``ffn_options`` are its keywords.
 
     Example::
 
@@ -30,8 +35,8 @@ class ViT(nnx.Module):
     def __init__(self, *, image_size: int, patch_size: int, in_channels: int,
                  num_classes: int, d_model: int = 64, num_heads: int = 4,
                  num_layers: int = 2, d_ff: int = 256, activation: str = "gelu",
-                 attention: str = "dense", ffn: str = "dense",
-                 ffn_options: dict | None = None, attention_options: dict | None = None,
+                 attention: str | Callable = "dense", attention_options: dict | None = None,
+                 ffn: str | Callable = "dense", ffn_options: dict | None = None,
                  rngs: nnx.Rngs):
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
@@ -40,8 +45,10 @@ class ViT(nnx.Module):
                               strides=patch_size, padding="VALID", rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_patches, d_model)))
         self.blocks = block_stack(num_layers, d_model, num_heads, d_ff, activation=activation,
-                                  causal=False, attention=attention, ffn=ffn, rngs=rngs,
-                                  ffn_options=ffn_options, attention_options=attention_options)
+                                  causal=False, rngs=rngs,
+                                  attention=block_factory(ATTENTIONS, "attention", attention,
+                                                          attention_options),
+                                  ffn=block_factory(FFNS, "ffn", ffn, ffn_options))
         self.ln = nnx.LayerNorm(d_model, rngs=rngs)
         self.head = nnx.Linear(d_model, num_classes, rngs=rngs)
 

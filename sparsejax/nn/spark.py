@@ -24,10 +24,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.scipy.special import ndtri
 
-from sparsejax.activations import k_from_density, statistical_topk, topk
-from sparsejax.models.layers import ACTIVATIONS, ATTENTIONS, FFN, FFNS, Attention
+from sparsejax.activations import ACTIVATIONS, activation_fn, k_from_density, statistical_topk, topk
+from sparsejax.nn.layers import FFN, Attention
 
-MODES = ("exact", "approx", "statistical")
+TOPK_MODES = ("exact", "approx", "statistical")
 
 
 class TopKActivation(nnx.Module):
@@ -42,10 +42,9 @@ class TopKActivation(nnx.Module):
     """
 
     def __init__(self, activation: str = "relu", *, density: float = 0.08, mode: str = "exact"):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
-        if mode not in MODES:
-            raise ValueError(f"unknown top-k mode {mode!r}; known: {MODES}")
+        activation_fn(activation)  # a ValueError names the known activations
+        if mode not in TOPK_MODES:
+            raise ValueError(f"unknown top-k mode {mode!r}; known: {TOPK_MODES}")
         if not 0.0 < density <= 1.0:
             raise ValueError(f"density {density} is outside (0, 1]")
         self.name, self.density, self.mode = activation, density, mode
@@ -77,8 +76,7 @@ class SparkFFN(nnx.Module):
         self.r, self.density = r, density
         self.k1 = nnx.Linear(r, d_ff, use_bias=False, rngs=rngs)
         self.k2 = nnx.Linear(d_model - r, d_ff, use_bias=False, rngs=rngs)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        activation_fn(activation)  # a ValueError names the known activations
         self.activation = activation
         self.v = nnx.Linear(d_ff, d_model, rngs=rngs)
 
@@ -148,7 +146,12 @@ class TopKFFN(FFN):
 
 
 class StatisticalTopKFFN(TopKFFN):
-    """``TopKFFN`` with Spark's statistical top-k. Example: ``FFNS['stopk']``."""
+    """``TopKFFN`` with Spark's statistical top-k.
+
+    Example::
+
+        StatisticalTopKFFN(32, 128, density=0.1, rngs=nnx.Rngs(0))
+    """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "relu", *,
                  density: float = 0.08, rngs: nnx.Rngs):
@@ -191,21 +194,18 @@ class BlockSparseFFN(FFN):
                                 tile_tokens=self.tile_tokens, keep_blocks=self.keep_blocks)
 
 
-FFNS.update({"spark": SparkFFN, "topk": TopKFFN, "stopk": StatisticalTopKFFN,
-             "block": BlockSparseFFN})
-
-
-def spark_key_mask(q_low: jax.Array, k_low: jax.Array, k: int, causal: bool) -> jax.Array:
+def spark_key_mask(q_low: jax.Array, k_low: jax.Array, keys_per_query: int,
+                   causal: bool) -> jax.Array:
     """Keys each query keeps, by statistical top-k on low-dimensional scores (Spark).
 
     ``s = q_low · k_lowᵀ`` per head; over each query's valid keys (all, or the causal
-    prefix) ``θ = mean(s) + std(s)·Φ⁻¹(1 − k/n_valid)`` (population std) and the keys with
-    ``s > θ`` are kept, about ``k`` of them; with ``n_valid ≤ k`` every valid key is kept,
+    prefix) ``θ = mean(s) + std(s)·Φ⁻¹(1 − k/n_valid)`` with ``k = keys_per_query`` (population std)
+    and the keys with ``s > θ`` are kept, about ``k`` of them; with ``n_valid ≤ k`` every valid key is kept,
     and the best-scoring key always is. Shapes ``[B, T, H, d_low]`` → ``[B, H, Tq, Tk]``.
 
     Example::
 
-        keep = spark_key_mask(q[..., :16], k[..., :16], k=64, causal=True)
+        keep = spark_key_mask(q[..., :16], k[..., :16], keys_per_query=64, causal=True)
     """
     s = jnp.einsum("bqhd,bkhd->bhqk", q_low, k_low).astype(jnp.float32)
     t_q, t_k = s.shape[-2:]
@@ -214,7 +214,7 @@ def spark_key_mask(q_low: jax.Array, k_low: jax.Array, k: int, causal: bool) -> 
     n = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
     mean = jnp.sum(jnp.where(valid, s, 0.0), -1, keepdims=True) / n
     var = jnp.sum(jnp.where(valid, (s - mean) ** 2, 0.0), -1, keepdims=True) / n
-    density = jnp.minimum(k / n, 1.0)
+    density = jnp.minimum(keys_per_query / n, 1.0)
     theta = jnp.where(density < 1.0, mean + jnp.sqrt(var) * ndtri(1.0 - jnp.minimum(density, 1 - 1e-6)),
                       -jnp.inf)
     best = s >= jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1, keepdims=True)
@@ -222,7 +222,7 @@ def spark_key_mask(q_low: jax.Array, k_low: jax.Array, k: int, causal: bool) -> 
 
 
 class SparkAttention(Attention):
-    """Spark attention: each query attends to about ``k`` keys, chosen by statistical
+    """Spark attention: each query attends to about ``keys_per_query`` keys, chosen by statistical
     top-k on scores from the first ``d_low`` dims of each head (default half), with a
     softmax over the kept keys only (the rest are −∞). Every score is computed densely;
     ``SparseAttention(pattern='spark')`` makes the same statistical choice over key blocks,
@@ -230,26 +230,25 @@ class SparkAttention(Attention):
 
     Example::
 
-        SparkAttention(64, 4, causal=True, k=32, rngs=nnx.Rngs(0))
+        SparkAttention(64, 4, causal=True, keys_per_query=32, rngs=nnx.Rngs(0))
     """
 
-    def __init__(self, d_model: int, num_heads: int, *, causal: bool, k: int = 256,
-                 d_low: int | None = None, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, num_heads: int, *, causal: bool,
+                 keys_per_query: int = 256, d_low: int | None = None, rngs: nnx.Rngs):
         super().__init__(d_model, num_heads, causal=causal, rngs=rngs)
         d_low = self.head_dim // 2 if d_low is None else d_low
-        if k <= 0:
-            raise ValueError(f"Spark attention needs k > 0 keys per query, got {k}")
+        if keys_per_query <= 0:
+            raise ValueError(f"Spark attention needs keys_per_query > 0, got {keys_per_query}")
         if not 0 < d_low <= self.head_dim:
             raise ValueError(f"d_low={d_low} must be in (0, head_dim={self.head_dim}]")
-        self.keys_per_query, self.d_low = k, d_low
+        self.keys_per_query, self.d_low = keys_per_query, d_low
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
-        keep = spark_key_mask(q[..., :self.d_low], k[..., :self.d_low], self.keys_per_query,
+        q, key, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        keep = spark_key_mask(q[..., :self.d_low], key[..., :self.d_low], self.keys_per_query,
                               self.causal)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim ** -0.5
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, key).astype(jnp.float32) * self.head_dim ** -0.5
         probs = jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1).astype(v.dtype)
         return self.o(jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape))
 
 
-ATTENTIONS["spark"] = SparkAttention

@@ -1,6 +1,6 @@
 """Block-sparse self-attention as an NNX module, on ``sparsejax.kernels.block_sparse_attention``.
 
-``SparseAttention`` is ``models.layers.Attention`` (same q/k/v/o projections, so a dense
+``SparseAttention`` is ``nn.layers.Attention`` (same q/k/v/o projections, so a dense
 checkpoint loads into it) whose attention runs through the block-sparse kernel: only the
 (query block, key block) pairs its mask selects are computed. The mask comes from one of
 ``PATTERNS``:
@@ -14,8 +14,8 @@ checkpoint loads into it) whose attention runs through the block-sparse kernel: 
   blocks with the highest mean-pooled ``q·k`` score per query block (SeerAttention);
 - ``'spark'``: Spark attention's key selection (You et al. 2025) at block granularity:
   statistical top-k (``θ = mean + std·Φ⁻¹(1 − k'/n)``, no sort) over scores of mean-pooled
-  low-dimensional ``q[..., :d_low]·k[..., :d_low]`` blocks, about ``k' = k / block_size``
-  key blocks (``k`` keys) per query block. Where token-level Spark attention
+  low-dimensional ``q[..., :d_low]·k[..., :d_low]`` blocks, about ``keys_per_query / block_size``
+  key blocks per query block. Where token-level Spark attention
   (``SparkAttention``) picks single keys, this picks whole blocks, which is what lets the
   kernel skip work.
 
@@ -38,8 +38,8 @@ from flax import nnx
 
 from sparsejax.kernels.block_sparse_attention import api as bsa
 from sparsejax.kernels.block_sparse_attention import masks as bsm
-from sparsejax.models.layers import ATTENTIONS, Attention
-from sparsejax.nn import spark  # used at call time: spark may still be initialising here
+from sparsejax.nn import spark
+from sparsejax.nn.layers import Attention
 
 PATTERNS = ("full", "window", "strided", "gated", "spark")
 
@@ -48,19 +48,19 @@ class SparseAttention(Attention):
     """Multi-head self-attention computed by the block-sparse kernel on a ``pattern`` mask.
 
     ``block_size`` is both the query and the key block (a power of two ≥ 16); ``window``,
-    ``sinks`` (``'window'``), ``stride`` (``'strided'``), ``keep`` (``'gated'``) and ``k``,
+    ``sinks`` (``'window'``), ``stride`` (``'strided'``), ``keep`` (``'gated'``) and ``keys_per_query``,
     ``d_low`` (``'spark'``) configure the patterns; ``implementation`` is passed to
     ``block_sparse_attention`` (None: Pallas on GPU, XLA elsewhere).
 
     Example::
 
-        SparseAttention(128, 4, causal=True, pattern='spark', k=64, block_size=16,
+        SparseAttention(128, 4, causal=True, pattern='spark', keys_per_query=64, block_size=16,
                         rngs=nnx.Rngs(0))
     """
 
     def __init__(self, d_model: int, num_heads: int, *, causal: bool, pattern: str = "window",
                  block_size: int = 64, window: int = 256, sinks: int = 0, stride: int = 256,
-                 keep: int = 4, k: int = 256, d_low: int | None = None,
+                 keep: int = 4, keys_per_query: int = 256, d_low: int | None = None,
                  implementation: str | None = None, rngs: nnx.Rngs):
         super().__init__(d_model, num_heads, causal=causal, rngs=rngs)
         if pattern not in PATTERNS:
@@ -69,23 +69,24 @@ class SparseAttention(Attention):
         d_low = self.head_dim // 2 if d_low is None else d_low
         if not 0 < d_low <= self.head_dim:
             raise ValueError(f"d_low={d_low} must be in (0, head_dim={self.head_dim}]")
-        for name, value in (("window", window), ("stride", stride), ("keep", keep), ("k", k)):
+        for name, value in (("window", window), ("stride", stride), ("keep", keep),
+                            ("keys_per_query", keys_per_query)):
             if value <= 0:
                 raise ValueError(f"sparse attention needs {name} > 0, got {value}")
         if sinks < 0:
             raise ValueError(f"sinks={sinks} must be >= 0")
         self.pattern, self.block_size, self.implementation = pattern, block_size, implementation
         self.window, self.sinks, self.stride, self.keep = window, sinks, stride, keep
-        self.keys_per_query, self.d_low = k, d_low
+        self.keys_per_query, self.d_low = keys_per_query, d_low
 
-    def block_mask(self, q: jax.Array, k: jax.Array) -> bsm.BlockMask:
-        """The ``BlockMask`` this layer uses for ``q: [B, T, H, D]``, ``k: [B, S, H, D]``.
+    def block_mask(self, q: jax.Array, key: jax.Array) -> bsm.BlockMask:
+        """The ``BlockMask`` this layer uses for ``q: [B, T, H, D]``, ``key: [B, S, H, D]``.
 
         Example::
 
-            m = attn.block_mask(q, k); float(m.block_density)
+            m = attn.block_mask(q, key); float(m.block_density)
         """
-        t, s, bs = q.shape[1], k.shape[1], self.block_size
+        t, s, bs = q.shape[1], key.shape[1], self.block_size
         blocks = dict(block_q=bs, block_k=bs)
         rule = bsm.ElementRule(causal=self.causal, offset=s - t if self.causal else 0)
         if self.pattern == "full":
@@ -97,19 +98,16 @@ class SparseAttention(Attention):
         if self.pattern == "strided":
             return bsm.strided_mask(t, self.stride, causal=self.causal, **blocks)
         if self.pattern == "gated":
-            return bsm.gated_block_mask(q, k, self.keep, causal=self.causal, **blocks)
+            return bsm.gated_block_mask(q, key, self.keep, causal=self.causal, **blocks)
         # 'spark': statistical top-k over pooled low-dimensional block scores.
         pooled_q = bsm.block_mean(q[..., :self.d_low], bs)
-        pooled_k = bsm.block_mean(k[..., :self.d_low], bs)
+        pooled_k = bsm.block_mean(key[..., :self.d_low], bs)
         select = spark.spark_key_mask(pooled_q, pooled_k, max(1, self.keys_per_query // bs),
                                 self.causal)
         return bsm.from_selection(select, rule, seq_q=t, seq_k=s, **blocks)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
-        out = bsa.block_sparse_attention(q, k, v, self.block_mask(q, k),
+        q, key, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        out = bsa.block_sparse_attention(q, key, v, self.block_mask(q, key),
                                          implementation=self.implementation)
         return self.o(out.reshape(x.shape))
-
-
-ATTENTIONS["sparse"] = SparseAttention

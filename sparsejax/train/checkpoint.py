@@ -1,10 +1,22 @@
 """Orbax checkpoints of the whole ``TrainState`` plus the data-iterator position.
 
-Example::
+Example:
 
-    ckpt = Checkpointer(workdir / 'checkpoints', max_to_keep=3)
-    ckpt.save(step, state, data_position=step)
-    state, position = ckpt.restore(abstract_state)   # latest step
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax.train.checkpoint import Checkpointer
+    >>> workdir = Path(tempfile.mkdtemp())
+    >>> state = {'params': {'w': jnp.arange(4.)}, 'step': jnp.int32(2)}
+    >>> ckpt = Checkpointer(workdir / 'checkpoints', max_to_keep=3)
+    >>> for step in (1, 2):
+    ...     ckpt.save(step, state, data_position=10 * step)
+    >>> ckpt.wait()
+    >>> abstract_state = jax.eval_shape(lambda: state)   # shapes and dtypes, no data
+    >>> state, position = ckpt.restore(abstract_state)   # latest step
+    >>> state['params']['w'].tolist(), position
+    ([0.0, 1.0, 2.0, 3.0], 20)
+    >>> ckpt.close()
 """
 
 from __future__ import annotations
@@ -26,11 +38,24 @@ class Checkpointer:
     finished checkpoints are ever restored, so a run killed mid-save resumes from the one
     before.
 
-    Example::
+    Example:
 
-        ckpt = Checkpointer('/tmp/run/checkpoints')
-        if ckpt.latest_step() is not None:
-            state, pos = ckpt.restore(jax.eval_shape(init, key))
+        >>> import tempfile
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.train.checkpoint import Checkpointer
+        >>> def init(key):
+        ...     return {'w': jax.random.normal(key, (2, 2))}
+        >>> key, directory = jax.random.PRNGKey(0), tempfile.mkdtemp()
+        >>> ckpt = Checkpointer(directory)
+        >>> ckpt.latest_step() is None   # a fresh run
+        True
+        >>> ckpt.save(3, init(key), data_position=3); ckpt.close()
+        >>> ckpt = Checkpointer(directory)   # the run restarts and resumes
+        >>> if ckpt.latest_step() is not None:
+        ...     state, pos = ckpt.restore(jax.eval_shape(init, key))
+        >>> ckpt.latest_step(), pos, state['w'].shape
+        (3, 3, (2, 2))
+        >>> ckpt.close()
     """
 
     def __init__(self, directory: str | Path, max_to_keep: int = 3):
@@ -81,9 +106,18 @@ class Checkpointer:
 def abstract_like(tree, shardings):
     """``ShapeDtypeStruct`` leaves with the given shardings, the target orbax restores into.
 
-    Example::
+    Example:
 
-        abstract_like(jax.eval_shape(init, key), state_shardings)
+        >>> import jax, jax.numpy as jnp
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> from sparsejax.train.checkpoint import abstract_like
+        >>> def init(key):
+        ...     return {'w': jax.random.normal(key, (4, 2))}
+        >>> mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1])
+        >>> state_shardings = {'w': NamedSharding(mesh, P('data'))}
+        >>> target = abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), state_shardings)
+        >>> target['w'].shape, target['w'].dtype, target['w'].sharding.spec
+        ((4, 2), dtype('float32'), P('data',))
     """
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)

@@ -12,11 +12,15 @@ package), ``synthetic_images`` (random, for benchmarks), ``associative_recall`` 
 (bytes of any plain text file). Real datasets: ``tfds`` (``tfds.data_source``, so no
 TensorFlow is needed; prepare with ``--file_format=array_record``).
 
-Example::
+Example:
 
-    ds = get_dataset(ConfigDict({'name': 'digits'}))
-    it = BatchIterator(ds.train, global_batch=32, seed=0)
-    batch = next(it)          # {'inputs': [32, 8, 8, 1], 'targets': [32], 'weights': [32]}
+    >>> from ml_collections import ConfigDict
+    >>> from sparsejax.train.data import BatchIterator, get_dataset
+    >>> ds = get_dataset(ConfigDict({'name': 'digits'}))
+    >>> it = BatchIterator(ds.train, global_batch=32, seed=0)
+    >>> batch = next(it)
+    >>> {k: v.shape for k, v in batch.items()}
+    {'inputs': (32, 8, 8, 1), 'targets': (32,), 'weights': (32,)}
 """
 
 from __future__ import annotations
@@ -25,9 +29,28 @@ from typing import Iterator, NamedTuple, Protocol
 
 import numpy as np
 
-from sparsejax.models import DataInfo
-
 Batch = dict[str, np.ndarray]
+
+
+class DataInfo(NamedTuple):
+    """What a model needs to know about its data.
+
+    ``task`` is 'classification' (inputs ``[B, *input_shape]``, integer labels) or 'lm'
+    (token inputs ``[B, T]``, next-token targets); ``num_classes`` is the vocabulary
+    size for 'lm'.
+
+    Example:
+
+        >>> from ml_collections import ConfigDict
+        >>> from sparsejax.train.data import DataInfo, copy_task
+        >>> info = DataInfo(task='lm', input_shape=(64,), num_classes=256)
+        >>> copy_task(ConfigDict({'seq_len': 32, 'vocab': 255})).info == info
+        True
+    """
+
+    task: str
+    input_shape: tuple
+    num_classes: int
 
 
 class Source(Protocol):
@@ -41,10 +64,15 @@ class Source(Protocol):
 class ArraySource:
     """An in-memory split: a dict of equal-length arrays.
 
-    Example::
+    Example:
 
-        src = ArraySource({'inputs': x, 'targets': y, 'weights': np.ones(len(y))})
-        src.get(np.array([0, 5]))['inputs'].shape   # (2, ...)
+        >>> import numpy as np
+        >>> from sparsejax.train.data import ArraySource
+        >>> x, y = np.zeros((10, 8, 8, 1), np.float32), np.arange(10)
+        >>> src = ArraySource({'inputs': x, 'targets': y, 'weights': np.ones(len(y))})
+        >>> batch = src.get(np.array([0, 5]))
+        >>> len(src), batch['inputs'].shape, batch['targets']
+        (10, (2, 8, 8, 1), array([0, 5]))
     """
 
     def __init__(self, arrays: Batch):
@@ -63,10 +91,13 @@ class ArraySource:
 class Dataset(NamedTuple):
     """A train and an eval ``Source`` plus the ``DataInfo`` models are built from.
 
-    Example::
+    Example:
 
-        ds = get_dataset(ConfigDict({'name': 'copy', 'seq_len': 8}))
-        ds.info.task   # 'lm'
+        >>> from ml_collections import ConfigDict
+        >>> from sparsejax.train.data import get_dataset
+        >>> ds = get_dataset(ConfigDict({'name': 'copy', 'seq_len': 8, 'train_size': 64}))
+        >>> ds.info.task, len(ds.train), len(ds.eval)
+        ('lm', 64, 1000)
     """
 
     train: Source
@@ -81,9 +112,16 @@ def batch_indices(num_examples: int, global_batch: int, seed: int, step: int) ->
     """Indices of the global batch at ``step``: epoch ``step // steps_per_epoch`` is a
     fresh permutation seeded by ``(seed, epoch)``; the last partial batch is dropped.
 
-    Example::
+    Example:
 
-        batch_indices(100, 10, seed=0, step=3)   # 10 distinct ints in [0, 100)
+        >>> import numpy as np
+        >>> from sparsejax.train.data import batch_indices
+        >>> idx = batch_indices(100, 10, seed=0, step=3)   # 10 distinct ints in [0, 100)
+        >>> len(set(idx.tolist())), bool(((idx >= 0) & (idx < 100)).all())
+        (10, True)
+        >>> epoch = np.concatenate([batch_indices(100, 10, seed=0, step=s) for s in range(10)])
+        >>> sorted(epoch.tolist()) == list(range(100))   # an epoch sees every example once
+        True
     """
     steps_per_epoch = num_examples // global_batch
     if steps_per_epoch == 0:
@@ -97,9 +135,11 @@ def batch_indices(num_examples: int, global_batch: int, seed: int, step: int) ->
 def local_slice(global_batch: int, process_index: int, process_count: int) -> slice:
     """This process's contiguous share of a global batch.
 
-    Example::
+    Example:
 
-        local_slice(8, process_index=1, process_count=2)   # slice(4, 8)
+        >>> from sparsejax.train.data import local_slice
+        >>> local_slice(8, process_index=1, process_count=2)
+        slice(4, 8, None)
     """
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} is not divisible by "
@@ -111,10 +151,17 @@ def local_slice(global_batch: int, process_index: int, process_count: int) -> sl
 class BatchIterator:
     """Deterministic, resumable iterator over a ``Source``; ``position`` is the next step.
 
-    Example::
+    Example:
 
-        it = BatchIterator(src, global_batch=64, seed=0, position=1000)  # resumes
-        batch = next(it); it.position   # 1001
+        >>> import numpy as np
+        >>> from sparsejax.train.data import ArraySource, BatchIterator, batch_indices
+        >>> src = ArraySource({'inputs': np.arange(256), 'targets': np.arange(256),
+        ...                    'weights': np.ones(256)})
+        >>> it = BatchIterator(src, global_batch=64, seed=0, position=1000)  # resumes
+        >>> batch = next(it); it.position
+        1001
+        >>> batch['inputs'].tolist() == sorted(batch_indices(256, 64, seed=0, step=1000).tolist())
+        True
     """
 
     def __init__(self, source: Source, global_batch: int, seed: int, position: int = 0,
@@ -138,9 +185,15 @@ def eval_batches(source: Source, global_batch: int, process_index: int = 0,
     """Every eval example exactly once, in order; the last batch is padded with
     weight-0 copies of example 0 so all batches have the same shape.
 
-    Example::
+    Example:
 
-        total = sum(b['weights'].sum() for b in eval_batches(src, 32))  # == len(src)
+        >>> import numpy as np
+        >>> from sparsejax.train.data import ArraySource, eval_batches
+        >>> src = ArraySource({'inputs': np.zeros((70, 2)), 'targets': np.zeros(70, np.int32),
+        ...                    'weights': np.ones(70)})
+        >>> batches = list(eval_batches(src, 32))
+        >>> [len(b['inputs']) for b in batches], float(sum(b['weights'].sum() for b in batches))
+        ([32, 32, 32], 70.0)
     """
     n = len(source)
     sl = local_slice(global_batch, process_index, process_count)
@@ -167,9 +220,13 @@ def digits(cfg) -> Dataset:
     ``random_labels=True`` replaces the training labels by uniform random ones (the
     memorisation setting of the Lazy Neuron paper); evaluation keeps the true labels.
 
-    Example::
+    Example:
 
-        digits(ConfigDict({'name': 'digits'})).info.input_shape   # (8, 8, 1)
+        >>> from ml_collections import ConfigDict
+        >>> from sparsejax.train.data import digits
+        >>> ds = digits(ConfigDict({'name': 'digits'}))
+        >>> ds.info.input_shape, len(ds.train), len(ds.eval)
+        ((8, 8, 1), 1437, 360)
     """
     from sklearn.datasets import load_digits
 
@@ -188,9 +245,14 @@ def digits(cfg) -> Dataset:
 def synthetic_images(cfg) -> Dataset:
     """Random images with random labels, for benchmarks and shape tests (no signal to learn).
 
-    Example::
+    Example:
 
-        synthetic_images(ConfigDict({'image_shape': (32, 32, 3), 'num_classes': 10}))
+        >>> from ml_collections import ConfigDict
+        >>> from sparsejax.train.data import synthetic_images
+        >>> ds = synthetic_images(ConfigDict({'image_shape': (32, 32, 3), 'num_classes': 10,
+        ...                                   'train_size': 64, 'eval_size': 16}))
+        >>> ds.info, len(ds.train), len(ds.eval)
+        (DataInfo(task='classification', input_shape=(32, 32, 3), num_classes=10), 64, 16)
     """
     shape, classes = tuple(cfg.get("image_shape", (32, 32, 3))), cfg.get("num_classes", 10)
 
@@ -217,10 +279,19 @@ def associative_recall(cfg) -> Dataset:
     Keys are tokens ``[0, K)``, values ``[K, K+V)``, SEP is ``K+V``; keys in a sequence
     are distinct; only the answer position carries loss weight.
 
-    Example::
+    Example:
 
-        ds = associative_recall(ConfigDict({'num_pairs': 8, 'num_keys': 16, 'num_values': 16}))
-        ds.info.input_shape   # (18,)
+        >>> import numpy as np
+        >>> from ml_collections import ConfigDict
+        >>> from sparsejax.train.data import associative_recall
+        >>> ds = associative_recall(ConfigDict({'num_pairs': 8, 'num_keys': 16, 'num_values': 16}))
+        >>> ds.info.input_shape
+        (18,)
+        >>> b = ds.eval.get(np.array([0]))
+        >>> seq, answer = b['inputs'][0].tolist(), int(b['targets'][0, -1])
+        >>> pairs = dict(zip(seq[0:16:2], seq[1:16:2]))   # key -> value
+        >>> seq[16], pairs[seq[17]] == answer, b['weights'][0].tolist().count(1.0)   # SEP, q
+        (32, True, 1)
     """
     n_pairs, n_keys, n_vals = cfg.get("num_pairs", 8), cfg.get("num_keys", 16), cfg.get("num_values", 16)
     if n_pairs > n_keys:
@@ -249,9 +320,16 @@ def copy_task(cfg) -> Dataset:
     """Copy: ``x SEP x`` with ``x`` of ``seq_len`` random tokens from ``[0, vocab)``;
     loss weight only on the copied half.
 
-    Example::
+    Example:
 
-        copy_task(ConfigDict({'seq_len': 8, 'vocab': 10})).info   # lm, (16,), 11
+        >>> import numpy as np
+        >>> from ml_collections import ConfigDict
+        >>> from sparsejax.train.data import copy_task
+        >>> ds = copy_task(ConfigDict({'seq_len': 8, 'vocab': 10}))
+        >>> ds.info
+        DataInfo(task='lm', input_shape=(16,), num_classes=11)
+        >>> ds.train.get(np.array([0]))['weights'][0].tolist()   # the copied half
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     """
     length, vocab = cfg.get("seq_len", 16), cfg.get("vocab", 16)
 
@@ -274,9 +352,20 @@ def text_file(cfg) -> Dataset:
     Windows of ``seq_len + 1`` bytes at stride ``seq_len``; the last 10% of the file is
     the eval split.
 
-    Example::
+    Example:
 
-        text_file(ConfigDict({'path': 'README.md', 'seq_len': 64}))
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import numpy as np
+        >>> from ml_collections import ConfigDict
+        >>> from sparsejax.train.data import text_file
+        >>> path = Path(tempfile.mkdtemp()) / 'text.txt'
+        >>> _ = path.write_bytes(b'hello world! ' * 100)   # 1300 bytes
+        >>> ds = text_file(ConfigDict({'path': str(path), 'seq_len': 64}))
+        >>> ds.info, len(ds.train), len(ds.eval)
+        (DataInfo(task='lm', input_shape=(64,), num_classes=256), 18, 2)
+        >>> bytes(ds.train.get(np.array([0]))['inputs'][0, :12].astype(np.uint8))
+        b'hello world!'
     """
     path = cfg.get("path", "")
     if not path:
@@ -303,9 +392,20 @@ class TfdsSource:
 
     Images become float32 in [0, 1]; ``image_key``/``label_key`` name the features.
 
-    Example::
+    Example (``tfds.data_source('mnist', data_dir=d)['train']`` in a run; here a list
+    of two examples that reads like one):
 
-        src = TfdsSource(tfds.data_source('mnist', data_dir=d)['train'])
+        >>> import numpy as np
+        >>> from sparsejax.train.data import TfdsSource
+        >>> class DataSource(list):
+        ...     def __getitems__(self, indices):
+        ...         return [self[i] for i in indices]
+        >>> examples = [{'image': np.full((28, 28, 1), 255, np.uint8), 'label': 7},
+        ...             {'image': np.zeros((28, 28, 1), np.uint8), 'label': 1}]
+        >>> src = TfdsSource(DataSource(examples))
+        >>> batch = src.get(np.array([1, 0]))
+        >>> len(src), batch['inputs'].shape, float(batch['inputs'].max()), batch['targets'].tolist()
+        (2, (2, 28, 28, 1), 1.0, [1, 7])
     """
 
     def __init__(self, source, image_key: str = "image", label_key: str = "label"):
@@ -331,9 +431,16 @@ def tfds_dataset(cfg) -> Dataset:
     ('test'), ``image_key``, ``label_key``. Nothing is downloaded here: prepare the data
     once with ``tfds build NAME --data_dir=DIR --file_format=array_record``.
 
-    Example::
+    Example (with an empty ``data_dir``, so it names the build command):
 
-        tfds_dataset(ConfigDict({'name': 'tfds', 'tfds_name': 'mnist', 'data_dir': d}))
+        >>> import tempfile
+        >>> from ml_collections import ConfigDict
+        >>> from sparsejax.train.data import tfds_dataset
+        >>> d = tempfile.mkdtemp()
+        >>> tfds_dataset(ConfigDict({'name': 'tfds', 'tfds_name': 'mnist', 'data_dir': d}))
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: config.data: tfds dataset 'mnist' is not prepared ... tfds build mnist ...
     """
     import tensorflow_datasets as tfds
 
@@ -373,9 +480,16 @@ DATASETS = {"digits": digits, "synthetic_images": synthetic_images,
 def get_dataset(cfg) -> Dataset:
     """Builds the dataset named ``cfg.name`` (one of ``DATASETS``).
 
-    Example::
+    Example:
 
-        get_dataset(ConfigDict({'name': 'digits'}))
+        >>> from ml_collections import ConfigDict
+        >>> from sparsejax.train.data import get_dataset
+        >>> get_dataset(ConfigDict({'name': 'digits'})).info
+        DataInfo(task='classification', input_shape=(8, 8, 1), num_classes=10)
+        >>> get_dataset(ConfigDict({'name': 'mnist'}))
+        Traceback (most recent call last):
+        ...
+        ValueError: config.data.name: unknown dataset 'mnist'; known: ['associative_recall', ...]
     """
     if cfg.name not in DATASETS:
         raise ValueError(f"config.data.name: unknown dataset {cfg.name!r}; known: "

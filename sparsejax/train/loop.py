@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -27,13 +26,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sparsejax.base import SparseTransformation, as_sparse_transformation, forward, sparsity_states
-from sparsejax import ift
-from sparsejax.models import build_model, scale_width
+from sparsejax.base import SparseTransformation, forward, sparsity_states
+from sparsejax.train.build import build
 from sparsejax.train.checkpoint import Checkpointer, abstract_like
 from sparsejax.train.data import BatchIterator, Dataset, eval_batches, get_dataset
 from sparsejax.train.metrics import MetricsWriter
-from sparsejax.train.optim import make_transform
 from sparsejax.train.sharding import (batch_sharding, make_mesh, param_shardings,
                                       shardings_like_params)
 from sparsejax.train.state import TrainState
@@ -132,20 +129,8 @@ def make_trainer(config, tx=None) -> Trainer:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                          f"{n_shards} data shards of mesh {dict(mesh.shape)}")
 
-    model_cfg, ift_paths, ift_rules = sparse_ift_plan(config, dataset.info)
-    if tx is not None:
-        tx = as_sparse_transformation(tx)
-    else:  # Sparse-IFT brings its own sparsity rules
-        tx = make_transform(config, rules=ift_rules)
-
-    def make_model(key):
-        model = build_model(model_cfg, dataset.info, nnx.Rngs(params=key))
-        if ift_paths:  # Sparse Parallel / Factorized / Doped: rewrite the selected layers
-            c = config.ift
-            ift.transform(model, c.family, c.sparsity, [re.escape(p) for p in ift_paths],
-                          norm=c.get("norm", "") or None, sigma=c.get("sigma", "norm_relu"),
-                          rngs=nnx.Rngs(params=jax.random.fold_in(key, 1)))
-        return model
+    built = build(config, dataset.info, tx)  # every model rewrite happens here, once
+    make_model, tx = built.make_model, built.tx
 
     abstract_model = nnx.eval_shape(lambda: make_model(jax.random.PRNGKey(0)))
     graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
@@ -214,39 +199,6 @@ def sparsity_stats(opt_state) -> dict:
         kept = sum(jnp.sum(m, dtype=jnp.float32) for m in masks)
         stats["sparsity"] = 1.0 - kept / sum(m.size for m in masks)
     return stats
-
-
-def _example_input(info):
-    """``call(model)`` on one all-zeros example of the dataset's input shape (int32 tokens
-    for language models), for the tools that trace a forward pass."""
-    dtype = jnp.int32 if info.task == "lm" else jnp.float32
-    x = jnp.zeros((1, *info.input_shape), dtype)
-    return lambda model: model(x)
-
-
-def sparse_ift_plan(config, info):
-    """``(model config, paths to rewrite, sparsity rules)`` for ``config.ift``; rules are
-    None when Sparse-IFT is off. Wide sizes the width on abstract models.
-
-    Example::
-
-        model_cfg, paths, rules = sparse_ift_plan(quickstart.get_config('doped,0.75'), info)
-    """
-    c = config.get("ift", None)
-    if c is None or c.family == "none":
-        return config.model, [], None
-    ift.check(c.family, c.sparsity)
-    layer_rules = tuple(c.get("rules", ())) or None
-    call = _example_input(info)
-    if c.family == "wide" and c.sparsity > 0:
-        build = lambda w: nnx.eval_shape(  # noqa: E731
-            lambda: build_model(scale_width(config.model, w), info, nnx.Rngs(0)))
-        mult, _, rules, _ = ift.wide_search(build, c.sparsity, call, layer_rules)
-        return scale_width(config.model, mult), [], rules
-    abstract = nnx.eval_shape(lambda: build_model(config.model, info, nnx.Rngs(0)))
-    paths = ift.select(abstract, layer_rules, call)
-    rewrite = paths if c.sparsity > 0 and c.family != "wide" else []
-    return config.model, rewrite, ift.sparsity_rules(c.family, c.sparsity, paths)
 
 
 def _every(step: int, interval: int, last: int) -> bool:

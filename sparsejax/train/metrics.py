@@ -1,11 +1,18 @@
 """Metrics to JSONL (always) and TensorBoard event files, from process 0 only.
 
-Example::
+Example:
 
-    w = MetricsWriter(workdir)
-    w.write(100, 'train', {'loss': 0.3, 'accuracy': 0.9})
-    w.close()
-    read_jsonl(workdir / 'metrics.jsonl')   # [{'step': 100, 'split': 'train', ...}]
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from sparsejax.train.metrics import MetricsWriter, read_jsonl
+    >>> workdir = Path(tempfile.mkdtemp())
+    >>> w = MetricsWriter(workdir)
+    >>> w.write(100, 'train', {'loss': 0.3, 'accuracy': 0.9})
+    >>> w.close()
+    >>> read_jsonl(workdir / 'metrics.jsonl')
+    [{'step': 100, 'split': 'train', 'loss': 0.3, 'accuracy': 0.9}]
+    >>> sorted(p.name for p in workdir.iterdir())   # and TensorBoard event files
+    ['metrics.jsonl', 'tensorboard']
 """
 
 from __future__ import annotations
@@ -20,9 +27,17 @@ class MetricsWriter:
     """Appends one JSON object per (step, split) to ``metrics.jsonl`` and mirrors scalars
     to TensorBoard under ``tensorboard/`` as ``split/name``.
 
-    Example::
+    Example:
 
-        MetricsWriter('/tmp/run').write(1, 'eval', {'accuracy': 0.5})
+        >>> import tempfile
+        >>> import numpy as np
+        >>> from sparsejax.train.metrics import MetricsWriter
+        >>> w = MetricsWriter(tempfile.mkdtemp())
+        >>> w.write(1, 'eval', {'accuracy': np.float32(0.5)})
+        >>> w.write(2, 'eval', {'accuracy': 0.75}); w.close()
+        >>> w.path.read_text().splitlines()   # values become plain floats
+        ['{"step": 1, "split": "eval", "accuracy": 0.5}',
+         '{"step": 2, "split": "eval", "accuracy": 0.75}']
     """
 
     def __init__(self, workdir: str | Path, enabled: bool | None = None):
@@ -52,9 +67,17 @@ class MetricsWriter:
 def read_jsonl(path: str | Path) -> list[dict]:
     """All rows of a metrics JSONL file.
 
-    Example::
+    Example:
 
-        [r['loss'] for r in read_jsonl('runs/quickstart/metrics.jsonl') if r['split'] == 'train']
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from sparsejax.train.metrics import read_jsonl
+        >>> path = Path(tempfile.mkdtemp()) / 'metrics.jsonl'
+        >>> _ = path.write_text('{"step": 1, "split": "train", "loss": 2.0}\\n\\n'
+        ...                     '{"step": 1, "split": "eval", "loss": 2.1}\\n'
+        ...                     '{"step": 2, "split": "train", "loss": 1.5}\\n')
+        >>> [r['loss'] for r in read_jsonl(path) if r['split'] == 'train']
+        [2.0, 1.5]
     """
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

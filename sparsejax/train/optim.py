@@ -1,8 +1,10 @@
-"""Optimizer and sparsity transform from config.
+"""Optimizer and sparsity transform from config; every default lives in one signature.
 
-``config.optimizer`` picks an optax optimizer and learning-rate schedule;
-``config.sparsity.name`` picks a sparsity transform from ``SPARSITY`` that wraps it.
-Sparsity techniques register their factory in ``SPARSITY``.
+``config.optimizer`` holds exactly ``make_optimizer``'s keyword arguments.
+``config.sparsity.name`` picks a factory from ``TRANSFORMS`` and the rest of
+``config.sparsity`` holds exactly that factory's keyword arguments (``transform_arguments``
+lists them with their defaults, read from the factory's signature). An unknown key is an
+error naming the accepted ones (docs/architecture.md, "Configuration").
 
 Example::
 
@@ -11,146 +13,137 @@ Example::
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Callable, Mapping
 
 import optax
 
 from sparsejax import dst, nm
 from sparsejax.base import SparseTransformation, dense
-from sparsejax.distributions import get_distribution
+
+TRANSFORMS: dict[str, Callable[..., SparseTransformation]] = {
+    "dense": dense, "static": dst.static_sparse, "one_shot": dst.one_shot_magnitude,
+    "gradual": dst.gradual_magnitude, "set": dst.set_, "rigl": dst.rigl,
+    "nm_ste": nm.nm_ste, "sr_ste": nm.sr_ste, "mdgf": nm.mdgf, "sdgf": nm.sdgf,
+}
+"""``config.sparsity.name`` → the factory it calls as ``factory(inner, **arguments)``."""
+
+REQUIRED = inspect.Parameter.empty
+"""The default ``transform_arguments`` reports for an argument the config must set."""
 
 
-def make_schedule(cfg, num_steps: int) -> optax.Schedule:
-    """'constant' or 'cosine' (linear warm-up then cosine decay to 0).
+def keyword_arguments(fn: Callable, skip: int = 0) -> dict:
+    """``{name: default}`` of ``fn``'s parameters after the first ``skip`` positional ones
+    (``REQUIRED`` where there is no default).
 
     Example::
 
-        make_schedule(ConfigDict({'learning_rate': 1e-3, 'schedule': 'cosine',
-                                  'warmup_steps': 10}), 100)(10)   # 1e-3
+        keyword_arguments(make_optimizer, skip=1)['learning_rate']   # 0.001
     """
-    lr, name = cfg.learning_rate, cfg.get("schedule", "constant")
-    if name == "constant":
-        return optax.constant_schedule(lr)
-    if name == "cosine":
-        warmup = cfg.get("warmup_steps", 0)
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_steps, warmup + 1))
-    raise ValueError(f"config.optimizer.schedule: unknown schedule {name!r}; known: "
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    return {p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def check_section(section: Mapping, accepted, where: str) -> dict:
+    """``section`` as a dict, or a ValueError naming the keys it may hold.
+
+    Example::
+
+        check_section({'learning_rate': 0.1}, keyword_arguments(make_optimizer, 1),
+                      'config.optimizer')
+    """
+    given = dict(section)
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; it accepts {sorted(accepted)}")
+    return given
+
+
+def transform_arguments(name: str) -> dict:
+    """The keyword arguments ``config.sparsity`` may hold for method ``name``, with the
+    factory's defaults.
+
+    Example::
+
+        transform_arguments('rigl')['drop_fraction']   # 0.3
+    """
+    if name not in TRANSFORMS:
+        raise ValueError(f"config.sparsity.name: unknown sparsity transform {name!r}; known: "
+                         f"{sorted(TRANSFORMS)}")
+    return keyword_arguments(TRANSFORMS[name], skip=1)
+
+
+def make_schedule(num_steps: int, learning_rate: float, schedule: str = "cosine",
+                  warmup_steps: int = 0) -> optax.Schedule:
+    """'constant', or 'cosine' (linear warm-up, then cosine decay to 0 at ``num_steps``).
+
+    Example::
+
+        make_schedule(100, 1e-3, 'cosine', warmup_steps=10)(10)   # 1e-3
+    """
+    if schedule == "constant":
+        return optax.constant_schedule(learning_rate)
+    if schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps,
+                                                  max(num_steps, warmup_steps + 1))
+    raise ValueError(f"config.optimizer.schedule: unknown schedule {schedule!r}; known: "
                      "['constant', 'cosine']")
 
 
-def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
-    """'sgd' (momentum, nesterov), 'adam' or 'adamw', with optional global-norm clipping.
+def make_optimizer(num_steps: int, *, name: str = "adamw", learning_rate: float = 1e-3,
+                   schedule: str = "cosine", warmup_steps: int = 50, weight_decay: float = 1e-4,
+                   momentum: float = 0.9, nesterov: bool = False,
+                   grad_clip: float = 0.0) -> optax.GradientTransformation:
+    """'sgd' (decoupled ``weight_decay``, ``momentum``, ``nesterov``), 'adam', or 'adamw'
+    (``weight_decay``), on ``make_schedule``, with global-norm clipping when ``grad_clip``.
 
     Example::
 
-        make_optimizer(ConfigDict({'name': 'adamw', 'learning_rate': 1e-3}), 1000)
+        make_optimizer(1000, name='adamw', learning_rate=1e-3)
     """
-    lr = make_schedule(cfg, num_steps)
-    name = cfg.name
+    lr = make_schedule(num_steps, learning_rate, schedule, warmup_steps)
     if name == "sgd":
-        opt = optax.chain(optax.add_decayed_weights(cfg.get("weight_decay", 0.0)),
-                          optax.sgd(lr, momentum=cfg.get("momentum", 0.9) or None,
-                                    nesterov=cfg.get("nesterov", False)))
+        opt = optax.chain(optax.add_decayed_weights(weight_decay),
+                          optax.sgd(lr, momentum=momentum or None, nesterov=nesterov))
     elif name == "adam":
         opt = optax.adam(lr)
     elif name == "adamw":
-        opt = optax.adamw(lr, weight_decay=cfg.get("weight_decay", 1e-4))
+        opt = optax.adamw(lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"config.optimizer.name: unknown optimizer {name!r}; known: "
                          "['adam', 'adamw', 'sgd']")
-    clip = cfg.get("grad_clip", 0.0)
-    return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
-
-
-SparsityFactory = Callable[[optax.GradientTransformation, object, int], SparseTransformation]
-
-
-def _end_step(cfg, num_steps: int) -> int:
-    """``cfg.end_step`` if set (>= 0), else ``end_fraction`` of training (RigL: 0.75)."""
-    end = cfg.get("end_step", -1)
-    return int(end) if end is not None and end >= 0 else int(cfg.get("end_fraction", 0.75) * num_steps)
-
-
-def _common(cfg) -> dict:
-    return dict(distribution=get_distribution(cfg.get("distribution", "uniform"),
-                                              cfg.get("power_scale", 1.0)),
-                rules=tuple(tuple(r) for r in cfg.get("rules", ())) or None,
-                selection=cfg.get("selection", "threshold"))
-
-
-def _dynamic(factory):
-    def make(inner, cfg, num_steps):
-        kw = dict(update_every=cfg.get("update_every", 100), begin_step=cfg.get("begin_step", 0),
-                  drop_fraction=cfg.get("drop_fraction", 0.3),
-                  drop_fraction_anneal=cfg.get("drop_fraction_anneal", "cosine"),
-                  mask_init=cfg.get("mask_init", "random"), seed=cfg.get("seed", 0),
-                  drop_noise_std=cfg.get("drop_noise_std", 1e-5))
-        if cfg.get("skip_gradient_on_update", None) is not None:
-            kw["skip_gradient_on_update"] = cfg.skip_gradient_on_update
-        return factory(inner, cfg.sparsity, end_step=_end_step(cfg, num_steps), **_common(cfg),
-                       **kw)
-
-    return make
-
-
-def _nm(factory, **fixed):
-    """N:M methods take ``cfg.rules``, where 'sparse' means ``cfg.pattern`` (e.g. '2:4')."""
-
-    def make(inner, cfg, num_steps):
-        rules = tuple(tuple(r) for r in cfg.get("rules", ())) or None
-        dense, finetune = cfg.get("dense_steps", 0), cfg.get("finetune_steps", 0)
-        kw = dict(pattern=cfg.get("pattern", "2:4"), axis=cfg.get("axis", -2),
-                  dense_steps=dense, finetune_steps=finetune,
-                  sparse_steps=max(num_steps - dense - finetune, 1), **fixed)
-        if factory is nm.sr_ste:
-            kw["sr_ste_lambda"] = cfg.get("sr_ste_lambda", 2e-4)
-        if factory is nm.mdgf:
-            kw.update(decay=cfg.get("decay", "exp"), alpha=cfg.get("alpha", 2e-4),
-                      backward=cfg.get("backward", "ste"))
-        if factory is nm.sdgf:
-            kw["schedule"] = cfg.get("schedule", "stepwise")
-        return factory(inner, rules, **kw)
-
-    return make
-
-
-SPARSITY: dict[str, SparsityFactory] = {
-    "dense": lambda inner, cfg, num_steps: dense(inner),
-    "static": lambda inner, cfg, num_steps: dst.static_sparse(
-        inner, cfg.sparsity, mask_init=cfg.get("mask_init", "random"), seed=cfg.get("seed", 0),
-        **_common(cfg)),
-    "one_shot": lambda inner, cfg, num_steps: dst.one_shot_magnitude(
-        inner, cfg.sparsity, scope=cfg.get("scope", "layer"), **_common(cfg)),
-    "gradual": lambda inner, cfg, num_steps: dst.gradual_magnitude(
-        inner, cfg.sparsity, begin_step=cfg.get("begin_step", 0),
-        end_step=_end_step(cfg, num_steps), update_every=cfg.get("update_every", 100),
-        initial_sparsity=cfg.get("initial_sparsity", 0.0), **_common(cfg)),
-    "set": _dynamic(dst.set_),
-    "rigl": _dynamic(dst.rigl),
-    "nm_ste": _nm(nm.nm_ste),
-    "sr_ste": _nm(nm.sr_ste),
-    "mdgf": _nm(nm.mdgf),
-    "sdgf": _nm(nm.sdgf),
-}
+    return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip else opt
 
 
 def make_transform(config, rules=None) -> SparseTransformation:
-    """The sparsity transform named ``config.sparsity.name`` around the configured optimizer;
-    ``rules`` replaces ``config.sparsity.rules`` (Sparse-IFT supplies its own).
+    """``TRANSFORMS[config.sparsity.name](optimizer, **config.sparsity)``; ``rules``
+    replaces ``config.sparsity.rules`` (Sparse-IFT brings its own; ``[]``, nothing sparse,
+    gives the dense baseline).
 
     Example::
 
         tx = make_transform(config); state = tx.init(params)
     """
+    inner = make_optimizer(config.num_steps, **check_section(
+        config.optimizer, keyword_arguments(make_optimizer, skip=1), "config.optimizer"))
+    section = {k: v for k, v in dict(config.sparsity).items() if k != "name"}
     name = config.sparsity.name
+    accepted = transform_arguments(name)
+    kwargs = check_section(section, accepted, f"config.sparsity (name={name!r})")
     if rules is not None:
-        config = config.copy_and_resolve_references()
-        with config.unlocked():
-            config.sparsity.rules = tuple(tuple(r) for r in rules)
-            if not rules:  # nothing is sparse (e.g. Sparse-IFT at s = 0): the dense baseline
-                name = config.sparsity.name = "dense"
-    if name not in SPARSITY:
-        raise ValueError(f"config.sparsity.name: unknown sparsity transform {name!r}; known: "
-                         f"{sorted(SPARSITY)}")
-    inner = make_optimizer(config.optimizer, config.num_steps)
-    return SPARSITY[name](inner, config.sparsity, config.num_steps)
+        if not rules:  # nothing is sparse (e.g. Sparse-IFT at s = 0): the dense baseline
+            return dense(inner)
+        if "rules" not in accepted:
+            raise ValueError(f"Sparse-IFT brings sparsity rules, but config.sparsity.name="
+                             f"{name!r} takes none; use a sparse method such as 'rigl'")
+        kwargs["rules"] = rules
+    if "rules" in kwargs and kwargs["rules"] is not None:
+        kwargs["rules"] = tuple(tuple(r) for r in kwargs["rules"])
+    missing = sorted(k for k, v in accepted.items() if v is REQUIRED and k not in kwargs)
+    if missing:
+        raise ValueError(f"config.sparsity (name={name!r}) must set {missing}")
+    return TRANSFORMS[name](inner, **kwargs)
+
+
+__all__ = ["REQUIRED", "TRANSFORMS", "check_section", "keyword_arguments", "make_optimizer",
+           "make_schedule", "make_transform", "transform_arguments"]

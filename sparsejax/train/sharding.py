@@ -7,10 +7,15 @@ are replicated, and a rule that matches no parameter is an error (it is almost a
 typo). Any other pytree whose leaves have a parameter's shape and path suffix (optimizer
 moments, masks) is sharded like that parameter.
 
-Example::
+Example (on one device here, so the mesh is ``(1, 1)``; ``devices`` defaults to all):
 
-    mesh = make_mesh((-1, 2), ('data', 'model'))
-    shardings = param_shardings(params, [(r'.*kernel', (None, 'model'))], mesh)
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax.train.sharding import make_mesh, param_shardings
+    >>> params = {'dense': {'kernel': jnp.ones((4, 8)), 'bias': jnp.zeros(8)}}
+    >>> mesh = make_mesh((-1, 1), ('data', 'model'), devices=jax.devices()[:1])
+    >>> shardings = param_shardings(params, [(r'.*kernel', (None, 'model'))], mesh)
+    >>> shardings['dense']['kernel'].spec, shardings['dense']['bias'].spec   # bias replicated
+    (P(None, 'model'), P())
 """
 
 from __future__ import annotations
@@ -33,10 +38,17 @@ Rules = Sequence[tuple[str, Sequence[str | None] | None]]
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
     """A mesh over all devices; one entry of ``shape`` may be -1 (fills the rest).
 
-    Example::
+    Example:
 
-        make_mesh((-1,), ('data',))           # data parallel over every device
-        make_mesh((4, 2), ('data', 'model'))  # needs exactly 8 devices
+        >>> import jax
+        >>> from sparsejax.train.sharding import make_mesh
+        >>> mesh = make_mesh((-1,), ('data',))           # data parallel over every device
+        >>> mesh.shape['data'] == jax.device_count()
+        True
+        >>> make_mesh((4, 2), ('data', 'model'), devices=jax.devices()[:1])  # needs 8 devices
+        Traceback (most recent call last):
+        ...
+        ValueError: config.mesh.shape (4, 2) needs 8 devices, but 1 are available
     """
     devices = list(jax.devices() if devices is None else devices)
     shape, axes = tuple(int(s) for s in shape), tuple(axes)
@@ -78,9 +90,17 @@ def _spec(path: str, shape, pattern: str, spec, mesh: Mesh) -> P:
 def param_shardings(params, rules: Rules, mesh: Mesh):
     """``NamedSharding`` per parameter from regex rules (first match wins, else replicated).
 
-    Example::
+    Example:
 
-        param_shardings({'w': jnp.ones((4, 8))}, [('w', (None, 'model'))], mesh)
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.train.sharding import make_mesh, param_shardings
+        >>> mesh = make_mesh((1, 1), ('data', 'model'), devices=jax.devices()[:1])
+        >>> param_shardings({'w': jnp.ones((4, 8))}, [('w', (None, 'model'))], mesh)['w'].spec
+        P(None, 'model')
+        >>> param_shardings({'w': jnp.ones((4, 8))}, [('v', (None, 'model'))], mesh)  # a typo
+        Traceback (most recent call last):
+        ...
+        ValueError: sharding rules match no parameter: ['v']; parameter paths look like ['w']
     """
     specs = [P() if pattern is None else _spec(path, np.shape(x), pattern, spec, mesh)
              for path, x, pattern, spec in match_rules(params, rules, "sharding")]
@@ -95,10 +115,18 @@ def shardings_like_params(tree, params, shardings, mesh: Mesh):
     This is how optimizer moments and masks follow their parameters, with no knowledge
     of the optimizer's state types.
 
-    Example::
+    Example:
 
-        opt_shardings = shardings_like_params(jax.eval_shape(tx.init, params), params,
-                                              param_shardings(params, rules, mesh), mesh)
+        >>> import jax, jax.numpy as jnp
+        >>> import optax
+        >>> from sparsejax.train.sharding import make_mesh, param_shardings, shardings_like_params
+        >>> params, tx = {'w': jnp.ones((4, 8))}, optax.adam(1e-3)
+        >>> mesh = make_mesh((1, 1), ('data', 'model'), devices=jax.devices()[:1])
+        >>> rules = [('w', (None, 'model'))]
+        >>> opt_shardings = shardings_like_params(jax.eval_shape(tx.init, params), params,
+        ...                                       param_shardings(params, rules, mesh), mesh)
+        >>> [s.spec for s in jax.tree.leaves(opt_shardings)]   # count; mu and nu like w
+        [P(), P(None, 'model'), P(None, 'model')]
     """
     by_path = {path: sh for (path, _), sh in zip(named_leaves(params), jax.tree.leaves(shardings))}
     replicated = NamedSharding(mesh, P())
@@ -108,9 +136,13 @@ def shardings_like_params(tree, params, shardings, mesh: Mesh):
 def batch_sharding(mesh: Mesh, data_axes: Sequence[str] = ("data",)) -> NamedSharding:
     """Leading (batch) dimension split over the data axes present in the mesh.
 
-    Example::
+    Example:
 
-        batch_sharding(make_mesh((-1,), ('data',)))   # P('data')
+        >>> from sparsejax.train.sharding import batch_sharding, make_mesh
+        >>> batch_sharding(make_mesh((-1,), ('data',))).spec
+        P('data',)
+        >>> batch_sharding(make_mesh((-1,), ('model',))).spec   # no data axis: replicated
+        P(None,)
     """
     axes = tuple(a for a in data_axes if a in mesh.shape)
     return NamedSharding(mesh, P(axes if axes else None))

@@ -1,8 +1,8 @@
-"""Building blocks shared by the reference models: activation, FFN, attention, block.
+"""Dense building blocks: activation, FFN, attention and the pre-LN transformer block.
 
-The FFN and attention are looked up by name in ``FFNS`` and ``ATTENTIONS``, so a later
-module (Spark FFN, block-sparse attention) registers itself and is selected from config
-without editing the models. The activation is a submodule (``.../mlp/act``) so surgery
+A ``Block`` takes the attention and FFN it builds as module classes or factories, so a
+sparse one (``SparkFFN``, ``SparseAttention``, ``functools.partial(TopKFFN, density=0.1)``)
+goes in without a registry. The activation is a submodule (``.../mlp/act``) so surgery
 rules can replace it.
 
 Example::
@@ -19,17 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,
-    "silu": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
+from sparsejax.activations import ACTIVATIONS, activation_fn
 
-
-def _check_choice(kind: str, name: str, known) -> None:
-    if name not in known:
-        raise ValueError(f"unknown {kind} {name!r}; known: {sorted(known)}")
+AttentionFactory = Callable[..., nnx.Module]  # (d_model, num_heads, *, causal, rngs)
+FFNFactory = Callable[..., nnx.Module]        # (d_model, d_ff, activation, *, rngs)
 
 
 class Activation(nnx.Module):
@@ -41,7 +34,7 @@ class Activation(nnx.Module):
     """
 
     def __init__(self, name: str = "relu"):
-        _check_choice("activation", name, ACTIVATIONS)
+        activation_fn(name)  # a ValueError names the known activations
         self.name = name
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -111,14 +104,12 @@ class Attention(nnx.Module):
         return self.o(out.reshape(x.shape))
 
 
-FFNS: dict[str, type] = {"dense": FFN}
-ATTENTIONS: dict[str, type] = {"dense": Attention}
-
-
 class Block(nnx.Module):
     """Pre-LayerNorm transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``.
 
-    ``attention`` and ``ffn`` name entries of ``ATTENTIONS`` and ``FFNS``.
+    ``attention`` is called as ``attention(d_model, num_heads, causal=..., rngs=...)`` and
+    ``ffn`` as ``ffn(d_model, d_ff, activation, rngs=...)``: a module class or any factory
+    with that signature (e.g. ``functools.partial(SparkFFN, density=0.08)``).
 
     Example::
 
@@ -126,15 +117,12 @@ class Block(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, d_ff: int, *, activation: str,
-                 causal: bool, rngs: nnx.Rngs, attention: str = "dense", ffn: str = "dense",
-                 ffn_options: dict | None = None, attention_options: dict | None = None):
-        _check_choice("attention", attention, ATTENTIONS)
-        _check_choice("ffn", ffn, FFNS)
+                 causal: bool, rngs: nnx.Rngs, attention: AttentionFactory = Attention,
+                 ffn: FFNFactory = FFN):
         self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
-        self.attn = ATTENTIONS[attention](d_model, num_heads, causal=causal, rngs=rngs,
-                                          **(attention_options or {}))
+        self.attn = attention(d_model, num_heads, causal=causal, rngs=rngs)
         self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
-        self.mlp = FFNS[ffn](d_model, d_ff, activation, rngs=rngs, **(ffn_options or {}))
+        self.mlp = ffn(d_model, d_ff, activation, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.ln1(x))
@@ -142,17 +130,14 @@ class Block(nnx.Module):
 
 
 def block_stack(num_layers: int, d_model: int, num_heads: int, d_ff: int, *, activation: str,
-                causal: bool, attention: str, ffn: str, rngs: nnx.Rngs,
-                ffn_options: dict | None = None,
-                attention_options: dict | None = None) -> nnx.List:
+                causal: bool, rngs: nnx.Rngs, attention: AttentionFactory = Attention,
+                ffn: FFNFactory = FFN) -> nnx.List:
     """``num_layers`` blocks as an ``nnx.List`` (parameter paths ``blocks/<i>/...``).
 
     Example::
 
-        self.blocks = block_stack(2, 64, 4, 256, activation='gelu', causal=True,
-                                  attention='dense', ffn='dense', rngs=rngs)
+        self.blocks = block_stack(2, 64, 4, 256, activation='gelu', causal=True, rngs=rngs)
     """
     return nnx.List([Block(d_model, num_heads, d_ff, activation=activation, causal=causal,
-                           attention=attention, ffn=ffn, ffn_options=ffn_options,
-                           attention_options=attention_options, rngs=rngs)
+                           attention=attention, ffn=ffn, rngs=rngs)
                      for _ in range(num_layers)])
