@@ -3,8 +3,8 @@
 - ``model_name`` picks ``sparsejax.models.MODELS[model_name]``; ``model`` holds that
   class's constructor arguments (the data supplies the rest: ``train.build.data_kwargs``).
 - ``optimizer`` holds ``train.optim.make_optimizer``'s keyword arguments.
-- ``sparsity.name`` picks ``train.optim.TRANSFORMS[name]``; the rest of ``sparsity`` holds
-  exactly that factory's keyword arguments, with the factory's defaults (read from its
+- ``method.name`` picks the weight-sparsity method ``train.optim.TRANSFORMS[name]``; the
+  rest of ``method`` holds exactly that factory's keyword arguments, with the factory's defaults (read from its
   signature, so each default has one home).
 - ``ift`` holds ``sparsejax.ift.transform``'s arguments (``family='none'``: off).
 
@@ -19,7 +19,7 @@ Example::
 
     config = base('rigl,0.9', model_name='mlp', model={'hidden': (64,)},
                   data=ConfigDict({'name': 'digits'}))
-    config.sparsity.drop_fraction    # 0.3, dst.rigl's default
+    config.method.drop_fraction    # 0.3, dst.rigl's default
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def _section(defaults: dict) -> ml_collections.ConfigDict:
                                       for k, v in defaults.items()})
 
 
-def sparsity_section(c: ml_collections.ConfigDict, name: str, **choices) -> ml_collections.ConfigDict:
-    """``config.sparsity`` for method ``name``: the factory's arguments with its defaults,
+def method_section(c: ml_collections.ConfigDict, name: str, **choices) -> ml_collections.ConfigDict:
+    """``config.method`` for method ``name``: the factory's arguments with its defaults,
     then ``choices`` for the arguments it takes (the config's choices: a target sparsity,
     ERK, rules). Arguments without a default that no choice sets follow ``num_steps``:
     ``end_step`` is ``END_FRACTION`` of it, ``sparse_steps`` what the dense and fine-tune
@@ -78,7 +78,7 @@ def sparsity_section(c: ml_collections.ConfigDict, name: str, **choices) -> ml_c
 
     Example::
 
-        sparsity_section(config, 'sdgf', pattern='1:8').sparse_steps   # config.num_steps
+        method_section(config, 'sdgf', pattern='1:8').sparse_steps   # config.num_steps
     """
     accepted = transform_arguments(name)
     s = _section({k: v for k, v in accepted.items() if v is not REQUIRED})
@@ -100,10 +100,10 @@ def sparsity_section(c: ml_collections.ConfigDict, name: str, **choices) -> ml_c
 
 
 def base(arg: str | None, *, model_name: str, model: dict, data: ml_collections.ConfigDict,
-         sparsity: dict | None = None, extra: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+         method: dict | None = None, extra: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """A full config: ``arg``'s method (default dense) with 90% ERK sparsity where the
-    method takes them, ``sparsity``'s choices where it takes them, the optimizer's
-    defaults, a data-parallel mesh."""
+    method takes them, the config file's ``method`` choices (e.g. rules) where it takes
+    them, the optimizer's defaults, a data-parallel mesh."""
     a = parse_arg(arg, extra)
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -112,21 +112,21 @@ def base(arg: str | None, *, model_name: str, model: dict, data: ml_collections.
     c.data = data
     c.num_steps = 1000
     c.optimizer = _section(keyword_arguments(make_optimizer, skip=1))
-    choices = dict(sparsity=0.9, distribution="erk", **(sparsity or {}))
+    choices = dict(sparsity=0.9, distribution="erk", **(method or {}))
     if a["sparsity"] is not None:
         choices["sparsity"] = a["sparsity"]
     if a["pattern"] is not None:
         choices["pattern"] = a["pattern"]
-    method = a["method"] or "dense"
+    name = a["method"] or "dense"
     c.ift = ml_collections.ConfigDict(dict(family="none", sparsity=0.0,
                                            layers=placeholder(object), norm=placeholder(str),
                                            sigma="norm_relu"))
     if a["ift"] is not None:  # Sparse-IFT: s is the IFT knob; RigL, uniform, by default
         c.ift.family = a["ift"]
         c.ift.sparsity = choices["sparsity"]
-        method = a["method"] or "rigl"
+        name = a["method"] or "rigl"
         choices["distribution"] = "uniform"
-    c.sparsity = sparsity_section(c, method, **choices)
+    c.method = method_section(c, name, **choices)
     # mesh.shape may hold one -1 (all remaining devices); batches split over data_axes.
     # num_devices=0 uses every device; a positive number uses the first n (tests, debugging).
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "model"),
@@ -148,7 +148,7 @@ def finalize(c: ml_collections.ConfigDict, arg: str | None, extra: tuple[str, ..
         c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 5, 10, 10
         c.batch_size = min(c.batch_size, 32)
         c.optimizer.warmup_steps = 2
-        if "update_every" in c.sparsity:
-            c.sparsity.update_every = min(c.sparsity.update_every, 5)
+        if "update_every" in c.method:
+            c.method.update_every = min(c.method.update_every, 5)
     c.lock()
     return c

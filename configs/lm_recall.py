@@ -23,7 +23,7 @@ def get_config(arg=None):
         model=dict(d_model=128, num_heads=4, num_layers=2, d_ff=512, activation="gelu",
                    attention="dense", attention_options=placeholder(object), ffn="dense",
                    ffn_options=placeholder(object)),
-        sparsity=dict(rules=((r"head/kernel", "dense"), (r"blocks/.*kernel", "sparse"))),
+        method=dict(rules=((r"head/kernel", "dense"), (r"blocks/.*kernel", "sparse"))),
         data=ml_collections.ConfigDict(dict(name="associative_recall", num_pairs=8,
                                             num_keys=16, num_values=16, train_size=20000,
                                             eval_size=1000, seed=0, path="", seq_len=128)))

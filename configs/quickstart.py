@@ -19,7 +19,7 @@ def get_config(arg=None):
     c = common.base(
         arg, model_name="mlp", model=dict(hidden=(256, 256), activation="relu"),
         data=ml_collections.ConfigDict(dict(name="digits", eval_size=360, random_labels=False)),
-        sparsity=dict(rules=((r"head/kernel", "dense"), (r".*kernel", "sparse"))))
+        method=dict(rules=((r"head/kernel", "dense"), (r".*kernel", "sparse"))))
     c.num_steps = 1500
     c.eval_every = 250
     return common.finalize(c, arg)

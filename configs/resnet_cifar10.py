@@ -18,7 +18,7 @@ def get_config(arg=None):
     c = common.base(
         arg, model_name="resnet", model=dict(depth=20, width=1, activation="relu"),
         # RigL's recipe keeps the first layer dense; Sparse-IFT also keeps the head dense.
-        sparsity=dict(rules=((r"stem/kernel", "dense"), (r"head/kernel", "dense"),
+        method=dict(rules=((r"stem/kernel", "dense"), (r"head/kernel", "dense"),
                              (r".*kernel", "sparse"))),
         data=ml_collections.ConfigDict(dict(name="tfds", tfds_name="cifar10", data_dir="",
                                             train_split="train", eval_split="test",

@@ -23,7 +23,7 @@ def get_config(arg=None):
                    activation=act, attention="dense", attention_options=placeholder(object),
                    ffn="dense", ffn_options=placeholder(object)),
         data=ml_collections.ConfigDict(dict(name="digits", eval_size=360, random_labels=False)),
-        sparsity=dict(rules=((r"embed/kernel", "dense"), (r"head/kernel", "dense"),
+        method=dict(rules=((r"embed/kernel", "dense"), (r"head/kernel", "dense"),
                              (r".*kernel", "sparse"))))
     c.num_steps = 2000
     return common.finalize(c, arg, extra=("gelu",))

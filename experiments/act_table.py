@@ -27,18 +27,28 @@ the layers that only touch active units by the block's realised density ρ: FFN
 
 Writes JSON with every per-seed number and a Markdown table (mean ± sample std,
 ddof = 1). The "Reading" is prose written by a person, kept between the
-``reading:begin``/``reading:end`` markers across reruns (see ``experiments/tables.py``).
+``reading:begin``/``reading:end`` markers across reruns. The sweep runner and the
+Markdown renderer are shared with the other tables (``experiments/tables.py``); this
+file holds one run, the JSON fields and the page's ``TABLE`` spec.
 """
 
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
+from flax import nnx
 
+from configs import vit_digits
 from experiments import tables
-from experiments.tables import group, mean_std, pm
+from experiments.tables import Column, group, level, mean_of, mean_std, pm, pm_of
+from sparsejax import flops, surgery
+from sparsejax.activations import k_from_density
+from sparsejax.nn.spark import SparkFFN
+from sparsejax.train import build_model
+from sparsejax.train.data import get_dataset
 
 # variant → (model.ffn, model.attention)
 VARIANTS = {
@@ -72,13 +82,16 @@ FLAGS = flags.FLAGS
 CONFIG = "configs/vit_digits.py"
 
 
-def make_config(variant: str, seed: int, num_steps: int, ffn_density: float, attn_k: int):
-    from configs import vit_digits
+# ----------------------------------------------------------------------------- one run
 
+
+def make_config(variant: str, seed: int, num_steps: int, ffn_density: float, attn_k: int):
     config = vit_digits.get_config()
     config.model.ffn, config.model.attention = VARIANTS[variant]
-    config.model.ffn_density = ffn_density
-    config.model.attn_k = attn_k
+    if config.model.ffn != "dense":  # the FFN's and attention's keyword arguments
+        config.model.ffn_options = {"density": ffn_density}
+    if config.model.attention == "spark":
+        config.model.attention_options = {"keys_per_query": attn_k}
     config.seed = seed
     if num_steps:
         config.num_steps = num_steps
@@ -87,8 +100,6 @@ def make_config(variant: str, seed: int, num_steps: int, ffn_density: float, att
 
 def _hidden(mlp, h):
     """The FFN's hidden units (the ones the second matmul needs) for input ``h``."""
-    from sparsejax.nn.spark import SparkFFN
-
     return mlp.gate(h) if isinstance(mlp, SparkFFN) else mlp.act(mlp.up(h))
 
 
@@ -96,9 +107,6 @@ def activation_density(model, inputs) -> list[float]:
     """Fraction of nonzero FFN hidden units over all tokens of ``inputs``, per block.
 
     Re-runs the ViT forward block by block (checked against ``model(inputs)``)."""
-    import jax.numpy as jnp
-    import numpy as np
-
     x = model.embed(inputs)
     x = x.reshape(x.shape[0], -1, x.shape[-1]) + model.pos[...]
     dens = []
@@ -114,13 +122,8 @@ def activation_density(model, inputs) -> list[float]:
 
 def build(config, params=None, rest=None):
     """The config's model, with ``params``/``rest`` (pure dicts) merged in if given."""
-    from flax import nnx
-
-    from sparsejax.models import build_model
-    from sparsejax.train.data import get_dataset
-
     ds = get_dataset(config.data)
-    model = build_model(config.model, ds.info, nnx.Rngs(params=config.seed))
+    model = build_model(config.model_name, config.model, ds.info, nnx.Rngs(params=config.seed))
     if params is not None:
         graphdef, _, r0 = nnx.split(model, nnx.Param, ...)
         model = nnx.merge(graphdef, params, nnx.to_pure_dict(r0) if rest is None else rest)
@@ -130,10 +133,6 @@ def build(config, params=None, rest=None):
 
 def ffn_flops(model) -> dict:
     """Per-token FLOPs of every FFN kernel, from ``model_flops`` on one image."""
-    import jax.numpy as jnp
-
-    from sparsejax import flops
-
     f = flops.model_flops(model, lambda m: m(jnp.ones((1, 8, 8, 1), jnp.float32)))
     tokens = model.pos.shape[1]
     return {"all_per_token": flops.total(f) / tokens,
@@ -152,15 +151,13 @@ def ideal_sparse(ffn: dict, density: list[float]) -> float:
 
 
 def run_one(variant: str, seed: int, num_steps: int, ffn_density: float, attn_k: int) -> dict:
-    from sparsejax import surgery
-
     config = make_config(variant, seed, num_steps, ffn_density, attn_k)
     final = {}
     summary, _ = tables.run_config(
         config, hooks=[tables.final_state_hook(config.num_steps, final)], prefix="act_table_")
     state = final["state"]
     model, ds = build(config, state.params, state.rest)
-    inputs = ds.eval.get(__import__("numpy").arange(len(ds.eval)))["inputs"]
+    inputs = ds.eval.get(np.arange(len(ds.eval)))["inputs"]
     dens = activation_density(model, inputs)
     if VARIANTS[variant][0] != "spark":  # cross-check with the library's measurement
         lib = surgery.activation_sparsity(model, lambda m: m(inputs))
@@ -201,139 +198,139 @@ def config_summary(num_steps: int, ffn_density: float, attn_k: int) -> dict:
     }
 
 
-def _pm_int(xs) -> str:
-    """``'mean ± std'`` with thousands separators and no decimals."""
-    import math
-
-    m, s = mean_std(xs)
-    return f"{m:,.0f}" if math.isnan(s) else f"{m:,.0f} ± {s:,.0f}"
+# ----------------------------------------------------------------------------- the page
 
 
-def markdown(result: dict, reading: str | None) -> str:
-    runs, cfg, seeds = result["runs"], result["config"], result["seeds"]
-    from sparsejax.activations import k_from_density
+def _ideal_over_dense(key: tuple, runs: list[dict]) -> str:
+    fd = statistics.fmean(r["ffn_flops_per_token_dense"] for r in runs)
+    return pm([r["ffn_flops_per_token_ideal"] / fd for r in runs], 1, 3)
 
-    k = k_from_density(cfg["d_ff"], cfg["ffn_density"])
-    lines = tables.header("Activation sparsity on the digits ViT: top-k, statistical top-k, "
-                          "Spark", result) + [
-        "## Setup",
-        "",
-        f"- Config: `{cfg['config']}` with `model.ffn`/`model.attention` set per variant, "
-        f"`model.ffn_density = {cfg['ffn_density']}`, `model.attn_k = {cfg['attn_k']}`; "
-        f"`config.seed` set to the seed (seeds {', '.join(map(str, seeds))}). No weight "
-        "sparsity.",
-        f"- Model: {cfg['model']}; scikit-learn digits (8×8, 1,437 train / "
-        f"{cfg['data'].get('eval_size', 360)} eval examples, fixed split).",
-        f"- Training: {cfg['num_steps']} steps (the config's default is 2000; reduced to fit "
-        f"the time budget), batch {cfg['batch_size']}, {cfg['optimizer']}.",
-        f"- Variants: `dense` is the plain ReLU FFN `down(relu(up(x)))`; `topk` keeps the "
-        f"k = {k} largest post-ReLU units per token (`lax.top_k`, {cfg['ffn_density']:.0%} "
-        f"of {cfg['d_ff']}); `stopk` uses Spark's statistical top-k (hard form, threshold "
+
+def _per_block(result: dict, ctx: dict) -> list[str]:
+    """FFN density per block, one row per variant."""
+    runs = result["runs"]
+    nb = len(runs[0]["ffn_density_per_block"])
+    return ["", "FFN density per block (%), mean ± sample std over seeds:", "",
+            *tables.md_table(
+                ["variant", *(f"block {i}" for i in range(nb))],
+                ([v, *(pm([r["ffn_density_per_block"][i] for r in rs], 100)
+                       for i in range(nb))]
+                 for (v,), rs in group(runs, ("variant",)).items()))]
+
+
+TABLE = tables.Table(
+    title="Activation sparsity on the digits ViT: top-k, statistical top-k, Spark",
+    context=lambda result: {"k": k_from_density(result["config"]["d_ff"],
+                                                result["config"]["ffn_density"])},
+    setup=[
+        "Config: `{cfg[config]}` with `model.ffn`/`model.attention` set per variant, "
+        "`model.ffn_options = {{'density': {cfg[ffn_density]}}}`, "
+        "`model.attention_options = {{'keys_per_query': {cfg[attn_k]}}}` (Spark attention); "
+        "`config.seed` set to the seed (seeds {seeds}). No weight sparsity.",
+        "Model: {cfg[model]}; scikit-learn digits (8×8, 1,437 train / {eval_size} eval "
+        "examples, fixed split).",
+        "Training: {cfg[num_steps]} steps (the config's default is 2000; reduced to fit the "
+        "time budget), batch {cfg[batch_size]}, {cfg[optimizer]}.",
+        "Variants: `dense` is the plain ReLU FFN `down(relu(up(x)))`; `topk` keeps the "
+        "k = {k} largest post-ReLU units per token (`lax.top_k`, {cfg[ffn_density]:.0%} of "
+        "{cfg[d_ff]}); `stopk` uses Spark's statistical top-k (hard form, threshold "
         "mean + std·Φ⁻¹(1 − 0.08) per token, no sort) after the ReLU; `spark` is the Spark "
         "FFN `V(act(STopk_soft(K1 q1)) ⊙ K2 q2)` with r = d_model/2 = 32 predictor dims and "
-        f"act = {cfg['activation']} (the paper uses GELU; with the soft form "
-        "max(x − θ, 0) the ReLU changes nothing); `spark+attn` adds Spark attention, each "
-        f"query keeping about k_attn = {cfg['attn_k']} of the 16 patch tokens (25%), chosen "
-        "by statistical top-k on scores from the first half of each head's dims (the "
-        "paper's k_attn = 256 would keep every token here).",
-        "- FFN density: the fraction of nonzero FFN hidden units per token over all "
-        "eval tokens (360 × 16), measured on the final model in eval mode, averaged over "
-        "the 2 blocks. FFN variants: `mlp.act(mlp.up(ln2(x)))`, cross-checked against "
+        "act = {cfg[activation]} (the paper uses GELU; with the soft form max(x − θ, 0) the "
+        "ReLU changes nothing); `spark+attn` adds Spark attention, each query keeping about "
+        "k_attn = {cfg[attn_k]} of the 16 patch tokens (25%), chosen by statistical top-k "
+        "on scores from the first half of each head's dims (the paper's k_attn = 256 would "
+        "keep every token here).",
+        "FFN density: the fraction of nonzero FFN hidden units per token over all eval "
+        "tokens (360 × 16), measured on the final model in eval mode, averaged over the 2 "
+        "blocks. FFN variants: `mlp.act(mlp.up(ln2(x)))`, cross-checked against "
         "`sparsejax.surgery.activation_sparsity`. Spark: the predictor's gate "
-        "`mlp.gate(ln2(x))` (SparkFFN has no activation module for `activation_sparsity` "
-        "to hook); a unit whose gate is zero needs neither its K2 column nor its V row. "
+        "`mlp.gate(ln2(x))` (SparkFFN has no activation module for `activation_sparsity` to "
+        "hook); a unit whose gate is zero needs neither its K2 column nor its V row. "
         "`ln2`'s input comes from re-running the blocks one by one, checked against "
-        "`model(x)`. For the dense ReLU model this is the Lazy Neuron natural sparsity; "
-        "the column \"at init\" is the same measurement on the untrained model.",
-        "- FFN FLOPs per token, summed over both blocks: `sparsejax.flops.model_flops` on "
-        "one image (16 tokens) ÷ 16, FFN kernels only (2 FLOPs per multiply-add). "
-        "Dense = Σ FFN kernels. Ideal sparse = Σ_blocks [F(up) + ρ_b·F(down)] for the "
-        "FFN variants and Σ_blocks [F(K1) + ρ_b·(F(K2) + F(V))] for Spark, with ρ_b the "
-        "block's realised density; the predictor K1 (and `up`, which the top-k needs in "
-        "full) stays dense; the top-k/threshold cost (≈ 2·d_ff per token) is not counted. "
-        "These are theoretical counts: this code computes every unit densely.",
-        "- Accuracy and loss are on the eval split after the last step; train loss is the "
+        "`model(x)`. For the dense ReLU model this is the Lazy Neuron natural sparsity; the "
+        "column \"at init\" is the same measurement on the untrained model.",
+        "FFN FLOPs per token, summed over both blocks: `sparsejax.flops.model_flops` on one "
+        "image (16 tokens) ÷ 16, FFN kernels only (2 FLOPs per multiply-add). Dense = Σ FFN "
+        "kernels. Ideal sparse = Σ_blocks [F(up) + ρ_b·F(down)] for the FFN variants and "
+        "Σ_blocks [F(K1) + ρ_b·(F(K2) + F(V))] for Spark, with ρ_b the block's realised "
+        "density; the predictor K1 (and `up`, which the top-k needs in full) stays dense; "
+        "the top-k/threshold cost (≈ 2·d_ff per token) is not counted. These are "
+        "theoretical counts: this code computes every unit densely.",
+        "Accuracy and loss are on the eval split after the last step; train loss is the "
         "loop's mean over the final 50 steps. Each cell is mean ± sample std (ddof = 1) "
-        f"over {len(seeds)} seed(s); one eval example is 0.28 accuracy points.",
-        "- Wall time is the whole `train_and_evaluate` call (compile, eval, orbax "
-        "checkpoints included) on a shared 2-core machine, so it is noisy.",
-        "", "## Results", "",
-    ]
-    head = ["variant", "eval accuracy (%)", "eval loss", "train loss", "FFN density (%)",
-            "FFN density at init (%)", "FFN FLOPs / token, dense", "FFN FLOPs / token, ideal "
-            "sparse", "ideal / dense", "wall time (s)"]
-    rows = []
-    for (v,), rs in group(runs, ("variant",)).items():
-        fd = statistics.fmean(r["ffn_flops_per_token_dense"] for r in rs)
-        fi = [r["ffn_flops_per_token_ideal"] for r in rs]
-        rows.append([
-            f"{LABELS.get(v, v)} (`{v}`)",
-            pm([r["eval_accuracy"] for r in rs], 100),
-            pm([r["eval_loss"] for r in rs], 1, 3),
-            pm([r["train_loss"] for r in rs], 1, 4),
-            pm([r["ffn_density"] for r in rs], 100),
-            pm([r["ffn_density_at_init"] for r in rs], 100, 1),
-            f"{fd:,.0f}", _pm_int(fi), pm([x / fd for x in fi], 1, 3),
-            pm([r["wall_time_s"] for r in rs], 1, 1)])
-    lines += tables.md_table(head, rows)
-    lines += ["", "FFN density per block (%), mean ± sample std over seeds:", ""]
-    nb = len(runs[0]["ffn_density_per_block"])
-    lines += tables.md_table(
-        ["variant", *(f"block {i}" for i in range(nb))],
-        ([v, *(pm([r["ffn_density_per_block"][i] for r in rs], 100) for i in range(nb))]
-         for (v,), rs in group(runs, ("variant",)).items()))
-    lines += tables.reading_section(reading, "3–4")
-    return "\n".join(lines)
+        "over {n_seeds} seed(s); one eval example is 0.28 accuracy points.",
+        "Wall time is the whole `train_and_evaluate` call (compile, eval, orbax checkpoints "
+        "included) on a shared 2-core machine, so it is noisy.",
+    ],
+    group_by=("variant",),
+    columns=[
+        Column("variant", level(0, "{} (`{}`)", LABELS)),
+        Column("eval accuracy (%)", pm_of("eval_accuracy", 100)),
+        Column("eval loss", pm_of("eval_loss", 1, 3)),
+        Column("train loss", pm_of("train_loss", 1, 4)),
+        Column("FFN density (%)", pm_of("ffn_density", 100)),
+        Column("FFN density at init (%)", pm_of("ffn_density_at_init", 100, 1)),
+        Column("FFN FLOPs / token, dense", mean_of("ffn_flops_per_token_dense", ",.0f")),
+        Column("FFN FLOPs / token, ideal sparse",
+               pm_of("ffn_flops_per_token_ideal", 1, 0, thousands=True)),
+        Column("ideal / dense", _ideal_over_dense),
+        Column("wall time (s)", pm_of("wall_time_s", 1, 1)),
+    ],
+    sections=[_per_block],
+    reading="3–4",
+)
+SCRIPT = tables.Script("experiments.act_table", TABLE)
 
 
-def main(argv):
-    tables.start(argv)
-    if FLAGS.render_only:
-        tables.render_only(Path(FLAGS.out_md), Path(FLAGS.out_json), markdown)
-        return
+# ----------------------------------------------------------------------------- the sweep
+
+
+def sweep(out: tables.Outputs) -> tables.Sweep:
+    """The plan of (variant, seed) runs from the flags, and the JSON."""
     variants = list(FLAGS.variants)
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise app.UsageError(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
     seeds = [int(s) for s in FLAGS.seeds]
     num_steps = FLAGS.num_steps
-    out_md, out_json = Path(FLAGS.out_md), Path(FLAGS.out_json)
     if FLAGS.quick:
         seeds, num_steps = seeds[:1], num_steps or 100
-        if FLAGS["out_md"].using_default_value:
-            out_md = Path("runs/act_vit_digits_quick.md")
-        if FLAGS["out_json"].using_default_value:
-            out_json = Path("runs/act_vit_digits_quick.json")
     fd, ak = FLAGS.ffn_density, FLAGS.attn_k
-
     plan = [(v, s) for v in variants for s in seeds]
-    runs, total_time = tables.run_plan(
+
+    def finish(runs: list[dict], total_time: float) -> dict:
+        keys = ("eval_accuracy", "eval_loss", "train_loss", "ffn_density",
+                "ffn_density_at_init", "ffn_flops_per_token_ideal", "wall_time_s")
+        return {
+            "config": config_summary(num_steps, fd, ak),
+            "variants": {v: {"ffn": VARIANTS[v][0], "attention": VARIANTS[v][1]}
+                         for v in variants},
+            "seeds": seeds, "std": "sample (ddof=1)", "total_time_s": total_time,
+            "flops_note": ("per token, summed over blocks; dense = sum of FFN kernel FLOPs "
+                           "from model_flops on one image / 16 tokens; ideal = up + rho*down "
+                           "(FFN) or K1 + rho*(K2 + V) (Spark), rho the block's realised "
+                           "density"),
+            "runs": runs,
+            "summary": [
+                {"variant": v, "n": len(rs),
+                 "ffn_flops_per_token_dense": rs[0]["ffn_flops_per_token_dense"],
+                 **{f"{k}_mean": mean_std([r[k] for r in rs])[0] for k in keys},
+                 **{f"{k}_std": mean_std([r[k] for r in rs])[1] for k in keys}}
+                for (v,), rs in group(runs, ("variant",)).items()],
+        }
+
+    return tables.Sweep(
         plan, lambda v, s: run_one(v, s, num_steps, fd, ak),
         lambda it: f"{it[0]:10s} seed={it[1]}",
         lambda r: (f"acc={100 * r['eval_accuracy']:.2f} loss={r['eval_loss']:.4f} "
                    f"ffn_density={100 * r['ffn_density']:.2f}% "
-                   f"({r['wall_time_s']:.1f} s)"))
-    keys = ("eval_accuracy", "eval_loss", "train_loss", "ffn_density", "ffn_density_at_init",
-            "ffn_flops_per_token_ideal", "wall_time_s")
-    result = {
-        "command": tables.command("experiments.act_table"),
-        "machine": tables.machine(), "config": config_summary(num_steps, fd, ak),
-        "variants": {v: {"ffn": VARIANTS[v][0], "attention": VARIANTS[v][1]}
-                     for v in variants},
-        "seeds": seeds, "std": "sample (ddof=1)", "total_time_s": total_time,
-        "flops_note": ("per token, summed over blocks; dense = sum of FFN kernel FLOPs from "
-                       "model_flops on one image / 16 tokens; ideal = up + rho*down (FFN) "
-                       "or K1 + rho*(K2 + V) (Spark), rho the block's realised density"),
-        "runs": runs,
-        "summary": [
-            {"variant": v, "n": len(rs),
-             "ffn_flops_per_token_dense": rs[0]["ffn_flops_per_token_dense"],
-             **{f"{k}_mean": mean_std([r[k] for r in rs])[0] for k in keys},
-             **{f"{k}_std": mean_std([r[k] for r in rs])[1] for k in keys}}
-            for (v,), rs in group(runs, ("variant",)).items()],
-    }
-    tables.write_outputs(result, out_md, out_json, markdown)
-    print(f"{len(runs)} runs in {total_time:.0f} s; wrote {out_md} and {out_json}")
+                   f"({r['wall_time_s']:.1f} s)"),
+        finish)
+
+
+def main(argv):
+    tables.main(argv, SCRIPT, sweep)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,15 @@ import statistics
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
+
+from configs import quickstart
+from sparsejax.masks import topk_mask
+from sparsejax.train import make_trainer
+from sparsejax.train.data import BatchIterator
 
 flags.DEFINE_bool("quick", False, "tiny smoke run (< 1 min); explicit flags still win")
 flags.DEFINE_list("hidden", ["1024", "1024"], "MLP hidden widths for the train-step part")
@@ -51,7 +59,7 @@ flags.DEFINE_integer("steps", 20, "steps per timed window (non-update variants)"
 flags.DEFINE_integer("update_steps", 2, "steps per timed window of 'rigl_update'")
 flags.DEFINE_integer("rounds", 9, "interleaved rounds of windows (medians are reported)")
 flags.DEFINE_enum("selection", "threshold", ["sort", "threshold"],
-                  "topk_mask method of the sparse train-step variants (config.sparsity.selection)")
+                  "topk_mask method of the sparse train-step variants (config.method.selection)")
 flags.DEFINE_list("sizes_m", ["1", "4", "16", "64", "100"],
                   "layer sizes for the mask-update part, in millions of parameters")
 flags.DEFINE_list("methods", ["sort", "threshold"], "topk_mask selection methods to time")
@@ -81,19 +89,18 @@ def step_config(variant: str, hidden, batch_size: int, sparsity: float,
 
     Example::
 
-        step_config('rigl', (1024, 1024), 128, 0.9).sparsity.begin_step   # 10**9
+        step_config('rigl', (1024, 1024), 128, 0.9).method.begin_step   # 10**9
     """
-    from configs import quickstart
-
     name = "rigl" if variant == "rigl_update" else variant
     c = quickstart.get_config(f"{name},{sparsity}")
     c.model.hidden = tuple(int(h) for h in hidden)
     c.batch_size = batch_size
-    c.sparsity.selection = selection
+    if "selection" in c.method:  # the sparse variants (dense has no masks)
+        c.method.selection = selection
     if variant == "rigl":
-        c.sparsity.update_every, c.sparsity.begin_step, c.sparsity.end_step = NEVER, NEVER, NEVER
+        c.method.update_every, c.method.begin_step, c.method.end_step = NEVER, NEVER, NEVER
     elif variant == "rigl_update":
-        c.sparsity.update_every, c.sparsity.begin_step, c.sparsity.end_step = 1, 0, NEVER
+        c.method.update_every, c.method.begin_step, c.method.end_step = 1, 0, NEVER
     return c
 
 
@@ -101,12 +108,6 @@ class _Runner:
     """One variant's trainer, live state and device batches, stepped in timed windows."""
 
     def __init__(self, variant: str, config):
-        import jax
-        import numpy as np
-
-        from sparsejax.train import make_trainer
-        from sparsejax.train.data import BatchIterator
-
         self.variant, self.config = variant, config
         self.trainer = t = make_trainer(config)
         with jax.set_mesh(t.mesh):
@@ -126,8 +127,6 @@ class _Runner:
 
     def window(self, steps: int) -> float:
         """Runs ``steps`` steps, blocks, records and returns the mean ms per step."""
-        import jax
-
         with jax.set_mesh(self.trainer.mesh):
             t0 = time.perf_counter()
             for i in range(steps):
@@ -140,9 +139,6 @@ class _Runner:
 
     def masks_changed(self) -> bool | None:
         """Whether any mask differs from the one after ``init`` (None for dense)."""
-        import jax
-        import jax.numpy as jnp
-
         if self.masks0 is None:
             return None
         now = self.state.opt_state.masks
@@ -198,11 +194,6 @@ def drop_and_grow(w, g, m, key, *, method: str, drop_fraction: float,
 
         kept, grown = drop_and_grow(w, g, m, key, method='threshold', drop_fraction=0.3)
     """
-    import jax
-    import jax.numpy as jnp
-
-    from sparsejax.masks import topk_mask
-
     n_active = jnp.sum(m, dtype=jnp.int32)
     n_drop = jnp.floor(drop_fraction * n_active.astype(jnp.float32)).astype(jnp.int32)
     score = jnp.abs(w) + noise_std * jax.random.normal(key, w.shape)
@@ -220,9 +211,6 @@ def layer_inputs(n: int, sparsity: float, seed: int = 0):
 
         w, g, m, key = layer_inputs(10**6, 0.9)
     """
-    import jax
-    import jax.numpy as jnp
-
     shape = (max(1, round(n / 1000)), 1000)
     k_m, k_w, k_g, key = jax.random.split(jax.random.PRNGKey(seed), 4)
     m = jax.random.bernoulli(k_m, 1.0 - sparsity, shape)
@@ -239,10 +227,6 @@ def time_update(n: int, methods, sparsity: float, drop_fraction: float, repeats:
 
         time_update(10**6, ['sort', 'threshold'], 0.9, 0.3, repeats=3, budget_s=30)
     """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     w, g, m, key = layer_inputs(n, sparsity)
     n_active = int(jnp.sum(m))
     n_drop = int(np.floor(np.float32(drop_fraction) * np.float32(n_active)))  # as in jit
@@ -294,8 +278,6 @@ def main(argv):
     """Runs both parts, prints a table per part and writes ``--out``."""
     del argv
     logging.set_verbosity(logging.WARNING)
-    import jax
-
     if FLAGS.quick:
         _apply_quick()
     unknown = set(FLAGS.methods) - {"sort", "threshold"}

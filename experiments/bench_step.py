@@ -14,8 +14,15 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
+import jax
+import numpy as np
 from absl import app, flags, logging
+
+from configs import lm_recall, quickstart, resnet_cifar10, vit_digits
+from sparsejax.train import make_trainer
+from sparsejax.train.data import BatchIterator
 
 flags.DEFINE_list("models", ["mlp", "resnet", "vit", "lm"], "reference models to time")
 flags.DEFINE_integer("steps", 20, "steps per timed window")
@@ -27,8 +34,6 @@ FLAGS = flags.FLAGS
 
 def bench_configs():
     """The config each reference model is timed with (embedded data, no download)."""
-    from configs import lm_recall, quickstart, resnet_cifar10, vit_digits
-
     resnet = resnet_cifar10.get_config()
     with resnet.unlocked():
         resnet.data = resnet.data.__class__(dict(name="synthetic_images",
@@ -39,12 +44,6 @@ def bench_configs():
 
 def time_model(config, steps: int, repeats: int) -> dict:
     """Compile time, median step time and examples/s of ``config``'s train step."""
-    import jax
-    import numpy as np
-
-    from sparsejax.train import make_trainer
-    from sparsejax.train.data import BatchIterator
-
     t = make_trainer(config)
     with jax.set_mesh(t.mesh):
         state = t.init(jax.random.PRNGKey(0))
@@ -71,8 +70,6 @@ def time_model(config, steps: int, repeats: int) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    import jax
-
     configs = bench_configs()
     unknown = set(FLAGS.models) - set(configs)
     if unknown:
@@ -91,8 +88,6 @@ def main(argv):
            "num_devices": jax.device_count(), "jax": jax.__version__,
            "host": platform.node(), "steps": FLAGS.steps, "repeats": FLAGS.repeats,
            "results": results}
-    from pathlib import Path
-
     Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {FLAGS.out}")

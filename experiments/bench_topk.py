@@ -23,8 +23,14 @@ from __future__ import annotations
 import functools
 import json
 import platform
+from pathlib import Path
 
+import jax
 from absl import app, flags, logging
+from jax import lax
+
+from sparsejax.activations import k_from_density, statistical_topk, topk
+from sparsejax.kernels._common import interleaved_ms
 
 flags.DEFINE_list("dims", ["1024", "4096", "16384", "65536"], "row widths d")
 flags.DEFINE_integer("rows", 256, "rows (tokens) per call")
@@ -40,11 +46,6 @@ METHODS = ("stat_soft", "stat_hard", "lax_top_k", "approx_max_k", "topk_exact")
 
 def make_fns(k: int, density: float) -> dict:
     """The jitted function of each method at ``k`` / ``density`` (last axis)."""
-    import jax
-    from jax import lax
-
-    from sparsejax.activations import statistical_topk, topk
-
     return {
         "stat_soft": jax.jit(functools.partial(statistical_topk, density=density, mode="soft")),
         "stat_hard": jax.jit(functools.partial(statistical_topk, density=density, mode="hard")),
@@ -56,11 +57,6 @@ def make_fns(k: int, density: float) -> dict:
 
 def time_dim(d: int, rows: int, density: float, repeats: int, window_s: float) -> dict:
     """Median ms per call of every method at width ``d``, interleaved, compile excluded."""
-    import jax
-
-    from sparsejax.activations import k_from_density
-    from sparsejax.kernels._common import interleaved_ms
-
     k = k_from_density(d, density)
     x = jax.random.normal(jax.random.PRNGKey(0), (rows, d))
     fns = make_fns(k, density)
@@ -77,8 +73,6 @@ def time_dim(d: int, rows: int, density: float, repeats: int, window_s: float) -
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    import jax
-
     dims = [1024, 16384] if FLAGS.quick else [int(d) for d in FLAGS.dims]
     repeats = 3 if FLAGS.quick else FLAGS.repeats
     print(f"device={jax.devices()[0].device_kind} rows={FLAGS.rows} density={FLAGS.density} "
@@ -97,8 +91,6 @@ def main(argv):
            "host": platform.node(), "rows": FLAGS.rows, "density": FLAGS.density,
            "repeats": repeats, "window_s": FLAGS.window_s, "dtype": "float32",
            "methods": list(METHODS), "results": results}
-    from pathlib import Path
-
     Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {FLAGS.out}")

@@ -9,11 +9,11 @@ Every (family, s, seed) trains ``configs/quickstart.py:<family>,<s>`` (Sparse-IF
 ``s``, trained with RigL, uniform distribution: every sparse kernel exactly ``s``; Sparse
 Wide solves ``s'`` for its widened layers so the FLOPs match) with the MLP given
 ``--hidden`` (default three hidden layers of 256, ``config.model.hidden = (256, 256,
-256)``): the default ``config.ift.rules`` transforms every Linear but the stem and the
+256)``): the default ``config.ift.layers`` transforms every Linear but the stem and the
 head, so ``layers/1`` and ``layers/2`` are transformed while ``layers/0`` (the stem) and
 ``head`` stay dense. With the quickstart's two hidden layers only one layer would be.
 Each run is in a temporary workdir that is deleted afterwards; ``config.seed`` (init,
-data order) and ``config.sparsity.seed`` (random masks) are both set to the seed. Dense
+data order) and, for RigL, ``config.method.seed`` (random masks) are set to the seed. Dense
 runs once per seed.
 
 FLOPs are measured, not assumed: the model of each run is built as the trainer builds it
@@ -28,24 +28,34 @@ config before any training, and again after each run.
 Writes JSON with every per-seed number, a Markdown table (mean ± sample std, ddof = 1)
 and a plot of accuracy against ``s``. The "Reading" section of the Markdown is prose
 written by a person, kept across reruns between the ``reading:begin``/``reading:end``
-markers. Shared pieces live in ``experiments/tables.py``.
+markers. The sweep runner and the Markdown renderer are shared with the other tables
+(``experiments/tables.py``); this file holds one run, the FLOPs checks, the JSON fields,
+the plot and the page's ``TABLE`` spec.
 """
 
 from __future__ import annotations
 
-import re
-import statistics
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags, logging
+from flax import nnx
 
+from configs import quickstart
 from experiments import tables
-from experiments.tables import group, mean_std, pm
+from experiments.tables import Column, first_of, group, level, mean_of, mean_std, pm_of, rank
+from sparsejax import flops, ift, surgery
+from configs.common import END_FRACTION
+from sparsejax.analysis import find_masks
+from sparsejax.paths import match_rules, named_leaves
+from sparsejax.train import build, build_model
+from sparsejax.train.data import get_dataset
 
 flags.DEFINE_list("methods", ["dense", "wide", "parallel", "factorized", "doped"],
                   "dense and Sparse-IFT families")
 flags.DEFINE_list("sparsities", ["0.5", "0.75", "0.9"], "Sparse-IFT s (not for dense)")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (config.seed and config.sparsity.seed)")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (config.seed, and config.method.seed where the method has one)")
 flags.DEFINE_list("hidden", ["256", "256", "256"], "MLP hidden widths (config.model.hidden)")
 flags.DEFINE_integer("num_steps", 0, "training steps (0: the config's, 1500)")
 flags.DEFINE_string("out_md", "docs/results/ift_digits.md", "Markdown table")
@@ -65,13 +75,15 @@ FLOPS_TOLERANCE = 0.01  # |relative FLOPs − 1|
 DENSITY_TOLERANCE = 1e-3  # |realised kernel density − (1 − s)|
 
 
-def make_config(method: str, s: float | None, seed: int, num_steps: int, hidden: tuple):
-    from configs import quickstart
+# ----------------------------------------------------------------------------- one run
 
+
+def make_config(method: str, s: float | None, seed: int, num_steps: int, hidden: tuple):
     config = quickstart.get_config("dense" if method == "dense" else f"{method},{s}")
     config.model.hidden = tuple(hidden)
     config.seed = seed
-    config.sparsity.seed = seed
+    if "seed" in config.method:  # random masks (dense has none)
+        config.method.seed = seed
     if num_steps:
         config.num_steps = num_steps
     return config
@@ -80,34 +92,22 @@ def make_config(method: str, s: float | None, seed: int, num_steps: int, hidden:
 def architecture(config) -> dict:
     """The model of ``config`` built as ``make_trainer`` builds it, its sparsity rules and
     its measured FLOPs (``ift.measured_flops``), plus the family's shape parameters."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from sparsejax import flops, ift, surgery
-    from sparsejax.masks import named_leaves
-    from sparsejax.models import build_model
-    from sparsejax.train.data import get_dataset
-    from sparsejax.train.loop import sparse_ift_plan
-
     info = get_dataset(config.data).info
     x = jnp.zeros((1, *info.input_shape), jnp.float32)
     call = lambda m: m(x)  # noqa: E731
-    model_cfg, paths, rules = sparse_ift_plan(config, info)
-    rules = list(rules or [])
-    model = build_model(model_cfg, info, nnx.Rngs(params=0))
+    built = build(config, info)  # the builder step make_trainer runs
+    rules = list(built.plan.rules or [])
     c = config.ift
     transformed, geometry = [], {}
-    if c.family != "none":
-        transformed = ift.select(model, tuple(c.get("rules", ())) or None, call)
-        modules = dict(surgery.named_modules(model))
+    if c.family != "none":  # the layers Sparse-IFT selects, before any rewrite
+        before = build_model(config.model_name, built.plan.model, info, nnx.Rngs(params=0))
+        transformed = ift.select(before, c.layers, call)
+        modules = dict(surgery.named_modules(before))
         geometry = {p: (modules[p].in_features, modules[p].out_features) for p in transformed}
-    if paths:  # as make_trainer's make_model
-        ift.transform(model, c.family, c.sparsity, [re.escape(p) for p in paths],
-                      norm=c.get("norm", "") or None, sigma=c.get("sigma", "norm_relu"),
-                      rngs=nnx.Rngs(params=1))
+    model = built.make_model(jax.random.key(0))
     shapes = {p: tuple(v.shape) for p, v in
               named_leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
-    out = {"model_hidden": list(model_cfg.hidden), "rules": [list(r) for r in rules],
+    out = {"model_hidden": list(built.plan.model["hidden"]), "rules": [list(r) for r in rules],
            "transformed": transformed, "geometry": {p: list(g) for p, g in geometry.items()},
            "flops": ift.measured_flops(model, rules, call),
            "flops_dense_model": flops.model_flops(model, call), "param_shapes": shapes}
@@ -153,9 +153,6 @@ def run_one(method: str, s: float | None, seed: int, num_steps: int, hidden: tup
             dense_flops: float) -> dict:
     """Trains one config in a temporary workdir; returns its numbers, checked FLOPs and
     parameter counts."""
-    from sparsejax import flops
-    from sparsejax.masks import named_leaves
-
     config = make_config(method, s, seed, num_steps, hidden)
     final = {}
     summary, _ = tables.run_config(
@@ -167,14 +164,14 @@ def run_one(method: str, s: float | None, seed: int, num_steps: int, hidden: tup
     if trained_shapes != arch["param_shapes"]:
         raise RuntimeError(f"{method} s={s}: the rebuilt model's parameters differ from the "
                            "trained state's; FLOPs would be measured on the wrong model")
-    masks = {p: m for p, m in named_leaves(getattr(state.opt_state, "masks", None) or {})
-             if m is not None}
-    matched = sorted(p for p in params if any(re.fullmatch(r, p) for r, _ in arch["rules"]))
+    masks = {p: m for p, m in named_leaves(find_masks(state.opt_state) or {}) if m is not None}
+    rule_s = {p: s for p, _, pattern, s in match_rules(state.params, arch["rules"], "sparsity")
+              if pattern is not None} if arch["rules"] else {}
+    matched = sorted(rule_s)
     if sorted(masks) != matched:
         raise RuntimeError(f"{method} s={s}: masked leaves {sorted(masks)} are not the "
                            f"rule-matched kernels {matched}")
     layer_density = {p: float(m.sum()) / m.size for p, m in masks.items()}
-    rule_s = {p: next(v for r, v in arch["rules"] if re.fullmatch(r, p)) for p in masks}
     for p, d in layer_density.items():
         if abs(d - (1.0 - rule_s[p])) > DENSITY_TOLERANCE:
             raise RuntimeError(f"{method} s={s} seed={seed}: {p} has density {d:.6f}, not "
@@ -205,12 +202,9 @@ def run_one(method: str, s: float | None, seed: int, num_steps: int, hidden: tup
 
 
 def config_summary(num_steps: int, hidden: tuple) -> dict:
-    from configs import quickstart
-
     c = quickstart.get_config("rigl,0.9")
-    steps = num_steps or c.num_steps
-    o, s = c.optimizer, c.sparsity
-    end_step = s.end_step if s.end_step >= 0 else int(s.end_fraction * steps)
+    c.num_steps = steps = num_steps or c.num_steps  # end_step follows num_steps
+    o, s = c.optimizer, c.method
     widths = " → ".join(map(str, (64, *hidden, 10)))
     return {
         "config": CONFIG, "model": f"MLP {widths}, {c.model.activation}",
@@ -220,17 +214,19 @@ def config_summary(num_steps: int, hidden: tuple) -> dict:
                       f"schedule, {o.warmup_steps} warm-up steps"),
         "mask_init": s.mask_init, "update_every": s.update_every,
         "drop_fraction": s.drop_fraction, "drop_fraction_anneal": s.drop_fraction_anneal,
-        "end_fraction": s.end_fraction, "end_step": end_step,
+        "end_fraction": END_FRACTION, "end_step": s.end_step,
         "ift_norm": c.ift.norm or "default (LayerNorm after Linear)", "ift_sigma": c.ift.sigma,
-        "ift_rules": list(c.ift.rules) or "default: every Linear/Conv but the stem and head",
+        "ift_rules": list(c.ift.layers or ()) or "default: every Linear/Conv but the stem and head",
     }
 
 
-def _ordered(runs: list[dict], methods: list[str], sparsities: list[float]):
-    g = group(runs, ("method", "sparsity"))
-    order = [k for k in g if k[0] == "dense"]
-    order += [(m, s) for m in methods if m != "dense" for s in sparsities if (m, s) in g]
-    return [(k, g[k]) for k in order]
+# ----------------------------------------------------------------------------- the page
+
+
+def _order(key: tuple, result: dict):
+    """(method, s) rows: dense first, then families and s in flag order."""
+    method, s = key
+    return method != "dense", rank(result["methods"], method), rank(result["sparsities"], s)
 
 
 def _shape(r: dict) -> str:
@@ -247,27 +243,94 @@ def _shape(r: dict) -> str:
     return "—"
 
 
-def _diff_rows(runs: list[dict], methods: list[str], sparsities: list[float]):
-    by = {(r["method"], r["sparsity"], r["seed"]): r["eval_accuracy"] for r in runs}
-    fams = [m for m in methods if m != "dense"]
-    if "dense" not in methods or not fams:
-        return None
-    seeds = sorted({r["seed"] for r in runs})
-    rows = []
-    for s in sparsities:
-        cells = [f"{s:g}"]
-        for f in fams:
-            d = [by[(f, s, k)] - by[("dense", None, k)] for k in seeds
-                 if (f, s, k) in by and ("dense", None, k) in by]
-            cells.append(pm(d, 100) if d else "—")
-        rows.append(cells)
-    return tables.md_table(["s", *(f"{LABEL[f]} − dense" for f in fams)], rows)
+TABLE = tables.Table(
+    title="Sparse-IFT families vs dense on the digits MLP, at equal FLOPs",
+    context=lambda result: {"hidden": tuple(result["config"]["hidden"]),
+                            "n_hidden": len(result["config"]["hidden"]),
+                            "flops_tolerance": FLOPS_TOLERANCE},
+    setup=[
+        "Config: `{cfg[config]}:<family>,<s>` (`dense` for the baseline) with "
+        "`config.model.hidden = {hidden}`; `config.seed` and (RigL) `config.method.seed` "
+        "both set to the seed (seeds {seeds}).",
+        "Model: {cfg[model]} on scikit-learn digits (8×8, 1,437 train / {eval_size} eval "
+        "examples, fixed split). The quickstart MLP has two hidden layers; this table uses "
+        "{n_hidden}, so that with the default `config.ift.layers` (every Linear but the stem "
+        "and the head) **two layers, `layers/1` and `layers/2`, are transformed, while the "
+        "stem `layers/0` and the `head` stay dense** (in Sparse Wide they are widened but "
+        "stay dense).",
+        "Training: {cfg[num_steps]} steps, batch {cfg[batch_size]}, {cfg[optimizer]}.",
+        "Sparsity: RigL (`config.ift` sets it), uniform distribution; the Sparse-IFT rules "
+        "give every sparse kernel exactly s (Wide: the solved s′); masks initialised "
+        "`{cfg[mask_init]}`, updated every ΔT = {cfg[update_every]} steps, drop fraction "
+        "{cfg[drop_fraction]} annealed ({cfg[drop_fraction_anneal]}) to 0 at step "
+        "{cfg[end_step]} ({cfg[end_fraction]} × steps). Biases, norms, the dense low-rank "
+        "path of Doped, the stem and the head are never sparse.",
+        "Families (`sparsejax.ift`, per transformed 256 → 256 layer): Wide multiplies every "
+        "hidden width by √(1/(1−s)) and solves the sparsity s′ of the widened layers so the "
+        "model's FLOPs equal dense (stem and head stay dense and grow with the width); "
+        "Parallel sums B = round(1/(1−s)) sparse branches, each followed by a LayerNorm; "
+        "Factorized is V·σ(U·x) with d_sf = ⌈d_in·d_out / ((1−s)(d_in + d_out))⌉ and σ = "
+        "LayerNorm + ReLU, U and V sparse; Doped is W_sparse·x + V(U·x) with a dense rank "
+        "r = ⌊s·d_in·d_out / (d_in + d_out)⌋.",
+        "FLOPs (`sparsejax.ift.measured_flops`): each run's model is rebuilt as the trainer "
+        "builds it (`sparsejax.train.build`: `sparse_ift_plan` → `build_model` → "
+        "`ift.transform`, parameter shapes "
+        "checked against the trained state) and its traced forward pass is priced with "
+        "every sparse kernel at density 1 − s. Dense inference is {dense_flops:,} FLOPs per "
+        "example (2 per multiply-add, kernels only; biases, norms and activations are not "
+        "counted, which slightly flatters Parallel and Factorized, whose LayerNorms are "
+        "extra elementwise work). The count redone from each run's final RigL masks agrees, "
+        "and every run was checked to be within {flops_tolerance:.0%} of dense by both "
+        "counts (the script stops otherwise). These are theoretical counts: masked dense "
+        "matrices are multiplied, so wall time grows with the transformed model's dense "
+        "size.",
+        "Parameters: all trainable parameters of the transformed model (biases and norm "
+        "scales included), and those left after the RigL masks (pruned kernel entries "
+        "removed).",
+        "Train loss is the loop's mean over the last logging window (the final 50 steps), "
+        "on masked weights. Accuracy and loss are on the eval split after the last step. "
+        "Each cell is mean ± sample std (ddof = 1) over {n_seeds} seed(s); one eval example "
+        "is 0.28 accuracy points.",
+        "Wall time is the whole `train_and_evaluate` call (compile, eval, orbax checkpoints "
+        "included) on a shared 2-core machine, so it is noisy.",
+    ],
+    group_by=("method", "sparsity"),
+    order=_order,
+    columns=[
+        Column("method", level(0, labels=LABEL)),
+        Column("s", level(1, "{:g}")),
+        Column("shape", lambda key, rs: _shape(rs[0])),
+        Column("eval accuracy (%)", pm_of("eval_accuracy", 100)),
+        Column("FLOPs / dense", mean_of("flops_rel", ".4f")),
+        Column("eval loss", pm_of("eval_loss", 1, 3)),
+        Column("train loss", pm_of("train_loss", 1, 1, "e")),
+        Column("params", first_of("params", ",")),
+        Column("nonzero params", first_of("nonzero_params", ",")),
+        Column("wall time (s)", pm_of("wall_time_s", 1, 1)),
+    ],
+    sections=[
+        tables.text("FLOPs / dense is measured per run (identical across seeds); \"shape\" "
+                    "is the family's knob per transformed layer (Wide: width multiplier, "
+                    "resulting hidden width and solved sparsity s′ of `layers/1` and "
+                    "`layers/2`)."),
+        tables.paired("Paired accuracy differences to dense (same seed: same data order; "
+                      "the models, hence their initialisations, differ), in points, mean ± "
+                      "sample std over seeds:", ("method", "sparsity"), "s", "sparsities",
+                      lambda result: [(f, "dense") for f in result["methods"] if f != "dense"],
+                      LABEL, "{:g}"),
+        tables.image("Eval accuracy and loss against s, by family",
+                     "`{png}`: eval accuracy and loss against s, mean ± sample std over seeds "
+                     "(points offset slightly in s for legibility); black line and band: "
+                     "dense."),
+    ],
+    reading="3–5",
+)
 
 
 def plot(result: dict, path: Path) -> None:
     """Eval accuracy (left) and eval loss (right) against s, one line per family with
     sample-std error bars, dense as a line with a ±std band."""
-    import matplotlib
+    import matplotlib  # optional (the notebooks extra): only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -309,99 +372,15 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(result: dict, reading: str | None) -> str:
-    runs, cfg, f = result["runs"], result["config"], result["flops"]
-    seeds, sparsities = result["seeds"], result["sparsities"]
-    methods = result["methods"]
-    hidden = cfg["hidden"]
-    lines = tables.header("Sparse-IFT families vs dense on the digits MLP, at equal FLOPs",
-                          result) + [
-        "## Setup",
-        "",
-        f"- Config: `{cfg['config']}:<family>,<s>` (`dense` for the baseline) with "
-        f"`config.model.hidden = {tuple(hidden)}`; `config.seed` and `config.sparsity.seed` "
-        f"both set to the seed (seeds {', '.join(map(str, seeds))}).",
-        f"- Model: {cfg['model']} on scikit-learn digits (8×8, 1,437 train / "
-        f"{cfg['data'].get('eval_size', 360)} eval examples, fixed split). The quickstart "
-        f"MLP has two hidden layers; this table uses {len(hidden)}, so that with the default "
-        "`config.ift.rules` (every Linear but the stem and the head) **two layers, "
-        "`layers/1` and `layers/2`, are transformed, while the stem `layers/0` and the "
-        "`head` stay dense** (in Sparse Wide they are widened but stay dense).",
-        f"- Training: {cfg['num_steps']} steps, batch {cfg['batch_size']}, {cfg['optimizer']}.",
-        f"- Sparsity: RigL (`config.ift` sets it), uniform distribution; the Sparse-IFT "
-        "rules give every sparse kernel exactly s (Wide: the solved s′); masks initialised "
-        f"`{cfg['mask_init']}`, updated every ΔT = {cfg['update_every']} steps, drop "
-        f"fraction {cfg['drop_fraction']} annealed ({cfg['drop_fraction_anneal']}) to 0 at "
-        f"step {cfg['end_step']} ({cfg['end_fraction']} × steps). Biases, norms, the dense "
-        "low-rank path of Doped, the stem and the head are never sparse.",
-        "- Families (`sparsejax.ift`, per transformed 256 → 256 layer): Wide multiplies every "
-        "hidden width by √(1/(1−s)) and solves the sparsity s′ of the widened layers so the "
-        "model's FLOPs equal dense (stem and head stay dense and grow with the width); "
-        "Parallel sums B = round(1/(1−s)) sparse branches, each followed by a LayerNorm; "
-        "Factorized is V·σ(U·x) with d_sf = ⌈d_in·d_out / ((1−s)(d_in + d_out))⌉ and σ = "
-        "LayerNorm + ReLU, U and V sparse; Doped is W_sparse·x + V(U·x) with a dense rank "
-        "r = ⌊s·d_in·d_out / (d_in + d_out)⌋.",
-        f"- FLOPs (`sparsejax.ift.measured_flops`): each run's model is rebuilt as the "
-        "trainer builds it (`sparse_ift_plan` → `build_model` → `ift.transform`, parameter "
-        "shapes checked against the trained state) and its traced forward pass is priced "
-        "with every sparse kernel at density 1 − s. Dense inference is "
-        f"{int(f['dense_total']):,} FLOPs per example (2 per multiply-add, kernels only; "
-        "biases, norms and activations are not counted, which slightly flatters Parallel "
-        "and Factorized, whose LayerNorms are extra elementwise work). The count redone "
-        "from each run's final RigL masks agrees, and every run was checked to be within "
-        f"{FLOPS_TOLERANCE:.0%} of dense by both counts (the script stops otherwise). "
-        "These are theoretical counts: masked dense matrices are multiplied, so wall time "
-        "grows with the transformed model's dense size.",
-        "- Parameters: all trainable parameters of the transformed model (biases and norm "
-        "scales included), and those left after the RigL masks (pruned kernel entries "
-        "removed).",
-        "- Train loss is the loop's mean over the last logging window (the final 50 steps), "
-        "on masked weights. Accuracy and loss are on the eval split after the last step. "
-        f"Each cell is mean ± sample std (ddof = 1) over {len(seeds)} seed(s); one eval "
-        "example is 0.28 accuracy points.",
-        "- Wall time is the whole `train_and_evaluate` call (compile, eval, orbax "
-        "checkpoints included) on a shared 2-core machine, so it is noisy.",
-        "", "## Results", "",
-    ]
-    head = ["method", "s", "shape", "eval accuracy (%)", "FLOPs / dense", "eval loss",
-            "train loss", "params", "nonzero params", "wall time (s)"]
-    rows = []
-    for (method, s), rs in _ordered(runs, methods, sparsities):
-        rows.append([
-            LABEL[method], "—" if s is None else f"{s:g}", _shape(rs[0]),
-            pm([r["eval_accuracy"] for r in rs], 100),
-            f"{statistics.fmean(r['flops_rel'] for r in rs):.4f}",
-            pm([r["eval_loss"] for r in rs], 1, 3),
-            pm([r["train_loss"] for r in rs], 1, 1, "e"),
-            f"{rs[0]['params']:,}", f"{rs[0]['nonzero_params']:,}",
-            pm([r["wall_time_s"] for r in rs], 1, 1)])
-    lines += tables.md_table(head, rows)
-    lines += ["", "FLOPs / dense is measured per run (identical across seeds); "
-              "\"shape\" is the family's knob per transformed layer (Wide: width multiplier, "
-              "resulting hidden width and solved sparsity s′ of `layers/1` and `layers/2`)."]
-    diff = _diff_rows(runs, methods, sparsities)
-    if diff:
-        lines += ["", "Paired accuracy differences to dense (same seed: same data order; "
-                  "the models, hence their initialisations, differ), in points, mean ± sample "
-                  "std over seeds:", "", *diff]
-    png = result.get("plot")
-    if png:
-        rel = Path(png).name if Path(png).parent == Path(result["out_md"]).parent else png
-        lines += ["", f"![Eval accuracy and loss against s, by family]({rel})", "",
-                  f"`{png}`: eval accuracy and loss against s, mean ± sample std over seeds "
-                  "(points offset slightly in s for legibility); black line and band: dense."]
-    lines += tables.reading_section(reading, "3–5")
-    return "\n".join(lines)
+SCRIPT = tables.Script("experiments.ift_table", TABLE, plot=plot)
 
 
-def main(argv):
-    tables.start(argv)
-    out_md, out_json, out_png = Path(FLAGS.out_md), Path(FLAGS.out_json), Path(FLAGS.out_png)
-    if FLAGS.render_only:
-        result = tables.render_only(out_md, out_json, markdown)
-        plot(result, out_png)
-        print(f"wrote {out_png}")
-        return
+# ----------------------------------------------------------------------------- the sweep
+
+
+def sweep(out: tables.Outputs) -> tables.Sweep:
+    """The plan of (method, s, seed) runs from the flags, checked for equal FLOPs before
+    any training, and the JSON."""
     methods = list(FLAGS.methods)
     sparsities = [float(s) for s in FLAGS.sparsities]
     seeds = [int(s) for s in FLAGS.seeds]
@@ -409,12 +388,6 @@ def main(argv):
     num_steps = FLAGS.num_steps
     if FLAGS.quick:
         seeds, sparsities, num_steps = seeds[:1], [0.75], num_steps or 100
-        if FLAGS["out_md"].using_default_value:
-            out_md = Path("runs/ift_digits_quick.md")
-        if FLAGS["out_json"].using_default_value:
-            out_json = Path("runs/ift_digits_quick.json")
-        if FLAGS["out_png"].using_default_value:
-            out_png = Path("runs/ift_digits_quick.png")
     unknown = set(methods) - {"dense", *FAMILIES}
     if unknown:
         raise app.UsageError(f"unknown methods {sorted(unknown)}; known: "
@@ -425,38 +398,41 @@ def main(argv):
     if len(hidden) < 3:
         logging.warning("with %d hidden layers only %d layer(s) are transformed", len(hidden),
                         max(len(hidden) - 1, 0))
-
     plan = [(m, None if m == "dense" else s, k)
             for m in methods for s in ([None] if m == "dense" else sparsities) for k in seeds]
     f_info = preflight(plan, num_steps, hidden)
-    runs, total_time = tables.run_plan(
+
+    def finish(runs: list[dict], total_time: float) -> dict:
+        keys = ("eval_accuracy", "eval_loss", "train_loss", "wall_time_s")
+        summary = []
+        order = lambda key: _order(key, {"methods": methods, "sparsities": sparsities})  # noqa
+        for (m, s), rs in group(runs, ("method", "sparsity"), order).items():
+            row = {"method": m, "sparsity": s, "n": len(rs), "shape": _shape(rs[0]),
+                   "flops_rel": rs[0]["flops_rel"], "params": rs[0]["params"],
+                   "nonzero_params": rs[0]["nonzero_params"]}
+            for k in keys:
+                row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r[k] for r in rs])
+            summary.append(row)
+        return {
+            "config": config_summary(num_steps, hidden),
+            "methods": methods, "sparsities": sparsities, "seeds": seeds,
+            "std": "sample (ddof=1)", "flops_tolerance": FLOPS_TOLERANCE,
+            "density_tolerance": DENSITY_TOLERANCE, "total_time_s": total_time,
+            "flops": f_info, "plot": str(out.png), "out_md": str(out.md),
+            "summary": summary, "runs": runs,
+        }
+
+    return tables.Sweep(
         plan, lambda m, s, k: run_one(m, s, k, num_steps, hidden, f_info["dense_total"]),
         lambda it: f"{it[0]:10s} s={'-' if it[1] is None else f'{it[1]:g}':4s} seed={it[2]}",
         lambda r: (f"acc={100 * r['eval_accuracy']:.2f} loss={r['eval_loss']:.4f} "
                    f"flops={r['flops_rel']:.4f}× nnz={r['nonzero_params']} "
-                   f"({r['wall_time_s']:.1f} s)"))
+                   f"({r['wall_time_s']:.1f} s)"),
+        finish)
 
-    keys = ("eval_accuracy", "eval_loss", "train_loss", "wall_time_s")
-    summary = []
-    for (m, s), rs in _ordered(runs, methods, sparsities):
-        row = {"method": m, "sparsity": s, "n": len(rs), "shape": _shape(rs[0]),
-               "flops_rel": rs[0]["flops_rel"], "params": rs[0]["params"],
-               "nonzero_params": rs[0]["nonzero_params"]}
-        for k in keys:
-            row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r[k] for r in rs])
-        summary.append(row)
-    result = {
-        "command": tables.command("experiments.ift_table"),
-        "machine": tables.machine(), "config": config_summary(num_steps, hidden),
-        "methods": methods, "sparsities": sparsities, "seeds": seeds,
-        "std": "sample (ddof=1)", "flops_tolerance": FLOPS_TOLERANCE,
-        "density_tolerance": DENSITY_TOLERANCE, "total_time_s": total_time,
-        "flops": f_info, "plot": str(out_png), "out_md": str(out_md),
-        "summary": summary, "runs": runs,
-    }
-    tables.write_outputs(result, out_md, out_json, markdown)
-    plot(tables.finite(result), out_png)
-    print(f"{len(runs)} runs in {total_time:.0f} s; wrote {out_md}, {out_json} and {out_png}")
+
+def main(argv):
+    tables.main(argv, SCRIPT, sweep)
 
 
 if __name__ == "__main__":

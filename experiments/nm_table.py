@@ -8,7 +8,7 @@
 Every (method, pattern, seed) trains ``configs/quickstart.py:<method>,<N:M>`` (the head
 stays dense by rule, so the pattern applies to the two hidden kernels, in groups of M
 along their input axis) in a temporary workdir that is deleted afterwards;
-``config.seed`` and ``config.sparsity.seed`` are both set to the seed, and
+``config.seed`` is set to the seed (N:M masks follow ``|w|``: no mask seed), and
 ``config.log_every`` to ``--log_every`` (10) for finer flip-rate curves. Dense runs once
 per seed. Knobs are the library's defaults (SR-STE λ = 2e-4, MDGF exponential decay
 with the straight-through backward, SDGF stepwise frames over the whole run, no dense
@@ -28,7 +28,9 @@ from ``sparsejax.flops``.
 Writes JSON with every per-seed number, a Markdown table (mean ± sample std, ddof = 1)
 and a plot of the flip-rate curves. The "Reading" section of the Markdown is prose
 written by a person, kept across reruns between the ``reading:begin``/``reading:end``
-markers. Shared pieces live in ``experiments/tables.py``.
+markers. The sweep runner and the Markdown renderer are shared with the other tables
+(``experiments/tables.py``); this file holds one run, the JSON fields, the plot and the
+page's ``TABLE`` spec.
 """
 
 from __future__ import annotations
@@ -37,14 +39,20 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags, logging
 
+from configs import quickstart
 from experiments import tables
-from experiments.tables import group, mean_std, pm
+from experiments.tables import Column, If, group, level, mean_of, mean_std, pm_of, rank
+from sparsejax import flops, nm
+from sparsejax.train.optim import make_schedule, make_transform
+from sparsejax.base import sparsity_states
+from sparsejax.paths import named_leaves
 
 flags.DEFINE_list("methods", ["dense", "nm_ste", "sr_ste", "mdgf", "sdgf"], "N:M methods")
 flags.DEFINE_list("patterns", ["2:4", "1:8", "1:16", "1:32"], "N:M patterns (not for dense)")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (config.seed and config.sparsity.seed)")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (config.seed; N:M masks follow |w| and take no seed)")
 flags.DEFINE_integer("num_steps", 0, "training steps (0: the config's, 1500)")
 flags.DEFINE_integer("log_every", 10, "logging interval of the curves (config.log_every)")
 flags.DEFINE_float("alpha_total", 6.0, "MDGF: α = alpha_total / sparse-phase steps, so "
@@ -71,13 +79,15 @@ def _nm(pattern: str) -> tuple[int, int]:
     return n, m
 
 
+def _frames(pattern: str) -> list[tuple[int, int]]:
+    return nm.stepwise_frames(*_nm(pattern))
+
+
 def frame_boundaries(pattern: str, sparse_steps: int) -> list[int]:
     """Optimizer counts at which SDGF (stepwise) switches frame: ``k · length``, length =
     sparse_steps // frames (as ``sparsejax.nm``). The flip of count c is logged at step c+1."""
-    from sparsejax import nm
-
-    frames = nm.stepwise_frames(*_nm(pattern))
-    length = max(sparse_steps // len(frames), 1)
+    frames = _frames(pattern)
+    length = nm.frame_length(sparse_steps, len(frames))
     return [k * length for k in range(1, len(frames))]
 
 
@@ -85,20 +95,16 @@ def _sig(x: float, digits: int = 6) -> float:
     return float(f"{x:.{digits}g}")
 
 
+# ----------------------------------------------------------------------------- one run
+
+
 def realised_density(config, state) -> dict:
     """Density of the forward kernels at the final state (what eval multiplies with), per
     N:M parameter, with a check that no group of M holds more than N nonzeros."""
-    import numpy as np
-
-    from sparsejax import nm
-    from sparsejax.train.optim import make_transform
-    from sparsejax.train.sharding import named_leaves
-
     tx = make_transform(config)
     fwd = dict(named_leaves(tx.forward(state.params, state.opt_state)))
-    pattern = config.sparsity.pattern
-    rules = [(r, pattern if spec == "sparse" else spec) for r, spec in config.sparsity.rules]
-    specs = nm.resolve_nm_rules(state.params, rules, config.sparsity.axis)
+    sp = config.method
+    specs = nm.resolve_nm_rules(state.params, sp.rules, sp.axis, pattern=sp.pattern)
     out, max_per_group = {}, {}
     for path, spec in specs.items():
         w = np.asarray(fwd[path])
@@ -115,25 +121,21 @@ def realised_density(config, state) -> dict:
 def run_one(method: str, pattern: str | None, seed: int, num_steps: int, log_every: int,
             alpha_total: float) -> dict:
     """Trains one config in a temporary workdir; returns its numbers and curves."""
-    from configs import quickstart
-
     config = quickstart.get_config(method if method == "dense" else f"{method},{pattern}")
-    config.seed = seed
-    config.sparsity.seed = seed
+    config.seed = seed  # N:M masks follow |w|: no mask seed
     if num_steps:
         config.num_steps = num_steps
     config.log_every = log_every
     steps = config.num_steps
-    sp = config.sparsity
-    sparse_steps = max(steps - sp.dense_steps - sp.finetune_steps, 1)
+    sp = config.method
+    sparse_steps = sp.get("sparse_steps", steps)
     if method == "mdgf":
         sp.alpha = alpha_total / sparse_steps
     final, flips = {}, []
 
     def record_flip(step, state):
-        d = getattr(state.opt_state, "diagnostics", None)
-        if d is not None:
-            flips.append(float(d["flip_rate"]))
+        for _, s in sparsity_states(state.opt_state):
+            flips.append(float(s.diagnostics["flip_rate"]))
 
     summary, rows = tables.run_config(
         config, hooks=[tables.final_state_hook(steps, final), record_flip],
@@ -160,8 +162,6 @@ def run_one(method: str, pattern: str | None, seed: int, num_steps: int, log_eve
                    beta_last_train_step=math.exp(-sp.alpha * (sparse_steps - 1)))
     boundaries = []
     if method == "sdgf":
-        from sparsejax import nm
-
         out["frames"] = [f"{a}:{b}" for a, b in nm.stepwise_frames(n, m)]
         boundaries = [c for c in frame_boundaries(pattern, sparse_steps) if c < len(flips)]
         out["frame_boundary_flips"] = [{"step": c + 1, "flip_rate": flips[c]}
@@ -196,16 +196,12 @@ def run_one(method: str, pattern: str | None, seed: int, num_steps: int, log_eve
 
 
 def _kernel_sizes(params, paths) -> dict[str, int]:
-    from sparsejax.train.sharding import named_leaves
-
     leaves = dict(named_leaves(params))
     return {p: int(leaves[p].size) for p in paths}
 
 
 def add_flops(runs: list[dict], f_dense: dict) -> None:
     """Inference FLOPs relative to dense, from each run's realised layer densities."""
-    from sparsejax import flops
-
     fd = flops.total(f_dense)
     for r in runs:
         fs = flops.total(flops.sparse_flops(f_dense, r["layer_density"]))
@@ -213,12 +209,10 @@ def add_flops(runs: list[dict], f_dense: dict) -> None:
 
 
 def config_summary(num_steps: int, alpha_total: float) -> dict:
-    from configs import quickstart
-
     c = quickstart.get_config("mdgf,1:8")
-    steps = num_steps or c.num_steps
-    o, s = c.optimizer, c.sparsity
-    sparse_steps = max(steps - s.dense_steps - s.finetune_steps, 1)
+    c.num_steps = steps = num_steps or c.num_steps  # sparse_steps follows num_steps
+    o, s = c.optimizer, c.method
+    sparse_steps = s.sparse_steps
     widths = " → ".join(map(str, (64, *c.model.hidden, 10)))
     return {
         "config": CONFIG, "model": f"MLP {widths}, {c.model.activation}",
@@ -226,54 +220,175 @@ def config_summary(num_steps: int, alpha_total: float) -> dict:
         "optimizer": (f"{o.name} lr={o.learning_rate} wd={o.weight_decay} {o.schedule} "
                       f"schedule, {o.warmup_steps} warm-up steps"),
         "rules": [list(r) for r in s.rules], "axis": s.axis,
-        "sr_ste_lambda": s.sr_ste_lambda, "mdgf_decay": s.decay,
+        "sr_ste_lambda": quickstart.get_config("sr_ste").method.sr_ste_lambda,
+        "mdgf_decay": s.decay,
         "mdgf_backward": s.backward, "mdgf_alpha": alpha_total / sparse_steps,
         "mdgf_alpha_total": alpha_total, "mdgf_alpha_paper": s.alpha,
-        "sdgf_schedule": s.schedule, "dense_steps": s.dense_steps,
+        "sdgf_schedule": quickstart.get_config("sdgf").method.schedule,
+        "dense_steps": s.dense_steps,
         "finetune_steps": s.finetune_steps, "sparse_steps": sparse_steps,
     }
 
 
-def _ordered(runs: list[dict], patterns: list[str]) -> list[tuple[tuple, list[dict]]]:
-    """(method, pattern) groups: dense first, then by pattern, methods in flag order."""
-    g = group(runs, ("method", "pattern"))
-    order = [k for k in g if k[0] == "dense"]
-    order += [k for p in patterns for k in g if k[1] == p]
-    return [(k, g[k]) for k in order]
+# ----------------------------------------------------------------------------- the page
 
 
-def _flip(xs: list[float]) -> str:
-    """Flip rates in units of 10⁻⁴ per step."""
-    return pm(xs, 1e4, 2)
+def _order(key: tuple, result: dict):
+    """(method, pattern) rows: dense first, then by pattern, methods in run order."""
+    method, pattern = key
+    return method != "dense", rank(result["patterns"], pattern)
 
 
-def _diff_rows(runs: list[dict], patterns: list[str]) -> tuple[list[str], list[list[str]]]:
-    by = {(r["method"], r["pattern"], r["seed"]): r["eval_accuracy"] for r in runs}
-    methods = {r["method"] for r in runs}
-    pairs = [("nm_ste", "dense"), ("sr_ste", "nm_ste"), ("mdgf", "nm_ste"), ("sdgf", "nm_ste"),
-             ("mdgf", "sr_ste"), ("sdgf", "mdgf")]
-    pairs = [(a, b) for a, b in pairs if a in methods and b in methods]
-    seeds = sorted({r["seed"] for r in runs})
-    rows = []
-    for p in patterns:
-        cells = [p]
-        for a, b in pairs:
-            pa, pb = (None if x == "dense" else p for x in (a, b))
-            d = [by[(a, pa, k)] - by[(b, pb, k)] for k in seeds
-                 if (a, pa, k) in by and (b, pb, k) in by]
-            cells.append(pm(d, 100) if d else "—")
-        rows.append(cells)
-    return ["pattern", *(f"{LABEL[a]} − {LABEL[b]}" for a, b in pairs)], (rows if pairs else [])
+def _last_frame_lr(pattern: str, length: int, cfg: dict) -> tuple[int, float, float]:
+    """(step where SDGF's final frame starts, the learning rate there as a share of the
+    peak, the share of the run's learning-rate sum that the frame receives)."""
+    steps = cfg["num_steps"]
+    o = quickstart.get_config().optimizer
+    schedule = make_schedule(steps, o.learning_rate, o.schedule, o.warmup_steps)
+    lr = [float(schedule(c)) for c in range(steps)]
+    start = cfg["dense_steps"] + (len(_frames(pattern)) - 1) * length
+    return start + 1, lr[start] / max(lr), sum(lr[start:]) / sum(lr)
+
+
+def _context(result: dict) -> dict:
+    """The derived numbers of the setup notes: MDGF's β, SDGF's frames and last frame."""
+    cfg, patterns = result["config"], result["patterns"]
+    frames = {p: " → ".join(f"{a}:{b}" for a, b in _frames(p)) for p in patterns}
+    lengths = {p: nm.frame_length(cfg["sparse_steps"], len(_frames(p))) for p in patterns}
+    last = [_last_frame_lr(p, lengths[p], cfg) for p in patterns]
+    return {
+        "beta_end": math.exp(-cfg["mdgf_alpha_total"]),
+        "beta_paper": math.exp(-cfg["mdgf_alpha_paper"] * cfg["sparse_steps"]),
+        "beta_last": math.exp(-cfg["mdgf_alpha"] * (cfg["sparse_steps"] - 1)),
+        "sdgf_frames": "; ".join(f"{p}: {frames[p]} ({lengths[p]} steps each)"
+                                 for p in patterns),
+        "last_start": " / ".join(str(x[0]) for x in last),
+        "last_patterns": " / ".join(patterns),
+        "last_lr": " / ".join(f"{x[1]:.0%}" for x in last),
+        "last_share": " / ".join(f"{x[2]:.1%}" for x in last),
+        "train_loss_steps": TRAIN_LOSS_STEPS,
+    }
+
+
+def _sdgf_boundaries(result: dict, ctx: dict) -> list[str]:
+    """SDGF's frame-boundary flip rates, one bullet per pattern."""
+    sd = [r for r in result["runs"] if r["method"] == "sdgf"]
+    if not sd:
+        return []
+    lines = ["", "SDGF frame-boundary flips (fraction of entries that flip at the step the "
+             "pattern tightens, mean over seeds; left out of the means above):", ""]
+    for p in result["patterns"]:
+        rs = [r for r in sd if r["pattern"] == p]
+        if not rs:
+            continue
+        cells = []
+        for i, b in enumerate(rs[0]["frame_boundary_flips"]):
+            f = statistics.fmean(r["frame_boundary_flips"][i]["flip_rate"] for r in rs)
+            cells.append(f"step {b['step']} ({rs[0]['frames'][i]} → "
+                         f"{rs[0]['frames'][i + 1]}): {f:.4f}")
+        lines.append(f"- {p}: " + "; ".join(cells) + ".")
+    return lines
+
+
+TABLE = tables.Table(
+    title="N:M on the digits MLP: STE vs SR-STE vs MDGF vs SDGF",
+    context=_context,
+    setup=[
+        "Config: `{cfg[config]}:<method>,<N:M>` with its defaults; `config.seed` set to "
+        "the seed (seeds {seeds}; N:M masks follow |w| and take no seed); "
+        "`config.log_every = {cfg[log_every]}` for the curves.",
+        "Model: {cfg[model]} on scikit-learn digits (8×8, 1,437 train / {eval_size} eval "
+        "examples, fixed split).",
+        "Training: {cfg[num_steps]} steps, batch {cfg[batch_size]}, {cfg[optimizer]}.",
+        "N:M: rules {cfg[rules]}, so the pattern applies to the two hidden kernels "
+        "`layers/0/kernel` (64×256) and `layers/1/kernel` (256×256), in groups of M "
+        "consecutive inputs (axis {cfg[axis]}, the input axis); the head and the biases "
+        "stay dense. The mask is recomputed from |w| at every forward pass.",
+        "STE: forward w⊙m, backward g. SR-STE: backward g + λ_w(1−m)⊙w with "
+        "λ_w = {cfg[sr_ste_lambda]:g} (the paper's value).",
+        "MDGF-exp: forward w⊙(m + (1−m)β(t)), β(t) = exp(−αt), straight-through backward "
+        "(`backward = '{cfg[mdgf_backward]}'`) as in the authors' code, "
+        "**α = {cfg[mdgf_alpha]:.3g}** = {cfg[mdgf_alpha_total]:g} / {cfg[sparse_steps]} "
+        "steps, so β falls to e^−{cfg[mdgf_alpha_total]:g} = {beta_end:.4f} by the end. The "
+        "paper's α = {cfg[mdgf_alpha_paper]:g} is sized for runs of tens of thousands of "
+        "steps; over {cfg[sparse_steps]} steps it would leave β = {beta_paper:.2f} at the "
+        "end, so the pruned weights would still carry {beta_paper:.0%} of their value at "
+        "the last training step and the switch to the binary mask would happen only at "
+        "eval. Scaling α to the run keeps the paper's shape (β decays from 1 to ≈ 0 over "
+        "the sparse phase).",
+        "SDGF-stepwise: the run is split into equal frames and the pattern tightens at each "
+        "boundary: {sdgf_frames}. The final N:M frame starts at step {last_start} "
+        "({last_patterns}), where the cosine learning rate is {last_lr} of its peak, and "
+        "receives {last_share} of the run's learning-rate sum.",
+        "Phases: no dense warm-up and no binary fine-tune (`dense_steps = "
+        "{cfg[dense_steps]}`, `finetune_steps = {cfg[finetune_steps]}`, the library's "
+        "defaults), so every method gets the same budget of sparse-phase steps and the "
+        "same schedule. The cost of that choice: the methods whose final pattern arrives "
+        "late (SDGF, and MDGF as β → 0) have little learning rate left to fit it, which a "
+        "binary fine-tune phase would give them. Eval after the last step uses the binary "
+        "N:M mask for every method (MDGF's β is 0 once the sparse phase is over).",
+        "Density: nonzeros of the forward kernels at the final state (what eval multiplies "
+        "with), measured, and checked to be exactly N/M with no group of M holding more "
+        "than N nonzeros.",
+        "Flip rate: the fraction of N:M-kernel mask entries whose kept/pruned status changes "
+        "between consecutive optimizer steps (`flip_rate` of `sparsejax.nm`), read every "
+        "step, in units of 10⁻⁴ per step; mean over the run and over its last 25 % of "
+        "steps. For MDGF it is the top-N mask that β decays. SDGF's frame-boundary steps, "
+        "where the pattern tightens by design and a fixed share of the entries flips, are "
+        "left out of its means (listed below) and show as spikes in the plot.",
+        "Train loss: mean over the final {train_loss_steps} steps, on the forward weights "
+        "(for MDGF these still carry β = {beta_last:.4f} of the pruned weights at the last "
+        "step).",
+        "Accuracy and loss are on the eval split after the last step. Each cell is mean ± "
+        "sample std (ddof = 1) over {n_seeds} seed(s); one eval example is 0.28 accuracy "
+        "points.",
+        If("has_flops",
+           "Inference FLOPs (`sparsejax.flops`): dense is {dense_flops:,} per example (2 per "
+           "multiply-add, kernels only); sparse = Σ layer FLOPs × realised layer density, "
+           "head dense. These are theoretical counts: this implementation multiplies masked "
+           "dense matrices. Training FLOPs are not given: MDGF's forward stays dense while "
+           "β > 0 (the whole sparse phase) and every method here computes the dense weight "
+           "gradient."),
+        "Wall time is the whole `train_and_evaluate` call (compile, eval, orbax checkpoints, "
+        "the per-step flip-rate read included) on a shared 2-core machine with other jobs "
+        "running, so it is noisy.",
+    ],
+    group_by=("method", "pattern"),
+    order=_order,
+    columns=[
+        Column("method", level(0, labels=LABEL)),
+        Column("N:M", level(1)),
+        Column("density", mean_of("density", ".4f")),
+        Column("rel. inference FLOPs", mean_of("inference_flops_rel", ".3f"), "has_flops"),
+        Column("eval accuracy (%)", pm_of("eval_accuracy", 100)),
+        Column("eval loss", pm_of("eval_loss", 1, 3)),
+        Column("train loss", pm_of("train_loss", 1, 4)),
+        Column("flip rate ×10⁻⁴ (run)", pm_of("flip_rate_mean", 1e4)),  # dense: "—"
+        Column("flip rate ×10⁻⁴ (last 25 %)", pm_of("flip_rate_last25", 1e4)),
+        Column("wall time (s)", pm_of("wall_time_s", 1, 1)),
+    ],
+    sections=[
+        tables.paired("Paired accuracy differences (same seed: same init and data order), "
+                      "in points, mean ± sample std over seeds:",
+                      ("method", "pattern"), "pattern", "patterns",
+                      [("nm_ste", "dense"), ("sr_ste", "nm_ste"), ("mdgf", "nm_ste"),
+                       ("sdgf", "nm_ste"), ("mdgf", "sr_ste"), ("sdgf", "mdgf")], LABEL),
+        _sdgf_boundaries,
+        tables.image("Mask flip rate per logging window, by pattern and method",
+                     "`{png}`: flip rate per {cfg[log_every]}-step window, mean over seeds, "
+                     "log scale (windows with no flips are not drawn)."),
+    ],
+    reading="4–6",
+)
 
 
 def plot(result: dict, path: Path) -> None:
     """One subplot per pattern, one line per method: the flip rate per logging window,
     mean over seeds, log y."""
-    import matplotlib
+    import matplotlib  # optional (the notebooks extra): only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     patterns = result["patterns"]
     methods = [m for m in result["methods"] if m != "dense"]
@@ -314,175 +429,20 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(result: dict, reading: str | None) -> str:
-    runs, cfg = result["runs"], result["config"]
-    seeds, patterns = result["seeds"], result["patterns"]
-    has_flops = result["flops"] is not None
-    steps = cfg["num_steps"]
-    alpha = cfg["mdgf_alpha"]
-    beta_paper = math.exp(-cfg["mdgf_alpha_paper"] * cfg["sparse_steps"])
-    beta_last = math.exp(-alpha * (cfg["sparse_steps"] - 1))
-    frames = {p: " → ".join(f"{a}:{b}" for a, b in _frames(p)) for p in patterns}
-    lengths = {p: max(cfg["sparse_steps"] // len(_frames(p)), 1) for p in patterns}
-    last = [_last_frame_lr(p, lengths[p], cfg) for p in patterns]
-    lines = tables.header("N:M on the digits MLP: STE vs SR-STE vs MDGF vs SDGF", result) + [
-        "## Setup",
-        "",
-        f"- Config: `{cfg['config']}:<method>,<N:M>` with its defaults; `config.seed` and "
-        f"`config.sparsity.seed` both set to the seed (seeds {', '.join(map(str, seeds))}); "
-        f"`config.log_every = {cfg['log_every']}` for the curves.",
-        f"- Model: {cfg['model']} on scikit-learn digits (8×8, 1,437 train / "
-        f"{cfg['data'].get('eval_size', 360)} eval examples, fixed split).",
-        f"- Training: {steps} steps, batch {cfg['batch_size']}, {cfg['optimizer']}.",
-        f"- N:M: rules {cfg['rules']}, so the pattern applies to the two hidden kernels "
-        "`layers/0/kernel` (64×256) and `layers/1/kernel` (256×256), in groups of M "
-        f"consecutive inputs (axis {cfg['axis']}, the input axis); the head and the biases "
-        "stay dense. The mask is recomputed from |w| at every forward pass.",
-        "- STE: forward w⊙m, backward g. SR-STE: backward g + λ_w(1−m)⊙w with "
-        f"λ_w = {cfg['sr_ste_lambda']:g} (the paper's value).",
-        f"- MDGF-exp: forward w⊙(m + (1−m)β(t)), β(t) = exp(−αt), straight-through "
-        f"backward (`backward = '{cfg['mdgf_backward']}'`) as in the authors' code, "
-        f"**α = {alpha:.3g}** = "
-        f"{cfg['mdgf_alpha_total']:g} / {cfg['sparse_steps']} steps, so β falls to "
-        f"e^−{cfg['mdgf_alpha_total']:g} = {math.exp(-cfg['mdgf_alpha_total']):.4f} by the "
-        f"end. The paper's α = {cfg['mdgf_alpha_paper']:g} is sized for runs of tens of "
-        f"thousands of steps; over {cfg['sparse_steps']} steps it would leave β = "
-        f"{beta_paper:.2f} at the end, so the pruned weights would still carry "
-        f"{beta_paper:.0%} of their value at the last training step and the switch to the "
-        "binary mask would happen only at eval. Scaling α to the run keeps the "
-        "paper's shape (β decays from 1 to ≈ 0 over the sparse phase).",
-        "- SDGF-stepwise: the run is split into equal frames and the pattern tightens at "
-        "each boundary: "
-        + "; ".join(f"{p}: {frames[p]} ({lengths[p]} steps each)" for p in patterns) + ". "
-        f"The final N:M frame starts at step {' / '.join(str(x[0]) for x in last)} "
-        f"({' / '.join(patterns)}), where the cosine learning rate is "
-        f"{' / '.join(f'{x[1]:.0%}' for x in last)} of its peak, and receives "
-        f"{' / '.join(f'{x[2]:.1%}' for x in last)} of the run's learning-rate sum.",
-        f"- Phases: no dense warm-up and no binary fine-tune (`dense_steps = "
-        f"{cfg['dense_steps']}`, `finetune_steps = {cfg['finetune_steps']}`, the "
-        "library's defaults), so every method gets the same budget of sparse-phase "
-        "steps and the same schedule. The cost of that choice: the methods whose final "
-        "pattern arrives late (SDGF, and MDGF as β → 0) have little learning rate left to "
-        "fit it, which a binary fine-tune phase would give them. Eval after the "
-        "last step uses the binary N:M mask for every method (MDGF's β is 0 once the "
-        "sparse phase is over).",
-        "- Density: nonzeros of the forward kernels at the final state (what eval "
-        "multiplies with), measured, and checked to be exactly N/M with no group of M "
-        "holding more than N nonzeros.",
-        "- Flip rate: the fraction of N:M-kernel mask entries whose kept/pruned status "
-        "changes between consecutive optimizer steps (`flip_rate` of `sparsejax.nm`), "
-        "read every step, in units of 10⁻⁴ per step; mean over the run and over its last "
-        "25 % of steps. For MDGF it is the top-N mask that β decays. SDGF's "
-        "frame-boundary steps, where the pattern tightens by design and a fixed share of "
-        "the entries flips, are left out of its means (listed below) and show as spikes "
-        "in the plot.",
-        f"- Train loss: mean over the final {TRAIN_LOSS_STEPS} steps, on the forward "
-        f"weights (for MDGF these still carry β = {beta_last:.4f} of the pruned weights at "
-        "the last step).",
-        "- Accuracy and loss are on the eval split after the last step. "
-        f"Each cell is mean ± sample std (ddof = 1) over {len(seeds)} seed(s); "
-        "one eval example is 0.28 accuracy points.",
-    ]
-    if has_flops:
-        lines.append(
-            f"- Inference FLOPs (`sparsejax.flops`): dense is "
-            f"{int(result['flops']['dense_total']):,} per example (2 per multiply-add, "
-            "kernels only); sparse = Σ layer FLOPs × realised layer density, head dense. "
-            "These are theoretical counts: this implementation multiplies masked dense "
-            "matrices. Training FLOPs are not given: MDGF's forward stays dense while "
-            "β > 0 (the whole sparse phase) and every method here computes the dense "
-            "weight gradient.")
-    lines.append("- Wall time is the whole `train_and_evaluate` call (compile, eval, orbax "
-                 "checkpoints, the per-step flip-rate read included) on a shared 2-core machine "
-                 "with other jobs running, so it is noisy.")
-    lines += ["", "## Results", ""]
-    head = ["method", "N:M", "density", "rel. inference FLOPs", "eval accuracy (%)",
-            "eval loss", "train loss", "flip rate ×10⁻⁴ (run)",
-            "flip rate ×10⁻⁴ (last 25 %)",
-            "wall time (s)"]
-    if not has_flops:
-        head.remove("rel. inference FLOPs")
-    rows = []
-    for (method, p), rs in _ordered(runs, patterns):
-        nm_run = method != "dense"
-        row = [LABEL[method], p or "—", f"{statistics.fmean(r['density'] for r in rs):.4f}"]
-        if has_flops:
-            row.append(f"{statistics.fmean(r['inference_flops_rel'] for r in rs):.3f}")
-        row += [pm([r["eval_accuracy"] for r in rs], 100),
-                pm([r["eval_loss"] for r in rs], 1, 3),
-                pm([r["train_loss"] for r in rs], 1, 4),
-                _flip([r["flip_rate_mean"] for r in rs]) if nm_run else "—",
-                _flip([r["flip_rate_last25"] for r in rs]) if nm_run else "—",
-                pm([r["wall_time_s"] for r in rs], 1, 1)]
-        rows.append(row)
-    lines += tables.md_table(head, rows)
-    head, rows = _diff_rows(runs, patterns)
-    if rows:
-        lines += ["", "Paired accuracy differences (same seed: same init and data order), "
-                  "in points, mean ± sample std over seeds:", "", *tables.md_table(head, rows)]
-    sd = [r for r in runs if r["method"] == "sdgf"]
-    if sd:
-        lines += ["", "SDGF frame-boundary flips (fraction of entries that flip at the step "
-                  "the pattern tightens, mean over seeds; left out of the means above):", ""]
-        for p in patterns:
-            rs = [r for r in sd if r["pattern"] == p]
-            if not rs:
-                continue
-            cells = []
-            for i, b in enumerate(rs[0]["frame_boundary_flips"]):
-                f = statistics.fmean(r["frame_boundary_flips"][i]["flip_rate"] for r in rs)
-                cells.append(f"step {b['step']} ({rs[0]['frames'][i]} → "
-                             f"{rs[0]['frames'][i + 1]}): {f:.4f}")
-            lines.append(f"- {p}: " + "; ".join(cells) + ".")
-    png = result.get("plot")
-    if png:
-        rel = Path(png).name if Path(png).parent == Path(result["out_md"]).parent else png
-        lines += ["", f"![Mask flip rate per logging window, by pattern and method]({rel})",
-                  "", f"`{png}`: flip rate per {cfg['log_every']}-step window, mean over "
-                  "seeds, log scale (windows with no flips are not drawn)."]
-    lines += tables.reading_section(reading, "4–6")
-    return "\n".join(lines)
+SCRIPT = tables.Script("experiments.nm_table", TABLE, plot=plot, compact_number_lists=True)
 
 
-def _last_frame_lr(pattern: str, length: int, cfg: dict) -> tuple[int, float, float]:
-    """(step where SDGF's final frame starts, the learning rate there as a share of the
-    peak, the share of the run's learning-rate sum that the frame receives)."""
-    from configs import quickstart
-    from sparsejax.train.optim import make_schedule
-
-    steps = cfg["num_steps"]
-    schedule = make_schedule(quickstart.get_config().optimizer, steps)
-    lr = [float(schedule(c)) for c in range(steps)]
-    start = cfg["dense_steps"] + (len(_frames(pattern)) - 1) * length
-    return start + 1, lr[start] / max(lr), sum(lr[start:]) / sum(lr)
+# ----------------------------------------------------------------------------- the sweep
 
 
-def _frames(pattern: str) -> list[tuple[int, int]]:
-    from sparsejax import nm
-
-    return nm.stepwise_frames(*_nm(pattern))
-
-
-def main(argv):
-    tables.start(argv)
-    out_md, out_json, out_png = Path(FLAGS.out_md), Path(FLAGS.out_json), Path(FLAGS.out_png)
-    if FLAGS.render_only:
-        result = tables.render_only(out_md, out_json, markdown)
-        plot(result, out_png)
-        print(f"wrote {out_png}")
-        return
+def sweep(out: tables.Outputs) -> tables.Sweep:
+    """The plan of (method, pattern, seed) runs from the flags, and the JSON."""
     methods = list(FLAGS.methods)
     patterns = list(FLAGS.patterns)
     seeds = [int(s) for s in FLAGS.seeds]
     num_steps = FLAGS.num_steps
     if FLAGS.quick:
         seeds, patterns, num_steps = seeds[:1], ["1:8"], num_steps or 100
-        if FLAGS["out_md"].using_default_value:
-            out_md = Path("runs/nm_digits_quick.md")
-        if FLAGS["out_json"].using_default_value:
-            out_json = Path("runs/nm_digits_quick.json")
-        if FLAGS["out_png"].using_default_value:
-            out_png = Path("runs/nm_digits_quick_flip_rate.png")
     unknown = set(methods) - {"dense", *NM_METHODS}
     if unknown:
         raise app.UsageError(f"unknown methods {sorted(unknown)}; known: "
@@ -495,51 +455,52 @@ def main(argv):
             raise app.UsageError(f"bad N:M pattern {p!r}: {e}") from None
         if 64 % m:
             raise app.UsageError(f"pattern {p}: M={m} does not divide the 64 input features")
-
     plan = [(m, None if m == "dense" else p, k)
             for m in methods for p in ([None] if m == "dense" else patterns) for k in seeds]
-    runs, total_time = tables.run_plan(
+
+    def finish(runs: list[dict], total_time: float) -> dict:
+        cfg = config_summary(num_steps, FLAGS.alpha_total)
+        cfg["log_every"] = FLAGS.log_every
+        f_dense = tables.dense_flops(quickstart.get_config())
+        add_flops(runs, f_dense)
+        f_info = {"dense_per_layer": f_dense, "dense_total": flops.total(f_dense),
+                  "per": "one example (batch 1), inference"}
+        keys = ("eval_accuracy", "eval_loss", "train_loss", "wall_time_s", "flip_rate_mean",
+                "flip_rate_last25")
+        summary = []
+        order = lambda key: _order(key, {"patterns": patterns})  # noqa: E731
+        for (m, p), rs in group(runs, ("method", "pattern"), order).items():
+            row = {"method": m, "pattern": p, "n": len(rs), "density": rs[0]["density"],
+                   "inference_flops_rel": rs[0]["inference_flops_rel"]}
+            for k in keys:
+                if k in rs[0]:
+                    row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r[k] for r in rs])
+            if "flip_rate" in rs[0]["curves"]:
+                row["flip_rate_curve_mean"] = [
+                    _sig(statistics.fmean(v))
+                    for v in zip(*(r["curves"]["flip_rate"] for r in rs))]
+            summary.append(row)
+        return {
+            "config": cfg, "methods": methods, "patterns": patterns, "seeds": seeds,
+            "std": "sample (ddof=1)",
+            "flip_rate_unit": "fraction of N:M-kernel mask entries changed per optimizer step",
+            "total_time_s": total_time, "flops": f_info, "plot": str(out.png),
+            "out_md": str(out.md), "summary": summary, "runs": runs,
+        }
+
+    return tables.Sweep(
         plan, lambda m, p, k: run_one(m, p, k, num_steps, FLAGS.log_every, FLAGS.alpha_total),
         lambda it: f"{it[0]:6s} {it[1] or '-':5s} seed={it[2]}",
         lambda r: (f"acc={100 * r['eval_accuracy']:.2f} loss={r['eval_loss']:.4f} "
                    f"density={r['density']:.4f} "
                    + (f"flip={r['flip_rate_mean']:.2e}/{r['flip_rate_last25']:.2e} "
                       if r["method"] != "dense" else "")
-                   + f"({r['wall_time_s']:.1f} s)"))
+                   + f"({r['wall_time_s']:.1f} s)"),
+        finish)
 
-    from configs import quickstart
-    from sparsejax import flops
 
-    cfg = config_summary(num_steps, FLAGS.alpha_total)
-    cfg["log_every"] = FLAGS.log_every
-    f_dense = tables.dense_flops(quickstart.get_config())
-    add_flops(runs, f_dense)
-    f_info = {"dense_per_layer": f_dense, "dense_total": flops.total(f_dense),
-              "per": "one example (batch 1), inference"}
-    keys = ("eval_accuracy", "eval_loss", "train_loss", "wall_time_s", "flip_rate_mean",
-            "flip_rate_last25")
-    summary = []
-    for (m, p), rs in _ordered(runs, patterns):
-        row = {"method": m, "pattern": p, "n": len(rs), "density": rs[0]["density"],
-               "inference_flops_rel": rs[0]["inference_flops_rel"]}
-        for k in keys:
-            if k in rs[0]:
-                row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r[k] for r in rs])
-        if "flip_rate" in rs[0]["curves"]:
-            row["flip_rate_curve_mean"] = [
-                _sig(statistics.fmean(v)) for v in zip(*(r["curves"]["flip_rate"] for r in rs))]
-        summary.append(row)
-    result = {
-        "command": tables.command("experiments.nm_table"),
-        "machine": tables.machine(), "config": cfg, "methods": methods,
-        "patterns": patterns, "seeds": seeds, "std": "sample (ddof=1)",
-        "flip_rate_unit": "fraction of N:M-kernel mask entries changed per optimizer step",
-        "total_time_s": total_time, "flops": f_info, "plot": str(out_png),
-        "out_md": str(out_md), "summary": summary, "runs": runs,
-    }
-    tables.write_outputs(result, out_md, out_json, markdown, compact_number_lists=True)
-    plot(tables.finite(result), out_png)
-    print(f"{len(runs)} runs in {total_time:.0f} s; wrote {out_md}, {out_json} and {out_png}")
+def main(argv):
+    tables.main(argv, SCRIPT, sweep)
 
 
 if __name__ == "__main__":

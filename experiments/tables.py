@@ -1,8 +1,21 @@
-"""Shared pieces of the results-table scripts (``experiments/dst_table.py``,
-``experiments/nm_table.py``).
+"""What the results-table scripts (``experiments/{dst,nm,ift,act}_table.py``) share.
 
-Each script trains a grid of ``configs/quickstart.py`` runs and writes a JSON file with
-every per-seed number plus a Markdown page. This module holds what they have in common:
+Each script trains a grid of runs and writes a JSON file with every per-seed number and a
+Markdown page rendered from that JSON. A script declares two things and calls ``main``:
+
+- a ``Table``: the Markdown page as data (title, setup notes, how runs are grouped into
+  rows, the columns and their formats, extra sections, the length of the Reading).
+  ``render`` is the one renderer: JSON payload + ``Table`` → Markdown.
+- a function of the output paths that returns a ``Sweep`` built from the script's flags:
+  the plan of runs, how to run one, how to describe it in the progress bar, and how the
+  finished runs become the JSON (``finish``).
+
+``main`` does the rest: ``--render_only`` (Markdown, and the plot where the script has
+one, from the existing JSON, no training); otherwise the ``--quick`` output paths, the
+tqdm bar over the plan (``run_plan``), the JSON (``command`` and ``machine`` first), the
+Markdown and the plot.
+
+Other pieces:
 
 - ``run_config``: one ``train_and_evaluate`` call in a temporary workdir (deleted
   afterwards), returning the summary and the ``metrics.jsonl`` rows;
@@ -14,7 +27,6 @@ every per-seed number plus a Markdown page. This module holds what they have in 
 - Markdown: ``header`` (title, command, machine line), ``md_table``, ``reading_section``
   and ``existing_reading``: the "Reading" is prose written by a person, kept between the
   ``reading:begin``/``reading:end`` markers across reruns.
-- ``run_plan`` (the tqdm loop over runs), ``write_outputs`` and ``render_only``.
 
 Example::
 
@@ -37,11 +49,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from tqdm.auto import tqdm
 
+from sparsejax import flops
+from sparsejax.train import build_model, train_and_evaluate
+from sparsejax.train.data import get_dataset
+from sparsejax.train.metrics import read_jsonl
+
+FLAGS = flags.FLAGS
 READING_BEGIN, READING_END = "<!-- reading:begin -->", "<!-- reading:end -->"
 
 
@@ -49,15 +74,7 @@ READING_BEGIN, READING_END = "<!-- reading:begin -->", "<!-- reading:end -->"
 
 
 def start(argv) -> None:
-    """The common start of a table script's ``main``: no stray arguments, quiet orbax.
-
-    Example::
-
-        def main(argv):
-            tables.start(argv)
-    """
-    from absl import app, logging
-
+    """The common start of a table script's ``main``: no stray arguments, quiet orbax."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -66,7 +83,6 @@ def start(argv) -> None:
 def final_state_hook(num_steps: int, into: dict) -> Callable:
     """A ``train_and_evaluate`` hook that stores the host copy of the state after the
     last step as ``into['state']`` (params, optimizer/sparsity state, step, rng)."""
-    import jax
 
     def hook(step, state):
         if step == num_steps:
@@ -81,9 +97,6 @@ def run_config(config, *, hooks: Sequence[Callable] = (), prefix: str = "table_"
 
     Returns the loop's summary and the rows of its ``metrics.jsonl`` (train and eval).
     """
-    from sparsejax.train import train_and_evaluate
-    from sparsejax.train.metrics import read_jsonl
-
     workdir = tempfile.mkdtemp(prefix=prefix)
     try:
         summary = train_and_evaluate(config, workdir, hooks=list(hooks), progress=False)
@@ -97,8 +110,6 @@ def run_plan(plan: Sequence[tuple], run: Callable[..., dict], describe: Callable
              report: Callable[[dict], str]) -> tuple[list[dict], float]:
     """Calls ``run(*item)`` for every item of ``plan`` under a tqdm bar, writing
     ``describe(item) + report(result)`` after each; returns the results and the wall time."""
-    from tqdm.auto import tqdm
-
     runs, t0 = [], time.time()
     bar = tqdm(plan, desc="runs", unit="run", dynamic_ncols=True)
     for item in bar:
@@ -110,17 +121,83 @@ def run_plan(plan: Sequence[tuple], run: Callable[..., dict], describe: Callable
 
 def dense_flops(config) -> dict:
     """Per-example inference FLOPs of the config's model, by parameter path."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from sparsejax import flops
-    from sparsejax.models import build_model
-    from sparsejax.train.data import get_dataset
-
     info = get_dataset(config.data).info
-    model = build_model(config.model, info, nnx.Rngs(params=0))
+    model = build_model(config.model_name, config.model, info, nnx.Rngs(params=0))
     x = jnp.ones((1, *info.input_shape), jnp.float32)
     return flops.model_flops(model, lambda m: m(x))
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a script writes: ``--out_md``, ``--out_json`` and ``--out_png`` (None for
+    scripts without a plot)."""
+    md: Path
+    json: Path
+    png: Path | None = None
+
+
+def outputs(quick: bool) -> Outputs:
+    """The output flags; with ``quick``, those left at their defaults go to
+    ``runs/<name>_quick…`` (``docs/results/nm_digits_flip_rate.png`` →
+    ``runs/nm_digits_quick_flip_rate.png``) instead of ``docs/``."""
+    stem = Path(FLAGS["out_json"].default).stem
+
+    def path(name: str) -> Path | None:
+        if name not in FLAGS:
+            return None
+        p = Path(FLAGS[name].value)
+        if quick and FLAGS[name].using_default_value:
+            p = Path("runs") / p.name.replace(stem, f"{stem}_quick", 1)
+        return p
+
+    return Outputs(path("out_md"), path("out_json"), path("out_png"))
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One table's runs, built from its flags: ``run(*item)`` for every ``item`` of
+    ``plan``; ``describe(item)`` and ``report(run)`` make the progress lines;
+    ``finish(runs, total_time_s)`` returns the JSON after ``command`` and ``machine``."""
+    plan: Sequence[tuple]
+    run: Callable[..., dict]
+    describe: Callable[[tuple], str]
+    report: Callable[[dict], str]
+    finish: Callable[[list[dict], float], dict]
+
+
+@dataclass(frozen=True)
+class Script:
+    """A table script: its module (for the command line in the JSON), its Markdown
+    ``Table``, its plot (``plot(result, path)``, or None) and whether its JSON puts every
+    list of plain numbers on one line (training curves)."""
+    module: str
+    table: Table
+    plot: Callable[[dict, Path], None] | None = None
+    compact_number_lists: bool = False
+
+
+def main(argv, script: Script, sweep: Callable[[Outputs], Sweep]) -> None:
+    """A table script's ``main``: ``--render_only``, or the sweep built by ``sweep`` from
+    the (``--quick``-adjusted) output paths, then the JSON, the Markdown and the plot."""
+    start(argv)
+    if FLAGS.render_only:
+        out = outputs(quick=False)
+        result = render_only(out.md, out.json, script.table)
+        if script.plot is not None:
+            script.plot(result, out.png)
+            print(f"wrote {out.png}")
+        return
+    out = outputs(FLAGS.quick)
+    s = sweep(out)
+    runs, total_time = run_plan(s.plan, s.run, s.describe, s.report)
+    result = {"command": command(script.module), "machine": machine(),
+              **s.finish(runs, total_time)}
+    write_outputs(result, out.md, out.json, script.table, script.compact_number_lists)
+    if script.plot is not None:
+        script.plot(finite(result), out.png)
+    paths = [str(p) for p in (out.md, out.json, out.png) if p is not None]
+    print(f"{len(runs)} runs in {total_time:.0f} s; wrote "
+          f"{', '.join(paths[:-1])} and {paths[-1]}")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -142,19 +219,28 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
 
 
-def pm(xs: Sequence[float], scale: float = 1.0, digits: int = 2, fmt: str = "f") -> str:
-    """``'mean ± std'`` of ``xs × scale`` (just the mean for one value)."""
+def pm(xs: Sequence[float], scale: float = 1.0, digits: int = 2, fmt: str = "f",
+       thousands: bool = False) -> str:
+    """``'mean ± std'`` of ``xs × scale`` (just the mean for one value); ``thousands``
+    adds thousands separators."""
     m, s = mean_std([x * scale for x in xs])
-    spec = f".{digits}{fmt}"
+    spec = f"{',' if thousands else ''}.{digits}{fmt}"
     return f"{m:{spec}}" if math.isnan(s) else f"{m:{spec}} ± {s:{spec}}"
 
 
-def group(runs: Iterable[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
-    """Runs grouped by the values of ``keys``, in first-seen order."""
+def group(runs: Iterable[dict], keys: Sequence[str],
+          order: Callable[[tuple], Any] | None = None) -> dict[tuple, list[dict]]:
+    """Runs grouped by the values of ``keys``, in first-seen order, or stably sorted by
+    ``order(key)``."""
     out: dict[tuple, list[dict]] = {}
     for r in runs:
         out.setdefault(tuple(r[k] for k in keys), []).append(r)
-    return out
+    return out if order is None else dict(sorted(out.items(), key=lambda kv: order(kv[0])))
+
+
+def rank(seq: Sequence, x) -> int:
+    """Position of ``x`` in ``seq`` (``len(seq)`` if absent): a sort key for ``order``."""
+    return seq.index(x) if x in seq else len(seq)
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -162,10 +248,6 @@ def group(runs: Iterable[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
 
 def machine() -> dict:
     """CPU, JAX backend and devices, library versions and the git commit."""
-    import flax
-    import jax
-    import optax
-
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -193,7 +275,173 @@ def command(module: str) -> str:
     return " ".join([f"python -m {module}", shlex.join(sys.argv[1:])]).rstrip()
 
 
+# ----------------------------------------------------------------------------- markdown spec
+
+Cell = Callable[[tuple, list[dict]], str]  # (group key, the group's runs) → cell text
+Section = Callable[[dict, dict], list[str]]  # (JSON payload, template context) → lines
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the results table: its header, its cell (see ``level``, ``pm_of``,
+    ``mean_of``, ``first_of``) and, optionally, the context flag it needs."""
+    head: str
+    cell: Cell
+    when: str | None = None
+
+
+@dataclass(frozen=True)
+class If:
+    """A setup note shown only when the context flag ``flag`` is true (else
+    ``otherwise``, if given)."""
+    flag: str
+    then: str
+    otherwise: str | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    """A results page as data; ``render`` turns it and the JSON into Markdown.
+
+    ``setup`` holds ``str.format`` templates (one bullet each, or an ``If``) filled from the
+    context: ``cfg`` (the JSON's ``config``), ``result`` (the whole JSON), ``seeds``
+    ("0, 1, 2"), ``n_seeds``, ``eval_size``, ``has_flops``, ``dense_flops`` (the integer
+    dense total) and what ``context(result)`` adds. The results table has one row per
+    ``group_by`` group (first-seen order, or sorted by ``order(key, result)``) and
+    ``columns``; ``sections`` follow it (``paired``, ``image``, ``text`` or any
+    function of ``(result, context)``), then the Reading (``reading``: its length in
+    sentences for the placeholder)."""
+    title: str
+    setup: Sequence[str | If]
+    group_by: tuple[str, ...]
+    columns: Sequence[Column]
+    sections: Sequence[Section] = ()
+    order: Callable[[tuple, dict], Any] | None = None
+    context: Callable[[dict], dict] | None = None
+    reading: str = "3–5"
+
+
+def level(i: int, fmt: str = "{}", labels: dict | None = None) -> Cell:
+    """Cell: the group key's ``i``-th value as ``fmt.format(label, value)`` ("—" for
+    None), ``label`` from ``labels`` (else the value)."""
+
+    def cell(key, runs):
+        v = key[i]
+        return "—" if v is None else fmt.format(labels.get(v, v) if labels else v, v)
+
+    return cell
+
+
+def pm_of(key: str, scale: float = 1.0, digits: int = 2, fmt: str = "f",
+          thousands: bool = False) -> Cell:
+    """Cell: ``pm`` of the runs' ``key`` ("—" if a run has no ``key``)."""
+
+    def cell(_, runs):
+        if any(key not in r for r in runs):
+            return "—"
+        return pm([r[key] for r in runs], scale, digits, fmt, thousands)
+
+    return cell
+
+
+def mean_of(key: str, spec: str) -> Cell:
+    """Cell: the mean of the runs' ``key``, formatted with ``spec``."""
+    return lambda _, runs: f"{statistics.fmean(r[key] for r in runs):{spec}}"
+
+
+def first_of(key: str, spec: str = "") -> Cell:
+    """Cell: the first run's ``key`` (identical across seeds), formatted with ``spec``."""
+    return lambda _, runs: f"{runs[0][key]:{spec}}"
+
+
+def text(template: str) -> Section:
+    """Section: one paragraph, a template filled from the context."""
+    return lambda result, ctx: ["", template.format_map(ctx)]
+
+
+def paired(intro: str, keys: tuple[str, str], head: str, levels: str,
+           pairs: Sequence[tuple[str, str]] | Callable[[dict], Sequence[tuple[str, str]]],
+           labels: dict | None = None, fmt: str = "{}") -> Section:
+    """Section: paired (same seed) differences of eval accuracy, in points, mean ± sample
+    std over seeds. ``keys`` = (method key, level key) of the runs (dense runs have level
+    None); one row per value of ``result[levels]`` (first cell ``fmt.format(level)``
+    under ``head``), one column per pair ``(a, b)`` (a − b) whose methods both ran;
+    nothing if no pair ran."""
+
+    def section(result, ctx):
+        runs = result["runs"]
+        by = {(r[keys[0]], r[keys[1]], r["seed"]): r["eval_accuracy"] for r in runs}
+        ran = {r[keys[0]] for r in runs}
+        ps = [(a, b) for a, b in (pairs(result) if callable(pairs) else pairs)
+              if a in ran and b in ran]
+        seeds = sorted({r["seed"] for r in runs})
+        rows = []
+        for lv in result[levels] if ps else ():
+            cells = [fmt.format(lv)]
+            for a, b in ps:
+                la, lb = (None if x == "dense" else lv for x in (a, b))
+                d = [by[(a, la, k)] - by[(b, lb, k)] for k in seeds
+                     if (a, la, k) in by and (b, lb, k) in by]
+                cells.append(pm(d, 100) if d else "—")
+            rows.append(cells)
+        if not rows:
+            return []
+        name = (lambda m: labels.get(m, m)) if labels else str
+        return ["", intro, "", *md_table([head, *(f"{name(a)} − {name(b)}" for a, b in ps)],
+                                         rows)]
+
+    return section
+
+
+def image(alt: str, caption: str) -> Section:
+    """Section: the JSON's ``plot`` (relative to the page when next to it) and a caption
+    template (``png`` is the plot's path)."""
+
+    def section(result, ctx):
+        png = result.get("plot")
+        if not png:
+            return []
+        rel = Path(png).name if Path(png).parent == Path(result["out_md"]).parent else png
+        return ["", f"![{alt}]({rel})", "", caption.format_map({**ctx, "png": png})]
+
+    return section
+
+
 # ----------------------------------------------------------------------------- markdown
+
+
+def context(result: dict, table: Table) -> dict:
+    """The values the ``table``'s templates are filled from (see ``Table``)."""
+    cfg, seeds, f = result["config"], result["seeds"], result.get("flops")
+    ctx = {"result": result, "cfg": cfg, "seeds": ", ".join(map(str, seeds)),
+           "n_seeds": len(seeds), "eval_size": cfg["data"].get("eval_size", 360),
+           "has_flops": f is not None,
+           "dense_flops": int(f["dense_total"]) if f is not None else None}
+    if table.context is not None:
+        ctx.update(table.context(result))
+    return ctx
+
+
+def render(result: dict, table: Table, reading: str | None) -> str:
+    """The Markdown page of ``result`` (the JSON payload) as ``table`` describes it, with
+    ``reading`` (or a placeholder) between the Reading markers."""
+    ctx = context(result, table)
+    lines = header(table.title, result) + ["## Setup", ""]
+    for note in table.setup:
+        if isinstance(note, If):
+            note = note.then if ctx[note.flag] else note.otherwise
+        if note is not None:
+            lines.append("- " + note.format_map(ctx))
+    lines += ["", "## Results", ""]
+    columns = [c for c in table.columns if c.when is None or ctx[c.when]]
+    order = None if table.order is None else (lambda key: table.order(key, result))
+    lines += md_table([c.head for c in columns],
+                      ([c.cell(key, rs) for c in columns]
+                       for key, rs in group(result["runs"], table.group_by, order).items()))
+    for section in table.sections:
+        lines += section(result, ctx)
+    lines += reading_section(reading, table.reading)
+    return "\n".join(lines)
 
 
 def header(title: str, result: dict) -> list[str]:
@@ -256,8 +504,7 @@ def dumps(result: dict, compact_number_lists: bool = False) -> str:
     return text + "\n"
 
 
-def write_outputs(result: dict, out_md: Path, out_json: Path,
-                  markdown: Callable[[dict, str | None], str],
+def write_outputs(result: dict, out_md: Path, out_json: Path, table: Table,
                   compact_number_lists: bool = False) -> None:
     """Writes strict JSON (NaN → null) and the Markdown, keeping the existing Reading of
     ``out_md`` with a warning to check it against the new numbers."""
@@ -269,13 +516,12 @@ def write_outputs(result: dict, out_md: Path, out_json: Path,
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(dumps(result, compact_number_lists))
-    out_md.write_text(markdown(result, reading))
+    out_md.write_text(render(result, table, reading))
 
 
-def render_only(out_md: Path, out_json: Path, markdown: Callable[[dict, str | None], str]
-                ) -> dict[str, Any]:
+def render_only(out_md: Path, out_json: Path, table: Table) -> dict[str, Any]:
     """Rewrites ``out_md`` from the existing ``out_json`` (no training); returns the JSON."""
     result = json.loads(out_json.read_text())
-    out_md.write_text(markdown(result, existing_reading(out_md)))
+    out_md.write_text(render(result, table, existing_reading(out_md)))
     print(f"wrote {out_md} from {out_json}")
     return result

@@ -9,8 +9,11 @@ clusters (SLURM, TPU pods) when ``--multihost`` is given; on plain machines pass
 ``--coordinator_address=host:port --num_processes=N --process_id=i``.
 """
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from sparsejax.train import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "config file (path.py or path.py:arg)",
                                 lock_config=True)
@@ -28,13 +31,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.is_parsed() or FLAGS["verbosity"].using_default_value:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    import jax
-
     if FLAGS.coordinator_address or FLAGS.multihost:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id)
-    from sparsejax.train import train_and_evaluate
-
     summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         width = max(len(k) for k in summary)

@@ -100,7 +100,7 @@ treescope.show(ckpt.params)
 #   (the pattern sparse tensor cores accelerate), sparsity `1 − N/M`.
 
 # %%
-RULES = config.sparsity.rules
+RULES = config.method.rules
 print("prunable:", [p for p, spec in sparsejax.resolve_rules(ckpt.params, RULES).items()
                     if spec != "dense"])
 

@@ -82,7 +82,7 @@ print(f"TINY={TINY}: {NUM_STEPS} steps, mask update every {UPDATE_EVERY}, runs u
 def run(method: str):
     config = quickstart.get_config(f"{method},{SPARSITY}")
     config.num_steps = NUM_STEPS
-    config.sparsity.update_every = UPDATE_EVERY
+    config.method.update_every = UPDATE_EVERY
     config.eval_every = NUM_STEPS // 10
     config.log_every = NUM_STEPS // 10
     config.checkpoint_every = 0  # only the final state
@@ -122,8 +122,8 @@ runs["rigl"]["rec"].counts().where(step=0)
 # - **Accuracy** on the eval split, from the run's `metrics.jsonl`.
 
 # %%
-end_step = runs["rigl"]["config"].sparsity.end_step  # follows config.num_steps
-schedule = cosine_drop_fraction(runs["rigl"]["config"].sparsity.drop_fraction, end_step)
+end_step = runs["rigl"]["config"].method.end_step  # follows config.num_steps
+schedule = cosine_drop_fraction(runs["rigl"]["config"].method.drop_fraction, end_step)
 
 fig, (ax_t, ax_i, ax_a) = plt.subplots(1, 3, figsize=(15, 4))
 for method, r in runs.items():

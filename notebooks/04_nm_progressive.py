@@ -73,7 +73,7 @@ def make_config(method):
     config.log_every = RECORD_EVERY
     config.eval_every = NUM_STEPS // 10
     config.checkpoint_every = NUM_STEPS  # one checkpoint, at the end
-    config.sparsity.alpha = 6.0 / NUM_STEPS
+    config.method.alpha = 6.0 / NUM_STEPS
     if TINY:
         config.optimizer.warmup_steps = 5
     return config
@@ -84,7 +84,7 @@ steps = np.arange(NUM_STEPS + 1)
 frames = nm.stepwise_frames(n, m)
 frame_len = max(NUM_STEPS // len(frames), 1)
 sdgf_density = [frames[min(t // frame_len, len(frames) - 1)][0] / m for t in steps]
-alpha = make_config("mdgf").sparsity.alpha
+alpha = make_config("mdgf").method.alpha
 beta = np.asarray(nm.decay_beta(steps, "exp", alpha))
 
 fig, ax = plt.subplots(figsize=(6.5, 3.2))

@@ -79,7 +79,7 @@ def make_config(arg, hidden=None):
     if TINY:
         config.log_every = 10
         config.optimizer.warmup_steps = 5
-        config.sparsity.update_every = 10
+        config.method.update_every = 10
     return config
 
 

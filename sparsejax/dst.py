@@ -50,7 +50,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +62,7 @@ from sparsejax.distributions import Distribution, as_distribution, layer_counts
 from sparsejax.masks import (SELECTION_METHODS, apply_masks, global_magnitude_masks, is_unowned,
                              like_param, magnitude_score, map_masked, masked_with_dense_grad,
                              random_score, resolve_rules, topk_mask)
-from sparsejax.paths import named_leaves, path_str, unbox
+from sparsejax.paths import SparsityRule, named_leaves, path_str, unbox
 from sparsejax.schedules import drop_fraction_schedule, gradual_sparsity, is_update_step
 
 
@@ -146,7 +146,7 @@ def mask_param_state(inner_state, keep, params):
 
 
 def sparse_layer_counts(params, sparsity: float, distribution: Distribution,
-                        rules=None) -> dict[str, int]:
+                        rules: Sequence[SparsityRule] | None = None) -> dict[str, int]:
     """Exact nonzero count of every sparse leaf, from path rules and a distribution.
 
     Example:
@@ -254,7 +254,7 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
 
 
 def static_sparse(inner: optax.GradientTransformation, sparsity: float, *,
-                  distribution: Distribution | str | None = None, rules=None,
+                  distribution: Distribution | str | None = None, rules: Sequence[SparsityRule] | None = None,
                   mask_init: str = "random", seed: int = 0,
                   selection: str = "threshold") -> SparseTransformation:
     """Fixed masks for all of training: random (sparse-from-scratch, Liu et al. 2022's
@@ -277,7 +277,7 @@ def static_sparse(inner: optax.GradientTransformation, sparsity: float, *,
 
 
 def one_shot_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
-                       distribution: Distribution | str | None = None, rules=None,
+                       distribution: Distribution | str | None = None, rules: Sequence[SparsityRule] | None = None,
                        scope: str = "layer", selection: str = "threshold") -> SparseTransformation:
     """Prune the smallest ``|w|`` of the params given to ``init`` once, then train the
     rest with fixed masks. ``scope='layer'`` follows ``distribution``; ``'global'``
@@ -315,7 +315,7 @@ def one_shot_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
 def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
                       begin_step: int, end_step: int, update_every: int = 100,
                       initial_sparsity: float = 0.0, distribution: Distribution | str | None = None,
-                      rules=None, selection: str = "threshold") -> SparseTransformation:
+                      rules: Sequence[SparsityRule] | None = None, selection: str = "threshold") -> SparseTransformation:
     """Gradual magnitude pruning (Zhu & Gupta 2017): every ΔT steps in ``[t_0, T]`` prune
     the smallest active ``|w|`` of each layer to
     ``s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(T − t_0))³`` (per layer, with ``s_f`` that
@@ -426,7 +426,7 @@ def _dynamic(inner, sparsity, *, grow: str, distribution, rules, update_every, b
 
 
 def set_(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
-         distribution: Distribution | str | None = None, rules=None, update_every: int = 100,
+         distribution: Distribution | str | None = None, rules: Sequence[SparsityRule] | None = None, update_every: int = 100,
          begin_step: int = 0, drop_fraction: float = 0.3, drop_fraction_anneal: str = "cosine",
          skip_gradient_on_update: bool = False, mask_init: str = "random", seed: int = 0,
          selection: str = "threshold", drop_noise_std: float = 1e-5,
@@ -454,7 +454,7 @@ def set_(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
 
 
 def rigl(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
-         distribution: Distribution | str | None = None, rules=None, update_every: int = 100,
+         distribution: Distribution | str | None = None, rules: Sequence[SparsityRule] | None = None, update_every: int = 100,
          begin_step: int = 0, drop_fraction: float = 0.3, drop_fraction_anneal: str = "cosine",
          skip_gradient_on_update: bool = True, mask_init: str = "random", seed: int = 0,
          selection: str = "threshold", drop_noise_std: float = 1e-5,

@@ -49,7 +49,7 @@ from flax import nnx
 
 from sparsejax import surgery
 from sparsejax.flops import model_flops, sparse_flops, total
-from sparsejax.paths import Pattern, match_rules, matches, pattern_name
+from sparsejax.paths import LayerPattern, SparsityRule, match_rules, matches, pattern_name
 from sparsejax.nn.ift import SparseDoped, SparseFactorized, SparseParallel, check_layer
 
 FAMILIES = ("wide", "parallel", "factorized", "doped")
@@ -88,7 +88,7 @@ def window(layer) -> int:
     return math.prod(layer.kernel_size) if isinstance(layer, nnx.Conv) else 1
 
 
-def select(model: nnx.Module, layers: Sequence[Pattern] | None = None,
+def select(model: nnx.Module, layers: Sequence[LayerPattern] | None = None,
            call: surgery.ModelCall | None = None) -> list[str]:
     """Module paths to transform: those matching a pattern of ``layers``
     (``sparsejax.paths`` patterns over module paths, each of which must match an
@@ -191,7 +191,7 @@ def _replacement(family: str, s: float, norm: str | None, sigma: str, rngs: nnx.
 
 
 def transform(model: nnx.Module, family: str, sparsity: float,
-              layers: Sequence[Pattern] | None = None,
+              layers: Sequence[LayerPattern] | None = None,
               *, call: surgery.ModelCall | None = None, norm: str | None = None,
               sigma: str = "norm_relu", rngs: nnx.Rngs | None = None,
               layer_kwargs: dict | None = None) -> tuple[nnx.Module, list[tuple[str, float]]]:
@@ -237,7 +237,7 @@ def _density(pattern, spec) -> float:
                      "a sparsity in [0, 1) or 'dense'")
 
 
-def measured_flops(model: nnx.Module, rules: Sequence[tuple[str, float]],
+def measured_flops(model: nnx.Module, rules: Sequence[SparsityRule],
                    call: surgery.ModelCall) -> float:
     """Multiply-add FLOPs of one forward pass ``call(model)``, each rule-matched kernel
     scaled by its density ``1 − s`` (``sparsejax.flops``, counted from the traced
@@ -268,7 +268,7 @@ def measured_flops(model: nnx.Module, rules: Sequence[tuple[str, float]],
 
 
 def wide_search(build: Callable[[float], nnx.Module], sparsity: float, call: surgery.ModelCall,
-                layers: Sequence[Pattern] | None = None, tol: float = 0.01):
+                layers: Sequence[LayerPattern] | None = None, tol: float = 0.01):
     """Sparse Wide: widths × ``√(1/(1 − s))``, then the sparsity ``s'`` of the widened
     layers solved so the model costs exactly the dense model's FLOPs.
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparsejax.paths import (match_rules, named_leaves, path_str, pattern_name,
+from sparsejax.paths import (SparsityRule, match_rules, named_leaves, path_str, pattern_name,
                              rules_or_default, unbox)
 
 
@@ -82,7 +82,7 @@ def _normalize_spec(spec, path: str, pattern):
                      "'sparse', 'dense'/None, or a sparsity in [0, 1)")
 
 
-def resolve_rules(params, rules: Sequence[tuple[str, Any]] | None = None) -> dict[str, Any]:
+def resolve_rules(params, rules: Sequence[SparsityRule] | None = None) -> dict[str, Any]:
     """``{path: 'sparse' | 'dense' | sparsity}`` for every parameter leaf.
 
     Rules are ``sparsejax.paths`` rules (regex or predicate); the first match wins,

@@ -55,7 +55,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +64,7 @@ import optax
 
 from sparsejax.base import SparseTransformation, check_inner_state, check_static, forward
 from sparsejax.masks import is_unowned, map_masked_by_path, topk_mask
-from sparsejax.paths import (match_rules, named_leaves, path_str, pattern_name,
+from sparsejax.paths import (SparsityRule, match_rules, named_leaves, path_str, pattern_name,
                              rules_or_default, unbox)
 
 
@@ -291,7 +291,7 @@ def _parse(path: str, pattern, spec, shape, axis: int, default: str) -> LeafSpec
     return LeafSpec(path, n=n, m=m, axis=axis)
 
 
-def resolve_nm_rules(params, rules=None, axis: int = -2,
+def resolve_nm_rules(params, rules: Sequence[SparsityRule] | None = None, axis: int = -2,
                      pattern: str = "2:4") -> dict[str, LeafSpec]:
     """``{path: LeafSpec}`` for every sparse parameter. Rules are ``sparsejax.paths`` rules
     (regex or predicate; first match wins; ``None`` means ``paths.DEFAULT_RULES``) whose
@@ -392,7 +392,7 @@ def _masks_by_spec(params, specs: dict, leaf_mask) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def nm_masks_from_params(params, rules=None, axis: int = -2, pattern: str = "2:4"):
+def nm_masks_from_params(params, rules: Sequence[SparsityRule] | None = None, axis: int = -2, pattern: str = "2:4"):
     """The masks a fixed-pattern N:M transform would use for ``params`` now: per path rule,
     ``'N:M'`` keeps the ``N`` largest ``|w|`` of every ``M`` along ``axis``, a float ``s``
     keeps the ``round((1−s)·size)`` largest ``|w|``; other leaves ``None``.
@@ -413,7 +413,7 @@ def nm_masks_from_params(params, rules=None, axis: int = -2, pattern: str = "2:4
                           lambda w, spec: _leaf_mask(w, spec, [(spec.n, spec.m)], 0))
 
 
-def nm_sparse(inner: optax.GradientTransformation, rules=None, *, pattern: str = "2:4",
+def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[SparsityRule] | None = None, *, pattern: str = "2:4",
               axis: int = -2, sr_ste_lambda: float = 0.0, decay: str | None = None,
               alpha: float = 2e-4, backward: str = "ste", schedule: str = "fixed",
               dense_steps: int = 0, sparse_steps: int | None = None,
@@ -535,7 +535,7 @@ def nm_sparse(inner: optax.GradientTransformation, rules=None, *, pattern: str =
     return SparseTransformation(init, update, forward)
 
 
-def nm_ste(inner, rules=None, **kw) -> SparseTransformation:
+def nm_ste(inner, rules: Sequence[SparsityRule] | None = None, **kw) -> SparseTransformation:
     """N:M with the plain straight-through estimator.
 
     Example:
@@ -551,7 +551,7 @@ def nm_ste(inner, rules=None, **kw) -> SparseTransformation:
     return nm_sparse(inner, rules, **kw)
 
 
-def sr_ste(inner, rules=None, *, sr_ste_lambda: float = 2e-4, **kw) -> SparseTransformation:
+def sr_ste(inner, rules: Sequence[SparsityRule] | None = None, *, sr_ste_lambda: float = 2e-4, **kw) -> SparseTransformation:
     """N:M with SR-STE (Zhou et al. 2021): backward ``g + λ_w (1 − m) ⊙ w``, λ_w = 2e-4.
 
     Example:
@@ -566,7 +566,7 @@ def sr_ste(inner, rules=None, *, sr_ste_lambda: float = 2e-4, **kw) -> SparseTra
     return nm_sparse(inner, rules, sr_ste_lambda=sr_ste_lambda, **kw)
 
 
-def mdgf(inner, rules=None, *, decay: str = "exp", alpha: float = 2e-4, backward: str = "ste",
+def mdgf(inner, rules: Sequence[SparsityRule] | None = None, *, decay: str = "exp", alpha: float = 2e-4, backward: str = "ste",
          **kw) -> SparseTransformation:
     """Mask Decay Gradient Flow: forward ``w ⊙ (m + (1−m) β(t))``; backward 'ste' (the
     authors' code) or 'scaled'.
@@ -584,7 +584,7 @@ def mdgf(inner, rules=None, *, decay: str = "exp", alpha: float = 2e-4, backward
     return nm_sparse(inner, rules, decay=decay, alpha=alpha, backward=backward, **kw)
 
 
-def sdgf(inner, rules=None, *, schedule: str = "stepwise", sparse_steps: int,
+def sdgf(inner, rules: Sequence[SparsityRule] | None = None, *, schedule: str = "stepwise", sparse_steps: int,
          **kw) -> SparseTransformation:
     """Structure Decay Gradient Flow: the pattern tightens over equal frames of the
     sparse phase, 'stepwise' ``(M−1):M → … → N:M`` or 'geometric' ``8N:8M → … → N:M``.
@@ -869,7 +869,7 @@ def _plain(tree):
     return walk(unbox(tree))
 
 
-def export_nm(params, rules=None, axis: int = -2, pattern: str = "2:4"):
+def export_nm(params, rules: Sequence[SparsityRule] | None = None, axis: int = -2, pattern: str = "2:4"):
     """``params`` with every N:M parameter replaced by its compressed export leaf
     (``NMCompressed.to_export()``: ``{'values', 'indices', 'pattern'}``, arrays only).
 

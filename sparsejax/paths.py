@@ -35,7 +35,16 @@ Pattern = Union[str, Callable[[str, Any], bool]]
 """A rule's pattern: a full-match regex over paths, or a predicate ``(path, leaf) -> bool``."""
 
 Rule = tuple[Pattern, Any]
-"""``(pattern, spec)``; the spec's meaning is the caller's."""
+"""``(pattern, spec)``, matched by ``match_rules``; each purpose names its own kind:"""
+
+SparsityRule = tuple[Pattern, Union[str, float]]
+"""Which leaves a sparsity transform prunes: ``(pattern, 'sparse' | 'dense' | s | 'N:M')``."""
+
+ShardingRule = tuple[Pattern, tuple]
+"""How a parameter lies on the mesh: ``(pattern, per-dimension mesh axes)``."""
+
+LayerPattern = Pattern
+"""Which modules a rewrite selects (Sparse-IFT's ``layers``): a pattern over module paths."""
 
 
 def _is_variable(x) -> bool:
@@ -216,4 +225,5 @@ def rules_or_default(rules: Sequence[Rule] | None, tree, kind: str) -> Sequence[
 
 
 __all__ = ["DEFAULT_RULES", "Pattern", "Rule", "is_embedding", "is_kernel", "match_rules",
-           "matches", "named_leaves", "path_str", "pattern_name", "rules_or_default", "unbox"]
+           "LayerPattern", "ShardingRule", "SparsityRule", "matches", "named_leaves", "path_str",
+           "pattern_name", "rules_or_default", "unbox"]

@@ -366,7 +366,7 @@ def test_read_metrics_summary_config_runs_by_hand(tmp_path):
         '{"step": 5, "split": "train", "loss": 2.0, "accuracy": 0.25}\n\n'
         '{"step": 5, "split": "eval", "accuracy": 0.5}\n')
     (run / "summary.json").write_text(json.dumps({"eval_accuracy": 0.5, "workdir": "x"}))
-    config = {"seed": 1, "sparsity": {"name": "rigl", "sparsity": 0.9}}
+    config = {"seed": 1, "method": {"name": "rigl", "sparsity": 0.9}}
     (run / "config.json").write_text(json.dumps(config))
     (unfinished / "config.json").write_text(json.dumps({"seed": 2}))
     assert A.read_metrics(run).records() == [
@@ -374,13 +374,13 @@ def test_read_metrics_summary_config_runs_by_hand(tmp_path):
         {"step": 5, "split": "train", "metric": "accuracy", "value": 0.25},
         {"step": 5, "split": "eval", "metric": "accuracy", "value": 0.5}]
     assert A.read_summary(run)["eval_accuracy"] == 0.5 and A.read_config(run) == config
-    assert A.config_value(config, "sparsity.name") == "rigl"
+    assert A.config_value(config, "method.name") == "rigl"
     assert A.config_value(config, "ift.family", "none") == "none"
-    runs = A.read_runs([run, unfinished], keys=("seed", "sparsity.sparsity"))
+    runs = A.read_runs([run, unfinished], keys=("seed", "method.sparsity"))
     assert runs.records() == [
-        {"workdir": str(run), "seed": 1, "sparsity.sparsity": 0.9, "finished": True,
+        {"workdir": str(run), "seed": 1, "method.sparsity": 0.9, "finished": True,
          "eval_accuracy": 0.5},
-        {"workdir": str(unfinished), "seed": 2, "sparsity.sparsity": None, "finished": False,
+        {"workdir": str(unfinished), "seed": 2, "method.sparsity": None, "finished": False,
          "eval_accuracy": None}]
     assert A.checkpoint_steps(run) == []
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -401,7 +401,7 @@ def rigl_run(tmp_path_factory):
     cfg = quickstart.get_config("rigl,0.5,tiny")
     with cfg.unlocked():
         cfg.model.hidden = (64, 64)
-        cfg.sparsity.update_every = 2
+        cfg.method.update_every = 2
         cfg.checkpoint_every = 5
         cfg.max_checkpoints = 10
     trainer = make_trainer(cfg)
@@ -421,7 +421,7 @@ def test_end_to_end_workdir_reads_back(rigl_run):
     assert len(m.where(split="eval")) == 2 * 2  # loss and accuracy
     assert A.checkpoint_steps(workdir) == [5, 10, 15, 20]
     run = A.read_runs([workdir]).records()[0]
-    assert run["sparsity.name"] == "rigl" and run["sparsity.sparsity"] == 0.5
+    assert run["method.name"] == "rigl" and run["method.sparsity"] == 0.5
     assert run["finished"] and run["steps"] == 20
 
     before = digest(workdir)
@@ -429,7 +429,7 @@ def test_end_to_end_workdir_reads_back(rigl_run):
     # ERK over two equal 64×64 kernels at 0.5 (head dense by rule): 2048 of 4096 each
     assert mask_counts(ckpt.masks) == {"layers/0/kernel": (2048, 4096),
                                        "layers/1/kernel": (2048, 4096)}
-    assert global_sparsity(ckpt.masks) == cfg.sparsity.sparsity
+    assert global_sparsity(ckpt.masks) == cfg.method.sparsity
     assert ckpt.step == 10 and int(ckpt.state.step) == 10
     assert ckpt.data_position == 10  # batches consumed
     recorded = rigl_run["masks"].masks[rigl_run["masks"].steps.index(10)]

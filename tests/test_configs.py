@@ -43,36 +43,36 @@ def test_config_builds_with_every_method(name):
 
 
 @pytest.mark.parametrize("method", sorted(TRANSFORMS))
-def test_sparsity_section_is_exactly_the_factory_arguments(method):
+def test_method_section_is_exactly_the_factory_arguments(method):
     config = quickstart.get_config(method).copy_and_resolve_references()
     accepted = keyword_arguments(TRANSFORMS[method], skip=1)
-    assert set(config.sparsity) - {"name"} == set(accepted)
+    assert set(config.method) - {"name"} == set(accepted)
     chosen = {"sparsity": 0.9, "distribution": "erk", "begin_step": 0,
               "rules": ((r"head/kernel", "dense"), (r".*kernel", "sparse")),
               "end_step": int(0.75 * config.num_steps), "sparse_steps": config.num_steps}
     for key, default in accepted.items():  # the rest is the factory's own default
         want = chosen[key] if key in chosen else default
         assert default is not REQUIRED or key in chosen, key
-        assert config.sparsity[key] == want, (method, key)
+        assert config.method[key] == want, (method, key)
     assert set(config.optimizer) == set(keyword_arguments(make_optimizer, skip=1))
 
 
 def test_schedules_follow_num_steps_overrides():
     config = quickstart.get_config("rigl")
     config.num_steps = 400  # e.g. --config.num_steps=400
-    assert config.sparsity.end_step == 300
+    assert config.method.end_step == 300
     config = quickstart.get_config("sdgf,1:8")
-    config.num_steps, config.sparsity.dense_steps = 400, 100
-    assert config.sparsity.sparse_steps == 300
+    config.num_steps, config.method.dense_steps = 400, 100
+    assert config.method.sparse_steps == 300
 
 
 def test_unknown_keys_are_errors_naming_the_accepted_ones():
     config = quickstart.get_config("rigl,0.9")
     with pytest.raises(AttributeError, match="drop_fracton"):
-        config.sparsity.drop_fracton = 0.5  # locked: a typo cannot be set
+        config.method.drop_fracton = 0.5  # locked: a typo cannot be set
     with config.unlocked():
-        config.sparsity.pattern = "2:4"  # an N:M argument given to RigL
-    with pytest.raises(ValueError, match=r"config.sparsity \(name='rigl'\): unknown key\(s\) "
+        config.method.pattern = "2:4"  # an N:M argument given to RigL
+    with pytest.raises(ValueError, match=r"config.method \(name='rigl'\): unknown key\(s\) "
                                          r"\['pattern'\]; it accepts \[.*'drop_fraction'"):
         make_transform(config)
     config = quickstart.get_config("nm_ste")
@@ -96,7 +96,7 @@ def test_a_method_that_takes_no_rules_refuses_sparse_ift_rules():
 
 def test_section_builder_needs_required_arguments():
     c = ml_collections.ConfigDict({"num_steps": 10})
-    s = common.sparsity_section(c, "rigl", sparsity=0.5)
+    s = common.method_section(c, "rigl", sparsity=0.5)
     assert s.end_step == 7 and s.sparsity == 0.5 and s.name == "rigl"
     with pytest.raises(ValueError, match=r"the config must choose \['sparsity'\]"):
-        common.sparsity_section(c, "static")
+        common.method_section(c, "static")

@@ -189,20 +189,20 @@ def trained_workdir(tmp_path):
      "tfds dataset 'mnist' is not prepared"),
     ({"model_name": "lm"}, "is a lm model"),
     ({"model.hiden": (8,)}, r"MLP takes no argument\(s\) \['hiden'\]"),
-    ({"sparsity.name": "magic"}, "unknown sparsity transform 'magic'"),
-    ({"sparsity.name": "rigl"}, r"config.sparsity \(name='rigl'\) must set \['end_step', 'sparsity'\]"),
-    ({"rigl.sparsity.sparsity": 1.0}, "sparsity 1.0 is outside"),
-    ({"rigl.sparsity.distribution": "erx"}, "unknown distribution 'erx'"),
-    ({"static.sparsity.rules": (("encoder/.*", "sparse"),)}, "rules match no parameter"),
-    ({"nm_ste.sparsity.pattern": "4:4"}, "N:M pattern 4:4 needs 0 < N < M"),
-    ({"nm_ste.sparsity.pattern": "1:128"}, "not divisible by M=128"),
-    ({"mdgf.sparsity.decay": "cosine"}, "unknown decay 'cosine'"),
-    ({"rigl.sparsity.pattern": "2:4"}, r"unknown key\(s\) \['pattern'\]"),
+    ({"method.name": "magic"}, "unknown sparsity method 'magic'"),
+    ({"method.name": "rigl"}, r"config.method \(name='rigl'\) must set \['end_step', 'sparsity'\]"),
+    ({"rigl.method.sparsity": 1.0}, "sparsity 1.0 is outside"),
+    ({"rigl.method.distribution": "erx"}, "unknown distribution 'erx'"),
+    ({"static.method.rules": (("encoder/.*", "sparse"),)}, "rules match no parameter"),
+    ({"nm_ste.method.pattern": "4:4"}, "N:M pattern 4:4 needs 0 < N < M"),
+    ({"nm_ste.method.pattern": "1:128"}, "not divisible by M=128"),
+    ({"mdgf.method.decay": "cosine"}, "unknown decay 'cosine'"),
+    ({"rigl.method.pattern": "2:4"}, r"unknown key\(s\) \['pattern'\]"),
     ({"batch_size": 12}, "batch_size=12 is not divisible by the 8 data shards"),
     ({"num_steps": 0}, "config.num_steps must be positive"),
 ])
 def test_bad_config_is_clear_and_leaves_checkpoints_intact(trained_workdir, override, message):
-    """Keys ``method.section.leaf`` start from ``get_config('method,tiny')``."""
+    """Keys ``<method>.section.leaf`` start from ``get_config("<method>,tiny")``."""
     before = tree_digest(trained_workdir)
     (key,) = [k for k in override if k.count(".") == 2] or [None]
     cfg = quickstart.get_config(f"{key.split('.')[0]},tiny" if key else "tiny")

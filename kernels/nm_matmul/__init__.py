@@ -6,17 +6,22 @@ matmul), and is differentiable in ``x`` and the kept values. The answer is
 ``reference.nm_matmul_reference``. See README.md for
 what Hopper can and cannot give here.
 
-Example::
+Example:
 
-    import jax, jax.numpy as jnp
-    from sparsejax.nm import compress_nm, decompress_nm
-    from sparsejax.kernels.nm_matmul import nm_matmul
-
-    w = jax.random.normal(jax.random.key(0), (256, 128))
-    c = compress_nm(w, 2, 4, axis=0)               # values/indices [64, 2, 128]
-    x = jnp.ones((8, 32, 256))
-    y = nm_matmul(x, c)                            # [8, 32, 128] == x @ decompress_nm(c)
-    y = nm_matmul(x, c, implementation="pallas", interpret=True)   # the kernel, on CPU
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax.nm import compress_nm, decompress_nm
+    >>> from sparsejax.kernels.nm_matmul import nm_matmul
+    >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+    >>> c = compress_nm(w, 2, 4, axis=0)
+    >>> c.values.shape, c.indices.shape
+    ((16, 2, 32), (16, 2, 32))
+    >>> x = jax.random.normal(jax.random.key(1), (2, 4, 64))
+    >>> y = nm_matmul(x, c)
+    >>> y.shape, bool(jnp.allclose(y, x @ decompress_nm(c), atol=1e-5))
+    ((2, 4, 32), True)
+    >>> y = nm_matmul(x, c, implementation="pallas", interpret=True)   # the kernel, on CPU
+    >>> bool(jnp.allclose(y, x @ decompress_nm(c), atol=1e-5))
+    True
 """
 
 from . import reference

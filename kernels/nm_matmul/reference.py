@@ -9,12 +9,17 @@ the same format ``export_nm`` writes). For a ``[K, out]`` kernel compressed alon
 a gather of the N kept inputs of every group, then a contraction. ``check_args`` holds
 the argument checks every implementation shares.
 
-Example::
+Example:
 
-    from sparsejax.nm import compress_nm, decompress_nm
-    from sparsejax.kernels.nm_matmul import reference
-    c = compress_nm(w, 2, 4, axis=0)
-    y = reference.nm_matmul_reference(x, c)    # == x @ decompress_nm(c)
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax.nm import compress_nm, decompress_nm
+    >>> from sparsejax.kernels.nm_matmul import reference
+    >>> w = jax.random.normal(jax.random.key(0), (16, 8))
+    >>> x = jax.random.normal(jax.random.key(1), (3, 16))
+    >>> c = compress_nm(w, 2, 4, axis=0)
+    >>> y = reference.nm_matmul_reference(x, c)
+    >>> y.shape, bool(jnp.allclose(y, x @ decompress_nm(c), atol=1e-5))
+    ((3, 8), True)
 """
 
 from __future__ import annotations
@@ -33,9 +38,18 @@ def check_args(x: jax.Array, c: NMCompressed, axes: tuple[int, ...] = (0,)
     (default: axis 0, the input features) and returns ``(n, m, K, out)``; a ValueError
     names the first problem.
 
-    Example::
+    Example:
 
-        n, m, k, out = check_args(x, compress_nm(w, 2, 4, axis=0))
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.nm import compress_nm
+        >>> from sparsejax.kernels.nm_matmul.reference import check_args
+        >>> w, x = jnp.ones((16, 8)), jnp.ones((3, 16))
+        >>> check_args(x, compress_nm(w, 2, 4, axis=0))                # (n, m, K, out)
+        (2, 4, 16, 8)
+        >>> check_args(jnp.ones((3, 12)), compress_nm(w, 2, 4, axis=0))
+        Traceback (most recent call last):
+        ...
+        ValueError: x has 12 features (shape (3, 12)), the kernel expects K=16
     """
     n, m, shape, axis = c.n, c.m, tuple(c.shape), c.axis
     if len(shape) != 2:
@@ -64,9 +78,16 @@ def nm_matmul_reference(x: jax.Array, c: NMCompressed) -> jax.Array:
     """``x @ W`` for a compressed ``[K, out]`` kernel (axis 0), read directly: each output
     gathers the ``N`` kept inputs of every group, ``y[r, o] = Σ_g Σ_j x[r, g·M + idx] · v``.
 
-    Example::
+    Example:
 
-        y = nm_matmul_reference(x, compress_nm(kernel, 2, 4, axis=0))  # x @ (kernel ⊙ mask)
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.nm import compress_nm
+        >>> from sparsejax.kernels.nm_matmul.reference import nm_matmul_reference
+        >>> kernel = jnp.array([[1., 5.], [-4., 2.], [3., -1.], [2., 6.]])   # [K=4, out=2]
+        >>> x = jnp.array([[1., 10., 100., 1000.]])
+        >>> y = nm_matmul_reference(x, compress_nm(kernel, 2, 4, axis=0))  # x @ (kernel ⊙ mask)
+        >>> y.tolist()          # column 0 keeps -4, 3; column 1 keeps 5, 6
+        [[260.0, 6005.0]]
     """
     check_args(x, c)
     k = c.shape[0]

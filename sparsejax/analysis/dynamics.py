@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 
 from sparsejax.analysis.table import Table
 from sparsejax.base import sparsity_states
-from sparsejax.masks import named_leaves
+from sparsejax.paths import named_leaves
 
 TOTAL = "<total>"
 """``layer`` of the row that sums over all layers."""

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 from sparsejax.nm import nm_masks_from_params, nm_rules_like
 from sparsejax.analysis.table import Table
 from sparsejax.masks import (apply_masks, global_magnitude_masks, global_sparsity, is_unowned,
-                             path_str, resolve_rules, topk_mask)
+                             resolve_rules, topk_mask)
+from sparsejax.paths import path_str
 
 STRUCTURES = ("unstructured", "n:m")
 _SLACK = 1e-12  # float rounding: 0.9 - 0.89 is 0.010000000000000009

@@ -101,12 +101,12 @@ def plot_frontier(ax, rows, x: str = "flops", y: str = "accuracy", *, label: str
 
         >>> from matplotlib.figure import Figure
         >>> from sparsejax.analysis import plot_frontier
-        >>> runs = [{'sparsity.name': 'rigl', 'flops': 1.0, 'eval_accuracy': 0.8},
-        ...         {'sparsity.name': 'set', 'flops': 1.0, 'eval_accuracy': 0.7},
-        ...         {'sparsity.name': 'dense', 'flops': 3.0, 'eval_accuracy': 0.9}]
+        >>> runs = [{'method.name': 'rigl', 'flops': 1.0, 'eval_accuracy': 0.8},
+        ...         {'method.name': 'set', 'flops': 1.0, 'eval_accuracy': 0.7},
+        ...         {'method.name': 'dense', 'flops': 3.0, 'eval_accuracy': 0.9}]
         >>> ax = Figure().subplots()
         >>> scatters, line = plot_frontier(ax, runs, x='flops', y='eval_accuracy',
-        ...                                label='sparsity.name')
+        ...                                label='method.name')
         >>> [t.get_text() for t in ax.get_legend().get_texts()]
         ['rigl', 'set', 'dense', 'Pareto frontier']
         >>> line.get_xydata().tolist()

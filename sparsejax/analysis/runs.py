@@ -31,7 +31,7 @@ Example (a workdir written by hand here: metrics, config and one checkpoint):
     >>> ckpt = load_checkpoint(workdir, 500, state)
     >>> sparsejax.global_sparsity(ckpt.masks)
     0.75
-    >>> read_runs([workdir], keys=['sparsity.name'])   # one row per run; unfinished
+    >>> read_runs([workdir], keys=['method.name'])   # one row per run; unfinished
     workdir  sparsity.name  finished
     /.../qs_rigl  rigl  False
 """
@@ -49,8 +49,8 @@ from sparsejax.analysis.table import Table
 from sparsejax.train.checkpoint import Checkpointer, abstract_like
 from sparsejax.train.loop import make_trainer
 
-DEFAULT_RUN_KEYS = ("model.name", "sparsity.name", "sparsity.sparsity", "sparsity.distribution",
-                    "sparsity.pattern", "ift.family", "ift.sparsity", "seed", "num_steps")
+DEFAULT_RUN_KEYS = ("model_name", "method.name", "method.sparsity", "method.distribution",
+                    "method.pattern", "ift.family", "ift.sparsity", "seed", "num_steps")
 """Config keys (dotted) that ``read_runs`` puts in every row by default."""
 
 
@@ -150,7 +150,7 @@ def config_value(config: dict, key: str, default=None):
 
         >>> from sparsejax.analysis import config_value
         >>> config = {'sparsity': {'name': 'rigl', 'sparsity': 0.9}}   # as read_config gives it
-        >>> config_value(config, 'sparsity.sparsity'), config_value(config, 'ift.family', 'none')
+        >>> config_value(config, 'method.sparsity'), config_value(config, 'ift.family', 'none')
         (0.9, 'none')
     """
     node: Any = config
@@ -216,7 +216,7 @@ def _restore_target(like):
     """``ShapeDtypeStruct`` leaves with shardings, from a Trainer, a config or a tree."""
     if hasattr(like, "abstract_state") and hasattr(like, "state_shardings"):  # a Trainer
         return abstract_like(like.abstract_state, like.state_shardings)
-    if hasattr(like, "sparsity") and hasattr(like, "model"):  # a config
+    if hasattr(like, "method") and hasattr(like, "model"):  # a config
         return _restore_target(make_trainer(like))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -290,7 +290,7 @@ def read_runs(workdirs: Sequence, keys: Sequence[str] = DEFAULT_RUN_KEYS) -> Tab
         ...     _ = (run / 'config.json').write_text(json.dumps({'sparsity': {'name': method}}))
         ...     _ = (run / 'summary.json').write_text(json.dumps({'eval_accuracy': accuracy}))
         >>> runs = read_runs(sorted(root.glob('qs_*')))
-        >>> runs.where(**{'sparsity.name': 'rigl'})['eval_accuracy']
+        >>> runs.where(**{'method.name': 'rigl'})['eval_accuracy']
         [0.88]
         >>> runs['finished'], runs['seed']   # keys missing from a config read as None
         ([True, True], [None, None])

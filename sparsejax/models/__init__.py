@@ -4,9 +4,16 @@
 that class's constructor arguments (``sparsejax.train.build.build_model`` adds the ones
 the data decides and checks the rest).
 
-Example::
+Example:
 
-    model = MODELS['mlp'](64, (32,), 10, rngs=nnx.Rngs(0))
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sparsejax.models import MODELS
+    >>> sorted(MODELS)
+    ['lm', 'mlp', 'resnet', 'vit']
+    >>> model = MODELS['mlp'](64, (32,), 10, rngs=nnx.Rngs(0))
+    >>> type(model).__name__, model(jnp.ones((2, 64))).shape
+    ('MLP', (2, 10))
 """
 
 from sparsejax.models.blocks import ATTENTIONS, FFNS, block_factory

@@ -4,10 +4,16 @@
 import). ``block_factory`` turns a name, or a module class or factory, plus its keyword
 arguments into what ``nn.layers.Block`` calls.
 
-Example::
+Example:
 
-    ffn = block_factory(FFNS, 'ffn', 'spark', {'density': 0.1})
-    Block(64, 4, 256, activation='gelu', causal=True, ffn=ffn, rngs=nnx.Rngs(0))
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sparsejax.models.blocks import FFNS, block_factory
+    >>> from sparsejax.nn.layers import Block
+    >>> ffn = block_factory(FFNS, 'ffn', 'spark', {'density': 0.1})
+    >>> block = Block(64, 4, 256, activation='gelu', causal=True, ffn=ffn, rngs=nnx.Rngs(0))
+    >>> type(block.mlp).__name__, block.mlp.density, block(jnp.ones((1, 8, 64))).shape
+    ('SparkFFN', 0.1, (1, 8, 64))
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ def init_parameters(cls) -> dict[str, inspect.Parameter]:
     """The constructor's parameters (``__init__``'s, without ``self``): NNX's metaclass
     hides them from ``inspect.signature(cls)``.
 
-    Example::
+    Example:
 
-        list(init_parameters(FFN))   # ['d_model', 'd_ff', 'activation', 'rngs']
+        >>> from sparsejax.models.blocks import init_parameters
+        >>> from sparsejax.nn.layers import FFN
+        >>> list(init_parameters(FFN))
+        ['d_model', 'd_ff', 'activation', 'rngs']
     """
     params = dict(inspect.signature(cls.__init__).parameters)
     params.pop("self", None)
@@ -49,9 +58,18 @@ def block_factory(table: Mapping[str, type], kind: str, choice: str | Callable,
     An unknown name, or an option the module does not take, is a ValueError naming what
     is accepted.
 
-    Example::
+    Example:
 
-        block_factory(ATTENTIONS, 'attention', 'sparse', {'pattern': 'window'})
+        >>> from sparsejax.models.blocks import ATTENTIONS, block_factory
+        >>> make = block_factory(ATTENTIONS, 'attention', 'sparse', {'pattern': 'window'})
+        >>> make.func.__name__, make.keywords
+        ('SparseAttention', {'pattern': 'window'})
+        >>> block_factory(ATTENTIONS, 'attention', 'dense', None).__name__   # no options
+        'Attention'
+        >>> block_factory(ATTENTIONS, 'attention', 'sparse', {'windows': 8})
+        Traceback (most recent call last):
+        ...
+        ValueError: attention 'sparse' takes no option(s) ['windows']; it accepts [...]
     """
     options = dict(options or {})
     if isinstance(choice, str):

@@ -1,10 +1,14 @@
 """Decoder-only language model whose attention and FFN are replaceable modules.
 
-Example::
+Example:
 
-    lm = DecoderLM(vocab_size=64, max_len=32, d_model=64, num_heads=4, num_layers=2,
-                   d_ff=256, rngs=nnx.Rngs(0))
-    logits = lm(jnp.zeros((2, 32), jnp.int32))   # [2, 32, 64]
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sparsejax.models import DecoderLM
+    >>> lm = DecoderLM(vocab_size=64, max_len=32, d_model=64, num_heads=4, num_layers=2,
+    ...                d_ff=256, rngs=nnx.Rngs(0))
+    >>> lm(jnp.zeros((2, 32), jnp.int32)).shape      # [batch, seq, vocab]
+    (2, 32, 64)
 """
 
 from __future__ import annotations
@@ -24,9 +28,17 @@ class DecoderLM(nnx.Module):
     ``attention``/``ffn`` name an entry of ``models.blocks.ATTENTIONS``/``FFNS`` (or are a
     module class or factory); ``attention_options``/``ffn_options`` are its keywords.
 
-    Example::
+    Example:
 
-        DecoderLM(vocab_size=256, max_len=128, activation='relu', rngs=nnx.Rngs(0))
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.models import DecoderLM
+        >>> lm = DecoderLM(vocab_size=256, max_len=128, activation='relu', ffn='topk',
+        ...                ffn_options={'density': 0.1}, rngs=nnx.Rngs(0))
+        >>> len(lm.blocks), type(lm.blocks[0].mlp).__name__, lm.head.kernel.shape
+        (2, 'TopKFFN', (64, 256))
+        >>> lm(jnp.zeros((1, 16), jnp.int32)).shape
+        (1, 16, 256)
     """
 
     def __init__(self, *, vocab_size: int, max_len: int, d_model: int = 64,

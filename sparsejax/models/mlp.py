@@ -1,9 +1,13 @@
 """Multi-layer perceptron classifier.
 
-Example::
+Example:
 
-    model = MLP(64, (128, 128), 10, rngs=nnx.Rngs(0))
-    logits = model(jnp.ones((4, 8, 8, 1)))   # inputs are flattened
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sparsejax.models import MLP
+    >>> model = MLP(64, (128, 128), 10, rngs=nnx.Rngs(0))
+    >>> model(jnp.ones((4, 8, 8, 1))).shape   # inputs are flattened
+    (4, 10)
 """
 
 from __future__ import annotations
@@ -19,9 +23,16 @@ from sparsejax.nn.layers import Activation
 class MLP(nnx.Module):
     """``Linear → act`` repeated, then a linear head; the input is flattened.
 
-    Example::
+    Example:
 
-        MLP(64, (32,), 10, activation='relu', rngs=nnx.Rngs(0))(jnp.ones((2, 64))).shape
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.models import MLP
+        >>> MLP(64, (32,), 10, activation='relu', rngs=nnx.Rngs(0))(jnp.ones((2, 64))).shape
+        (2, 10)
+        >>> model = MLP(64, (32, 16), 10, activation='gelu', rngs=nnx.Rngs(0))
+        >>> [l.kernel.shape for l in model.layers], [a.name for a in model.acts]
+        ([(64, 32), (32, 16)], ['gelu', 'gelu'])
     """
 
     def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, *,

@@ -3,10 +3,16 @@
 Three stages of basic blocks with widths ``(16, 32, 64) × width``; ``depth = 6n+2``.
 The stem (first conv) and the head are the layers sparse recipes keep dense.
 
-Example::
+Example:
 
-    model = ResNet(depth=8, width=1, num_classes=10, in_channels=3, rngs=nnx.Rngs(0))
-    logits = model(jnp.ones((2, 32, 32, 3)))
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sparsejax.models import ResNet
+    >>> model = ResNet(depth=8, width=1, num_classes=10, in_channels=3, rngs=nnx.Rngs(0))
+    >>> model(jnp.ones((2, 8, 8, 3))).shape
+    (2, 10)
+    >>> model.stem.kernel.shape, [b.conv2.kernel.shape[-1] for b in model.blocks]
+    ((3, 3, 3, 16), [16, 32, 64])
 """
 
 from __future__ import annotations
@@ -21,9 +27,15 @@ from sparsejax.nn.layers import Activation
 class BasicBlock(nnx.Module):
     """Two 3×3 convs with BatchNorm and a projection shortcut when the shape changes.
 
-    Example::
+    Example:
 
-        BasicBlock(16, 32, stride=2, rngs=nnx.Rngs(0))(jnp.ones((1, 8, 8, 16))).shape
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.models.resnet import BasicBlock
+        >>> BasicBlock(16, 32, stride=2, rngs=nnx.Rngs(0))(jnp.ones((1, 8, 8, 16))).shape
+        (1, 4, 4, 32)
+        >>> BasicBlock(16, 16, stride=1, rngs=nnx.Rngs(0)).proj is None   # identity shortcut
+        True
     """
 
     def __init__(self, c_in: int, c_out: int, *, stride: int, activation: str = "relu",
@@ -50,9 +62,16 @@ class BasicBlock(nnx.Module):
 class ResNet(nnx.Module):
     """CIFAR ResNet-(6n+2): stem conv, three stages of n basic blocks, pool, head.
 
-    Example::
+    Example:
 
-        ResNet(depth=20, width=1, num_classes=10, rngs=nnx.Rngs(0))
+        >>> from flax import nnx
+        >>> from sparsejax.models import ResNet
+        >>> model = ResNet(depth=20, width=1, num_classes=10, rngs=nnx.Rngs(0))
+        >>> len(model.blocks), model.head.kernel.shape     # 3 stages of n = 3 blocks
+        (9, (64, 10))
+        >>> wide = nnx.eval_shape(lambda: ResNet(depth=8, width=2, rngs=nnx.Rngs(0)))  # abstract
+        >>> wide.stem.kernel.shape, wide.head.kernel.shape                  # widths × 2
+        ((3, 3, 3, 32), (128, 10))
     """
 
     def __init__(self, depth: int = 20, width: float = 1, num_classes: int = 10, *,

@@ -1,10 +1,14 @@
 """Vision Transformer (Dosovitskiy et al. 2021) with mean pooling and a selectable activation.
 
-Example::
+Example:
 
-    model = ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10, d_model=64,
-                num_heads=4, num_layers=2, d_ff=128, activation='relu', rngs=nnx.Rngs(0))
-    logits = model(jnp.ones((2, 8, 8, 1)))
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sparsejax.models import ViT
+    >>> model = ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10, d_model=64,
+    ...             num_heads=4, num_layers=2, d_ff=128, activation='relu', rngs=nnx.Rngs(0))
+    >>> model(jnp.ones((2, 8, 8, 1))).shape, model.pos.shape    # 16 patches of 2×2
+    ((2, 10), (1, 16, 64))
 """
 
 from __future__ import annotations
@@ -27,9 +31,15 @@ class ViT(nnx.Module):
     ``models.blocks.ATTENTIONS``/``FFNS`` (or are a module class or factory), and
     ``attention_options``/``ffn_options`` are its keywords.
 
-    Example::
+    Example:
 
-        ViT(image_size=32, patch_size=4, in_channels=3, num_classes=10, rngs=nnx.Rngs(0))
+        >>> from flax import nnx
+        >>> from sparsejax.models import ViT
+        >>> model = ViT(image_size=32, patch_size=4, in_channels=3, num_classes=10,
+        ...             attention='spark', attention_options={'keys_per_query': 16},
+        ...             rngs=nnx.Rngs(0))
+        >>> model.embed.kernel.shape, model.pos.shape, type(model.blocks[0].attn).__name__
+        ((4, 4, 3, 64), (1, 64, 64), 'SparkAttention')
     """
 
     def __init__(self, *, image_size: int, patch_size: int, in_channels: int,

@@ -14,9 +14,16 @@ transform (RigL by default); ``sparsejax.ift`` sizes them.
 - ``SparseDoped``: ``W_sparse x + V(U x)``, a sparse copy of ``W`` plus a dense rank-``r``
   path ``U: d_in → r`` (same kernel), ``V: r → d_out`` (1×1).
 
-Example::
+Example:
 
-    layer = SparseDoped(nnx.Linear(512, 512, rngs=nnx.Rngs(0)), rank=128, rngs=nnx.Rngs(1))
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sparsejax.nn.ift import SparseDoped
+    >>> layer = SparseDoped(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), rank=16, rngs=nnx.Rngs(1))
+    >>> layer.sparse.kernel.shape, layer.low_u.kernel.shape, layer.low_v.kernel.shape
+    ((64, 64), (64, 16), (16, 64))
+    >>> layer(jnp.ones((2, 64))).shape
+    (2, 64)
 """
 
 from __future__ import annotations
@@ -62,9 +69,17 @@ def layer_kwargs(layer) -> dict:
     ``bias_metadata`` from its parameters (sharding annotations). Flax does not keep
     ``kernel_init``/``bias_init``; pass them to the Sparse-IFT layer to set them.
 
-    Example::
+    Example:
 
-        layer_kwargs(nnx.Linear(4, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))['dtype']   # bfloat16
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn.ift import layer_kwargs
+        >>> kw = layer_kwargs(nnx.Linear(4, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+        >>> kw['dtype'] == jnp.bfloat16, kw['use_bias']
+        (True, True)
+        >>> kw = layer_kwargs(nnx.Conv(16, 16, (3, 3), strides=2, rngs=nnx.Rngs(0)))
+        >>> kw['kernel_size'], kw['strides'], kw['padding']
+        ((3, 3), 2, 'SAME')
     """
     check_layer(layer)
     kind = nnx.Conv if _is_conv(layer) else nnx.Linear
@@ -84,9 +99,16 @@ def clone_layer(layer, *, rngs: nnx.Rngs, in_features: int | None = None,
     stride-1, unpadded conv (a Linear stays a Linear). ``overrides`` (e.g.
     ``kernel_init``) replace or add constructor arguments.
 
-    Example::
+    Example:
 
-        u = clone_layer(conv, in_features=64, out_features=32, rngs=nnx.Rngs(0))
+        >>> from flax import nnx
+        >>> from sparsejax.nn.ift import clone_layer
+        >>> conv = nnx.Conv(16, 16, (3, 3), strides=2, rngs=nnx.Rngs(0))
+        >>> u = clone_layer(conv, out_features=4, rngs=nnx.Rngs(0))
+        >>> type(u).__name__, u.kernel.shape, u.strides
+        ('Conv', (3, 3, 16, 4), 2)
+        >>> clone_layer(conv, pointwise=True, rngs=nnx.Rngs(0)).kernel.shape
+        (1, 1, 16, 16)
     """
     kwargs = layer_kwargs(layer)
     d_in = layer.in_features if in_features is None else in_features
@@ -133,9 +155,14 @@ class SparseParallel(nnx.Module):
     by ``layer_kwargs`` given here (e.g. ``kernel_init``); keyword arguments of a call
     (e.g. ``out_sharding``) go to every branch, as they would to ``layer``.
 
-    Example::
+    Example:
 
-        SparseParallel(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), 4, rngs=nnx.Rngs(1))
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn.ift import SparseParallel
+        >>> layer = SparseParallel(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), 4, rngs=nnx.Rngs(1))
+        >>> len(layer.branches), type(layer.norms[0]).__name__, layer(jnp.ones((2, 64))).shape
+        (4, 'LayerNorm', (2, 64))
     """
 
     def __init__(self, layer, num_branches: int, *, norm: str | None = None, rngs: nnx.Rngs,
@@ -164,9 +191,17 @@ class SparseFactorized(nnx.Module):
     by ``layer_kwargs``; keyword arguments of a call (e.g. ``out_sharding``) go to ``V``,
     which makes the output ``layer`` would have made.
 
-    Example::
+    Example:
 
-        SparseFactorized(nnx.Linear(512, 512, rngs=nnx.Rngs(0)), d_sf=1024, rngs=nnx.Rngs(1))
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn.ift import SparseFactorized
+        >>> layer = SparseFactorized(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), d_sf=128,
+        ...                          rngs=nnx.Rngs(1))
+        >>> layer.u.kernel.shape, layer.u.bias, layer.v.kernel.shape, layer.sigma
+        ((64, 128), None, (128, 64), 'norm_relu')
+        >>> layer(jnp.ones((2, 64))).shape
+        (2, 64)
     """
 
     def __init__(self, layer, d_sf: int, *, sigma: str = "norm_relu", rngs: nnx.Rngs,
@@ -197,9 +232,17 @@ class SparseDoped(nnx.Module):
     ``out_sharding``) go to ``W_sparse`` and ``V``, which make the output ``layer`` would
     have made.
 
-    Example::
+    Example:
 
-        SparseDoped(nnx.Conv(64, 64, (3, 3), rngs=nnx.Rngs(0)), rank=32, rngs=nnx.Rngs(1))
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn.ift import SparseDoped
+        >>> layer = SparseDoped(nnx.Conv(16, 16, (3, 3), rngs=nnx.Rngs(0)), rank=4,
+        ...                     rngs=nnx.Rngs(1))
+        >>> layer.sparse.kernel.shape, layer.low_u.kernel.shape, layer.low_v.kernel.shape
+        ((3, 3, 16, 16), (3, 3, 16, 4), (1, 1, 4, 16))
+        >>> layer(jnp.ones((1, 8, 8, 16))).shape
+        (1, 8, 8, 16)
     """
 
     def __init__(self, layer, rank: int, *, rngs: nnx.Rngs, **layer_kwargs):

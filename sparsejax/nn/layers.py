@@ -5,10 +5,20 @@ sparse one (``SparkFFN``, ``SparseAttention``, ``functools.partial(TopKFFN, dens
 goes in without a registry. The activation is a submodule (``.../mlp/act``) so surgery
 rules can replace it.
 
-Example::
+Example:
 
-    block = Block(64, 4, 256, activation='gelu', causal=True, rngs=nnx.Rngs(0))
-    y = block(jnp.ones((2, 16, 64)))
+    >>> import functools
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sparsejax.nn import TopKFFN
+    >>> from sparsejax.nn.layers import Block
+    >>> block = Block(16, 4, 32, activation='gelu', causal=True, rngs=nnx.Rngs(0))
+    >>> block(jnp.ones((2, 5, 16))).shape
+    (2, 5, 16)
+    >>> sparse = Block(16, 4, 32, activation='relu', causal=True, rngs=nnx.Rngs(0),
+    ...                ffn=functools.partial(TopKFFN, density=0.25))
+    >>> type(sparse.mlp).__name__, type(sparse.mlp.act).__name__
+    ('TopKFFN', 'TopKActivation')
 """
 
 from __future__ import annotations
@@ -28,9 +38,12 @@ FFNFactory = Callable[..., nnx.Module]        # (d_model, d_ff, activation, *, r
 class Activation(nnx.Module):
     """A named elementwise activation as a module, so surgery can swap it by path.
 
-    Example::
+    Example:
 
-        act = Activation('relu'); act(jnp.array([-1.0, 2.0]))  # [0., 2.]
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.nn.layers import Activation
+        >>> act = Activation('relu'); act(jnp.array([-1.0, 2.0])).tolist()
+        [0.0, 2.0]
     """
 
     def __init__(self, name: str = "relu"):
@@ -44,9 +57,15 @@ class Activation(nnx.Module):
 class FFN(nnx.Module):
     """Transformer feed-forward: ``down(act(up(x)))``.
 
-    Example::
+    Example:
 
-        ffn = FFN(32, 128, 'relu', rngs=nnx.Rngs(0)); ffn(jnp.ones((2, 5, 32))).shape
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn.layers import FFN
+        >>> ffn = FFN(32, 128, 'relu', rngs=nnx.Rngs(0)); ffn(jnp.ones((2, 5, 32))).shape
+        (2, 5, 32)
+        >>> ffn.up.kernel.shape, ffn.act.name, ffn.down.kernel.shape
+        ((32, 128), 'relu', (128, 32))
     """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", *, rngs: nnx.Rngs):
@@ -61,9 +80,16 @@ class FFN(nnx.Module):
 def dot_product_attention(q, k, v, *, causal: bool) -> jax.Array:
     """Reference softmax attention on ``[batch, seq, heads, head_dim]`` arrays.
 
-    Example::
+    Example:
 
-        o = dot_product_attention(q, k, v, causal=True)  # same shape as q
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.nn.layers import dot_product_attention
+        >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 4, 8))  # [b, t, h, d]
+        >>> o = dot_product_attention(q, k, v, causal=True)
+        >>> o.shape                                        # same shape as q
+        (2, 5, 4, 8)
+        >>> bool(jnp.allclose(o[:, 0], v[:, 0]))             # query 0 sees only key 0
+        True
     """
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
@@ -78,10 +104,14 @@ def dot_product_attention(q, k, v, *, causal: bool) -> jax.Array:
 class Attention(nnx.Module):
     """Multi-head self-attention with separate q/k/v/o projections.
 
-    Example::
+    Example:
 
-        attn = Attention(64, 4, causal=True, rngs=nnx.Rngs(0))
-        attn(jnp.ones((2, 10, 64))).shape  # (2, 10, 64)
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn.layers import Attention
+        >>> attn = Attention(64, 4, causal=True, rngs=nnx.Rngs(0))
+        >>> attn(jnp.ones((2, 10, 64))).shape, attn.head_dim
+        ((2, 10, 64), 16)
     """
 
     def __init__(self, d_model: int, num_heads: int, *, causal: bool, rngs: nnx.Rngs):
@@ -111,9 +141,14 @@ class Block(nnx.Module):
     ``ffn`` as ``ffn(d_model, d_ff, activation, rngs=...)``: a module class or any factory
     with that signature (e.g. ``functools.partial(SparkFFN, density=0.08)``).
 
-    Example::
+    Example:
 
-        Block(64, 4, 256, activation='relu', causal=False, rngs=nnx.Rngs(0))
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn.layers import Block
+        >>> block = Block(64, 4, 256, activation='relu', causal=False, rngs=nnx.Rngs(0))
+        >>> block(jnp.ones((2, 10, 64))).shape, block.attn.causal, block.mlp.up.kernel.shape
+        ((2, 10, 64), False, (64, 256))
     """
 
     def __init__(self, d_model: int, num_heads: int, d_ff: int, *, activation: str,
@@ -134,9 +169,13 @@ def block_stack(num_layers: int, d_model: int, num_heads: int, d_ff: int, *, act
                 ffn: FFNFactory = FFN) -> nnx.List:
     """``num_layers`` blocks as an ``nnx.List`` (parameter paths ``blocks/<i>/...``).
 
-    Example::
+    Example:
 
-        self.blocks = block_stack(2, 64, 4, 256, activation='gelu', causal=True, rngs=rngs)
+        >>> from flax import nnx
+        >>> from sparsejax.nn.layers import block_stack
+        >>> blocks = block_stack(2, 64, 4, 256, activation='gelu', causal=True, rngs=nnx.Rngs(0))
+        >>> type(blocks).__name__, len(blocks), type(blocks[1]).__name__
+        ('List', 2, 'Block')
     """
     return nnx.List([Block(d_model, num_heads, d_ff, activation=activation, causal=causal,
                            attention=attention, ffn=ffn, rngs=rngs)

@@ -11,10 +11,17 @@ where ``q1`` is the first ``r`` input dims (the low-cost predictor, ``r ≈ d_mo
 the units the predictor selects need ``K2``'s columns and ``V``'s rows (the decode
 kernel in ``sparsejax.kernels`` exploits that); this module computes them densely.
 
-Example::
+Example:
 
-    ffn = SparkFFN(64, 256, 'gelu', density=0.08, rngs=nnx.Rngs(0))
-    y = ffn(jnp.ones((2, 10, 64)))
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sparsejax.nn.spark import SparkFFN
+    >>> ffn = SparkFFN(64, 256, 'gelu', density=0.08, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(0), (2, 10, 64))
+    >>> ffn(x).shape
+    (2, 10, 64)
+    >>> round(float((ffn.gate(x) != 0).mean()), 2)    # about 8% of the 256 units per token
+    0.08
 """
 
 from __future__ import annotations
@@ -36,9 +43,16 @@ class TopKActivation(nnx.Module):
     ``mode``: 'exact' (``lax.top_k``, exactly k per token), 'approx'
     (``lax.approx_max_k``) or 'statistical' (Spark's threshold, hard form, no sort).
 
-    Example::
+    Example:
 
-        act = TopKActivation('relu', density=0.08, mode='statistical')
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.nn.spark import TopKActivation
+        >>> x = jax.random.normal(jax.random.key(0), (4, 100))
+        >>> (TopKActivation('relu', density=0.08)(x) != 0).sum(-1).tolist()   # exactly k = 8
+        [8, 8, 8, 8]
+        >>> act = TopKActivation('relu', density=0.08, mode='statistical')
+        >>> (act(x) != 0).sum(-1).tolist()                   # about 8, no sort
+        [9, 11, 12, 10]
     """
 
     def __init__(self, activation: str = "relu", *, density: float = 0.08, mode: str = "exact"):
@@ -61,9 +75,13 @@ class SparkFFN(nnx.Module):
     """Spark FFN: a low-cost predictor ``K1ᵀ q1`` picks the active units by statistical
     top-k (soft form), gated by ``K2ᵀ q2``, then ``V``.
 
-    Example::
+    Example:
 
-        SparkFFN(128, 512, 'gelu', density=0.08, rngs=nnx.Rngs(0))
+        >>> from flax import nnx
+        >>> from sparsejax.nn.spark import SparkFFN
+        >>> ffn = SparkFFN(128, 512, 'gelu', density=0.08, rngs=nnx.Rngs(0))
+        >>> ffn.r, ffn.k1.kernel.shape, ffn.k2.kernel.shape, ffn.v.kernel.shape
+        (64, (64, 512), (64, 512), (512, 128))
     """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", *,
@@ -97,9 +115,16 @@ class SparkFFN(nnx.Module):
         threshold keeps more, the largest gates are kept. Pass ``k2_unit_major =
         unit_major(ffn.k2)`` once per generation to avoid a transpose per token.
 
-        Example::
+        Example:
 
-            y = ffn.decode(x_token)          # == ffn(x_token) when ≤ k_max units fire
+            >>> import jax, jax.numpy as jnp
+            >>> from flax import nnx
+            >>> from sparsejax.nn.spark import SparkFFN
+            >>> ffn = SparkFFN(32, 128, 'gelu', density=0.1, rngs=nnx.Rngs(0))
+            >>> x_token = jax.random.normal(jax.random.key(0), (2, 32))
+            >>> y = ffn.decode(x_token)          # == ffn(x_token) when ≤ k_max units fire
+            >>> y.shape, bool(jnp.allclose(y, ffn(x_token), atol=1e-5))
+            ((2, 32), True)
         """
         from sparsejax.kernels.sparse_ffn import spark_ffn_decode, unit_major
 
@@ -115,9 +140,14 @@ class TopKFFN(FFN):
     """The dense FFN with its activation followed by top-k (``TopKActivation``); the
     activation stays at ``mlp/act`` so the Lazy Neuron measurement finds it.
 
-    Example::
+    Example:
 
-        TopKFFN(64, 256, 'relu', density=0.08, mode='statistical', rngs=nnx.Rngs(0))
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn.spark import TopKFFN
+        >>> ffn = TopKFFN(64, 256, 'relu', density=0.08, mode='statistical', rngs=nnx.Rngs(0))
+        >>> type(ffn.act).__name__, ffn.act.density, ffn.act.mode, ffn(jnp.ones((2, 64))).shape
+        ('TopKActivation', 0.08, 'statistical', (2, 64))
     """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "relu", *,
@@ -129,9 +159,16 @@ class TopKFFN(FFN):
         """The same output for a few tokens (decode), reading only the kept rows of
         ``W_down`` (``sparsejax.kernels.sparse_ffn``); 'approx' selects exactly.
 
-        Example::
+        Example:
 
-            y = ffn.decode(x_token)          # == ffn(x_token)
+            >>> import jax, jax.numpy as jnp
+            >>> from flax import nnx
+            >>> from sparsejax.nn.spark import TopKFFN
+            >>> ffn = TopKFFN(32, 128, 'relu', density=0.1, rngs=nnx.Rngs(0))
+            >>> x_token = jax.random.normal(jax.random.key(0), (2, 32))
+            >>> y = ffn.decode(x_token)          # == ffn(x_token)
+            >>> y.shape, bool(jnp.allclose(y, ffn(x_token), atol=1e-5))
+            ((2, 32), True)
         """
         from sparsejax.kernels.sparse_ffn import topk_ffn_decode
 
@@ -148,9 +185,13 @@ class TopKFFN(FFN):
 class StatisticalTopKFFN(TopKFFN):
     """``TopKFFN`` with Spark's statistical top-k.
 
-    Example::
+    Example:
 
-        StatisticalTopKFFN(32, 128, density=0.1, rngs=nnx.Rngs(0))
+        >>> from flax import nnx
+        >>> from sparsejax.nn.spark import StatisticalTopKFFN
+        >>> ffn = StatisticalTopKFFN(32, 128, density=0.1, rngs=nnx.Rngs(0))
+        >>> ffn.act.name, ffn.act.mode, ffn.act.density
+        ('relu', 'statistical', 0.1)
     """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "relu", *,
@@ -168,10 +209,17 @@ class BlockSparseFFN(FFN):
     nearly every unit); sharing the selection across a tile can. Tokens are the flattened
     leading dims; their count must be a multiple of ``tile_tokens``.
 
-    Example::
+    Example:
 
-        BlockSparseFFN(64, 256, 'gelu', density=0.25, block_units=32, tile_tokens=32,
-                       rngs=nnx.Rngs(0))
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn.spark import BlockSparseFFN
+        >>> ffn = BlockSparseFFN(64, 256, 'gelu', density=0.25, block_units=32, tile_tokens=32,
+        ...                      rngs=nnx.Rngs(0))
+        >>> ffn.keep_blocks                       # 2 of the 8 blocks of 32 units per tile
+        2
+        >>> ffn(jnp.ones((2, 32, 64))).shape      # 64 tokens: 2 tiles
+        (2, 32, 64)
     """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", *,
@@ -203,9 +251,16 @@ def spark_key_mask(q_low: jax.Array, k_low: jax.Array, keys_per_query: int,
     and the keys with ``s > θ`` are kept, about ``k`` of them; with ``n_valid ≤ k`` every valid key is kept,
     and the best-scoring key always is. Shapes ``[B, T, H, d_low]`` → ``[B, H, Tq, Tk]``.
 
-    Example::
+    Example:
 
-        keep = spark_key_mask(q[..., :16], k[..., :16], keys_per_query=64, causal=True)
+        >>> import jax
+        >>> from sparsejax.nn.spark import spark_key_mask
+        >>> q, k = jax.random.normal(jax.random.key(0), (2, 1, 32, 2, 8))   # [B, T, H, d]
+        >>> keep = spark_key_mask(q[..., :4], k[..., :4], keys_per_query=8, causal=True)
+        >>> keep.shape, keep[0, 0, :6].sum(-1).tolist()    # the first queries keep every key
+        ((1, 2, 32, 32), [1, 2, 3, 4, 5, 6])
+        >>> round(float(keep[..., 16:, :].sum(-1).mean()), 1)   # later queries: about 8
+        8.1
     """
     s = jnp.einsum("bqhd,bkhd->bhqk", q_low, k_low).astype(jnp.float32)
     t_q, t_k = s.shape[-2:]
@@ -228,9 +283,14 @@ class SparkAttention(Attention):
     ``SparseAttention(pattern='spark')`` makes the same statistical choice over key blocks,
     so that the block-sparse kernel skips the rest.
 
-    Example::
+    Example:
 
-        SparkAttention(64, 4, causal=True, keys_per_query=32, rngs=nnx.Rngs(0))
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn.spark import SparkAttention
+        >>> attn = SparkAttention(64, 4, causal=True, keys_per_query=32, rngs=nnx.Rngs(0))
+        >>> attn.head_dim, attn.d_low, attn(jnp.ones((2, 10, 64))).shape
+        (16, 8, (2, 10, 64))
     """
 
     def __init__(self, d_model: int, num_heads: int, *, causal: bool,

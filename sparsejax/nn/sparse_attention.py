@@ -23,11 +23,15 @@ The mask indices carry no gradient (``stop_gradient``); q, k and v get theirs th
 attention. On CPU the kernel's XLA path runs (``implementation=None``); on GPU the Pallas
 kernel.
 
-Example::
+Example:
 
-    attn = SparseAttention(64, 4, causal=True, pattern='window', window=32, block_size=16,
-                           rngs=nnx.Rngs(0))
-    attn(jnp.ones((2, 128, 64))).shape  # (2, 128, 64)
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sparsejax.nn import SparseAttention
+    >>> attn = SparseAttention(64, 4, causal=True, pattern='window', window=32, block_size=16,
+    ...                        rngs=nnx.Rngs(0))
+    >>> attn(jnp.ones((2, 128, 64))).shape
+    (2, 128, 64)
 """
 
 from __future__ import annotations
@@ -52,10 +56,17 @@ class SparseAttention(Attention):
     ``d_low`` (``'spark'``) configure the patterns; ``implementation`` is passed to
     ``block_sparse_attention`` (None: Pallas on GPU, XLA elsewhere).
 
-    Example::
+    Example:
 
-        SparseAttention(128, 4, causal=True, pattern='spark', keys_per_query=64, block_size=16,
-                        rngs=nnx.Rngs(0))
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.nn import SparseAttention
+        >>> attn = SparseAttention(128, 4, causal=True, pattern='spark', keys_per_query=64,
+        ...                        block_size=16, rngs=nnx.Rngs(0))
+        >>> attn.head_dim, attn.d_low
+        (32, 16)
+        >>> attn(jax.random.normal(jax.random.key(0), (1, 128, 128))).shape
+        (1, 128, 128)
     """
 
     def __init__(self, d_model: int, num_heads: int, *, causal: bool, pattern: str = "window",
@@ -82,9 +93,16 @@ class SparseAttention(Attention):
     def block_mask(self, q: jax.Array, key: jax.Array) -> bsm.BlockMask:
         """The ``BlockMask`` this layer uses for ``q: [B, T, H, D]``, ``key: [B, S, H, D]``.
 
-        Example::
+        Example:
 
-            m = attn.block_mask(q, key); float(m.block_density)
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> from sparsejax.nn import SparseAttention
+            >>> attn = SparseAttention(64, 4, causal=True, pattern='window', window=32,
+            ...                        block_size=16, rngs=nnx.Rngs(0))
+            >>> q = key = jnp.ones((1, 128, 4, 16))      # [B, T, H, D]
+            >>> m = attn.block_mask(q, key); float(m.block_density)   # 1 + 2 + 6·3 of 8·8 pairs
+            0.328125
         """
         t, s, bs = q.shape[1], key.shape[1], self.block_size
         blocks = dict(block_q=bs, block_k=bs)

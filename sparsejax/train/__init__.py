@@ -1,9 +1,15 @@
 """Training: loop, state, sharding, orbax checkpoints, data and metrics.
 
-Example::
+Example:
 
-    from sparsejax.train import train_and_evaluate
-    train_and_evaluate(config, 'runs/quickstart')
+    >>> from configs import quickstart
+    >>> from sparsejax.train import TRANSFORMS, make_trainer, train_and_evaluate
+    >>> sorted(TRANSFORMS)                       # config.method.name
+    ['dense', 'gradual', 'mdgf', 'nm_ste', 'one_shot', 'rigl', 'sdgf', 'set', 'sr_ste', 'static']
+    >>> config = quickstart.get_config('rigl,0.9,tiny')
+    >>> trainer = make_trainer(config)      # what train_and_evaluate(config, workdir) runs
+    >>> type(trainer).__name__, trainer.global_batch, config.num_steps
+    ('Trainer', 32, 20)
 """
 
 from sparsejax.train.build import build, build_model, sparse_ift_plan

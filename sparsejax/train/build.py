@@ -6,11 +6,22 @@ transform. ``config.model_name`` picks a class from ``sparsejax.models.MODELS`` 
 ``config.model`` holds exactly that class's constructor arguments, except the ones the
 data decides (``data_kwargs``). See docs/architecture.md, "The builder step".
 
-Example::
+Example:
 
-    built = build(quickstart.get_config('doped,0.75,tiny'), dataset.info)
-    model = built.make_model(jax.random.key(0))     # the Sparse Doped MLP
-    state = built.tx.init(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    >>> import jax
+    >>> import sparsejax
+    >>> from flax import nnx
+    >>> from configs import quickstart
+    >>> from sparsejax.train.build import build
+    >>> from sparsejax.train.data import DataInfo
+    >>> info = DataInfo('classification', (8, 8, 1), 10)        # the digits data
+    >>> built = build(quickstart.get_config('doped,0.75,tiny'), info)
+    >>> model = built.make_model(jax.random.key(0))     # the Sparse Doped MLP
+    >>> type(model.layers[1]).__name__, model.layers[1].low_u.kernel.shape
+    ('SparseDoped', (256, 96))
+    >>> state = built.tx.init(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    >>> sparsejax.mask_counts(state.masks)              # 25% of the sparse copy kept
+    {'layers/1/sparse/kernel': (16384, 65536)}
 """
 
 from __future__ import annotations
@@ -38,10 +49,14 @@ _TASKS = {"mlp": "classification", "resnet": "classification", "vit": "classific
 def data_kwargs(model_name: str, info: DataInfo) -> dict:
     """The constructor arguments of ``MODELS[model_name]`` that the data decides.
 
-    Example::
+    Example:
 
-        data_kwargs('mlp', DataInfo('classification', (8, 8, 1), 10))
-        # {'in_features': 64, 'num_classes': 10}
+        >>> from sparsejax.train.build import data_kwargs
+        >>> from sparsejax.train.data import DataInfo
+        >>> data_kwargs('mlp', DataInfo('classification', (8, 8, 1), 10))
+        {'in_features': 64, 'num_classes': 10}
+        >>> data_kwargs('lm', DataInfo('lm', (64,), 256))
+        {'vocab_size': 256, 'max_len': 64}
     """
     if model_name not in MODELS:
         raise ValueError(f"config.model_name: unknown model {model_name!r}; known: "
@@ -74,9 +89,17 @@ def model_kwargs(model_name: str, model: Mapping, info: DataInfo) -> dict:
     A key the constructor does not take, or one the data decides, is a ValueError naming
     the accepted keys.
 
-    Example::
+    Example:
 
-        model_kwargs('mlp', {'hidden': (64,)}, info)   # {'hidden': (64,), 'in_features': 64, ...}
+        >>> from sparsejax.train.build import model_kwargs
+        >>> from sparsejax.train.data import DataInfo
+        >>> info = DataInfo('classification', (8, 8, 1), 10)
+        >>> model_kwargs('mlp', {'hidden': (64,)}, info)
+        {'hidden': (64,), 'in_features': 64, 'num_classes': 10}
+        >>> model_kwargs('mlp', {'hidden': (64,), 'num_classes': 3}, info)
+        Traceback (most recent call last):
+        ...
+        ValueError: config.model: MLP takes no argument(s) ['num_classes']; config.model ...
     """
     from_data = data_kwargs(model_name, info)
     params = init_parameters(MODELS[model_name])
@@ -92,10 +115,16 @@ def model_kwargs(model_name: str, model: Mapping, info: DataInfo) -> dict:
 def build_model(model_name: str, model: Mapping, info: DataInfo, rngs: nnx.Rngs) -> nnx.Module:
     """``MODELS[model_name](**config.model, <data arguments>, rngs=rngs)``.
 
-    Example::
+    Example:
 
-        build_model('vit', {'patch_size': 2}, DataInfo('classification', (8, 8, 1), 10),
-                    nnx.Rngs(0))
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.train.build import build_model
+        >>> from sparsejax.train.data import DataInfo
+        >>> model = build_model('vit', {'patch_size': 2}, DataInfo('classification', (8, 8, 1), 10),
+        ...                     nnx.Rngs(0))
+        >>> type(model).__name__, model.pos.shape, model(jnp.ones((2, 8, 8, 1))).shape
+        ('ViT', (1, 16, 64), (2, 10))
     """
     kwargs = model_kwargs(model_name, model, info)  # checks the name first
     return MODELS[model_name](**kwargs, rngs=rngs)
@@ -110,9 +139,13 @@ def scale_width(model_name: str, model: Mapping, multiplier: float) -> dict:
     ResNet ``width``; ViT/LM ``d_ff`` and ``d_model`` (kept a multiple of ``num_heads``).
     Missing keys take the constructor's default.
 
-    Example::
+    Example:
 
-        scale_width('mlp', {'hidden': (256, 256)}, 2.0)['hidden']   # (512, 512)
+        >>> from sparsejax.train.build import scale_width
+        >>> scale_width('mlp', {'hidden': (256, 256)}, 2.0)['hidden']
+        (512, 512)
+        >>> scale_width('vit', {'num_heads': 4}, 1.5)      # defaults d_model=64, d_ff=256
+        {'num_heads': 4, 'd_model': 96, 'd_ff': 384}
     """
     d = {k: _plain(v) for k, v in dict(model).items()}
     get = lambda key: d[key] if key in d else _default(model_name, key)  # noqa: E731
@@ -131,9 +164,15 @@ def example_call(info: DataInfo) -> Callable[[nnx.Module], Any]:
     """``call(model)`` on one all-zeros example of the data's input shape (int32 tokens for
     language models), for the tools that trace a forward pass.
 
-    Example::
+    Example:
 
-        example_call(info)(model).shape   # (1, num_classes)
+        >>> from flax import nnx
+        >>> from sparsejax.models import MLP
+        >>> from sparsejax.train.build import example_call
+        >>> from sparsejax.train.data import DataInfo
+        >>> info = DataInfo('classification', (8, 8, 1), 10)
+        >>> example_call(info)(MLP(64, (16,), 10, rngs=nnx.Rngs(0))).shape   # (1, num_classes)
+        (1, 10)
     """
     dtype = jnp.int32 if info.task == "lm" else jnp.float32
     x = jnp.zeros((1, *info.input_shape), dtype)
@@ -154,10 +193,17 @@ def sparse_ift_plan(config, info: DataInfo) -> IFTPlan:
     """The ``IFTPlan`` of ``config.ift`` (keys: ``ift.transform``'s arguments). Wide sizes
     the width on abstract models.
 
-    Example::
+    Example:
 
-        plan = sparse_ift_plan(quickstart.get_config('doped,0.75'), info)
-        plan.paths, plan.rules   # ['layers/1'], [('layers/1/sparse/kernel', 0.75)]
+        >>> from configs import quickstart
+        >>> from sparsejax.train.build import sparse_ift_plan
+        >>> from sparsejax.train.data import DataInfo
+        >>> info = DataInfo('classification', (8, 8, 1), 10)
+        >>> plan = sparse_ift_plan(quickstart.get_config('doped,0.75'), info)
+        >>> plan.paths, plan.rules
+        (['layers/1'], [('layers/1/sparse/kernel', 0.75)])
+        >>> sparse_ift_plan(quickstart.get_config('rigl'), info).rules is None   # IFT off
+        True
     """
     c, name = config.ift, config.model_name
     base = {k: _plain(v) for k, v in config.model.items()}
@@ -190,12 +236,20 @@ def build(config, info: DataInfo, tx=None) -> Built:
 
     ``tx`` overrides the configured transform (a ``SparseTransformation`` or any plain
     optax transformation, wrapped in ``sparsejax.dense``); otherwise Sparse-IFT's rules,
-    when it is on, replace ``config.sparsity.rules``.
+    when it is on, replace ``config.method.rules``.
 
-    Example::
+    Example:
 
-        built = build(config, dataset.info)
-        model = built.make_model(jax.random.key(0))
+        >>> import jax
+        >>> from configs import quickstart
+        >>> from sparsejax.train.build import build
+        >>> from sparsejax.train.data import DataInfo
+        >>> config = quickstart.get_config('rigl,0.9,tiny')
+        >>> config.model.hidden = (32,)                 # config.model: MLP's arguments
+        >>> built = build(config, DataInfo('classification', (8, 8, 1), 10))
+        >>> model = built.make_model(jax.random.key(0))
+        >>> [l.kernel.shape for l in model.layers], model.head.kernel.shape, built.plan.rules
+        ([(64, 32)], (32, 10), None)
     """
     plan = sparse_ift_plan(config, info)
     model_kwargs(config.model_name, plan.model, info)  # a bad key fails here, not in the loop

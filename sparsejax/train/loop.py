@@ -5,11 +5,19 @@ donation) → metrics and checkpoints. The model is NNX; the hot step is
 ``nnx.merge`` inside ``jax.jit`` of pure-dict parameters, and the sparsity transform's
 ``forward`` gives the parameters the model computes with.
 
-Example::
+Example:
 
-    from configs import quickstart
-    summary = train_and_evaluate(quickstart.get_config('tiny'), '/tmp/run')
-    summary['eval_accuracy']
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from configs import quickstart
+    >>> from sparsejax.train import train_and_evaluate
+    >>> workdir = tempfile.mkdtemp()
+    >>> summary = train_and_evaluate(quickstart.get_config('tiny'), workdir, progress=False)
+    >>> summary['steps'], summary['resumed_from'], summary['eval_accuracy'] > 0.3   # chance: 0.1
+    (20, 0, True)
+    >>> sorted(p.name for p in Path(workdir).iterdir())
+    ['checkpoints', 'config.json', 'metrics.jsonl', 'summary.json', 'tensorboard']
+    >>> import shutil; shutil.rmtree(workdir)
 """
 
 from __future__ import annotations
@@ -41,9 +49,15 @@ def weighted_cross_entropy(logits: jax.Array, batch: dict) -> tuple[jax.Array, d
 
     Works for ``[B, C]`` classification and ``[B, T, V]`` language-model logits.
 
-    Example::
+    Example:
 
-        loss, stats = weighted_cross_entropy(logits, {'targets': y, 'weights': w})
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.train.loop import weighted_cross_entropy
+        >>> logits = jnp.array([[0., 0.], [9., 0.], [0., 9.]])    # [B, C]
+        >>> y, w = jnp.array([0, 0, 0]), jnp.array([1., 1., 0.])   # the last one is padding
+        >>> loss, stats = weighted_cross_entropy(logits, {'targets': y, 'weights': w})
+        >>> round(float(loss), 4), {k: round(float(v), 4) for k, v in stats.items()}
+        (0.3466, {'loss_sum': 0.6933, 'correct': 2.0, 'weight': 2.0})
     """
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
@@ -60,12 +74,20 @@ class Trainer(NamedTuple):
     ``init(rng) -> TrainState`` and ``step(state, batch) -> (state, stats)`` are jitted
     with explicit shardings; ``evaluate(state) -> stats`` runs the eval split.
 
-    Example::
+    Example:
 
-        t = make_trainer(config)
-        with jax.set_mesh(t.mesh):
-            state = t.init(jax.random.PRNGKey(0))
-            state, stats = t.step(state, t.device_batch(next(iterator)))
+        >>> import jax
+        >>> from configs import quickstart
+        >>> from sparsejax.train.data import BatchIterator
+        >>> from sparsejax.train.loop import make_trainer
+        >>> config = quickstart.get_config('tiny')
+        >>> t = make_trainer(config)
+        >>> iterator = BatchIterator(t.dataset.train, config.batch_size, config.seed)
+        >>> with jax.set_mesh(t.mesh):
+        ...     state = t.init(jax.random.PRNGKey(0))
+        ...     state, stats = t.step(state, t.device_batch(next(iterator)))
+        >>> int(state.step), sorted(stats), float(stats['weight'])
+        (1, ['correct', 'grad_norm', 'loss_sum', 'weight'], 32.0)
     """
 
     mesh: jax.sharding.Mesh
@@ -113,9 +135,16 @@ def make_trainer(config, tx=None) -> Trainer:
     ``tx`` overrides the configured transform: a ``SparseTransformation`` or any plain
     optax transformation (wrapped in ``sparsejax.dense``).
 
-    Example::
+    Example:
 
-        trainer = make_trainer(quickstart.get_config('tiny'))
+        >>> import jax
+        >>> from configs import quickstart
+        >>> from sparsejax.train.loop import make_trainer
+        >>> trainer = make_trainer(quickstart.get_config('tiny'))
+        >>> trainer.dataset.info, trainer.global_batch
+        (DataInfo(task='classification', input_shape=(8, 8, 1), num_classes=10), 32)
+        >>> jax.tree.map(lambda x: x.shape, trainer.abstract_state.params['layers'])  # abstract
+        {0: {'bias': (256,), 'kernel': (64, 256)}, 1: {'bias': (256,), 'kernel': (256, 256)}}
     """
     _check_config(config)
     n_dev = config.mesh.get("num_devices", 0)
@@ -187,9 +216,18 @@ def sparsity_stats(opt_state) -> dict:
     zeros over all masked leaves together) and each state's ``diagnostics`` (N:M flip rate
     and pruned-gradient statistics).
 
-    Example::
+    Example:
 
-        sparsity_stats(tx.init(params))   # {'sparsity': Array(0.9), ...}
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> from sparsejax.train.loop import sparsity_stats
+        >>> params = {'dense': {'kernel': jnp.ones((16, 8)), 'bias': jnp.zeros(8)}}
+        >>> tx = sparsejax.rigl(optax.adam(1e-3), 0.9, end_step=100)
+        >>> {k: round(float(v), 4) for k, v in sparsity_stats(tx.init(params)).items()}
+        {'sparsity': 0.8984}
+        >>> tx = sparsejax.nm_ste(optax.adam(1e-3), [(r'.*kernel', '2:4')])
+        >>> {k: round(float(v), 4) for k, v in sparsity_stats(tx.init(params)).items()}
+        {'flip_rate': 0.0, 'pruned_grad_norm': 0.0, 'pruned_grad_var': 0.0, 'sparsity': 0.5}
     """
     stats, masks = {}, []
     for _, s in sparsity_states(opt_state):
@@ -217,9 +255,21 @@ def train_and_evaluate(config, workdir: str | Path, *, hooks: Sequence[Hook] = (
     ``hook(step, state)`` after every step (analysis, early stopping). A bad config
     raises before the workdir is touched, so existing checkpoints are never harmed.
 
-    Example::
+    Example:
 
-        summary = train_and_evaluate(quickstart.get_config(), 'runs/quickstart')
+        >>> import os, tempfile
+        >>> from configs import quickstart
+        >>> from sparsejax.train.loop import train_and_evaluate
+        >>> config = quickstart.get_config('tiny')
+        >>> config.num_steps = 0
+        >>> workdir = os.path.join(tempfile.mkdtemp(), 'run')
+        >>> train_and_evaluate(config, workdir)
+        Traceback (most recent call last):
+        ...
+        ValueError: config.num_steps must be positive, got 0
+        >>> os.path.exists(workdir)          # a bad config never touches the workdir
+        False
+        >>> os.rmdir(os.path.dirname(workdir))
     """
     trainer = make_trainer(config, tx)
     workdir = Path(workdir)

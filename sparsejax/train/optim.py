@@ -1,14 +1,22 @@
 """Optimizer and sparsity transform from config; every default lives in one signature.
 
 ``config.optimizer`` holds exactly ``make_optimizer``'s keyword arguments.
-``config.sparsity.name`` picks a factory from ``TRANSFORMS`` and the rest of
-``config.sparsity`` holds exactly that factory's keyword arguments (``transform_arguments``
+``config.method.name`` picks a factory from ``TRANSFORMS`` and the rest of
+``config.method`` holds exactly that factory's keyword arguments (``transform_arguments``
 lists them with their defaults, read from the factory's signature). An unknown key is an
 error naming the accepted ones (docs/architecture.md, "Configuration").
 
-Example::
+Example:
 
-    tx = make_transform(config)   # a sparsejax.SparseTransformation
+    >>> import sparsejax
+    >>> from configs import quickstart
+    >>> from sparsejax.train.optim import make_transform
+    >>> config = quickstart.get_config('rigl,0.9,tiny')
+    >>> config.method.name, config.method.drop_fraction, config.optimizer.name
+    ('rigl', 0.3, 'adamw')
+    >>> tx = make_transform(config)
+    >>> isinstance(tx, sparsejax.SparseTransformation)
+    True
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ TRANSFORMS: dict[str, Callable[..., SparseTransformation]] = {
     "gradual": dst.gradual_magnitude, "set": dst.set_, "rigl": dst.rigl,
     "nm_ste": nm.nm_ste, "sr_ste": nm.sr_ste, "mdgf": nm.mdgf, "sdgf": nm.sdgf,
 }
-"""``config.sparsity.name`` → the factory it calls as ``factory(inner, **arguments)``."""
+"""``config.method.name`` → the factory it calls as ``factory(inner, **arguments)``."""
 
 REQUIRED = inspect.Parameter.empty
 """The default ``transform_arguments`` reports for an argument the config must set."""
@@ -36,9 +44,13 @@ def keyword_arguments(fn: Callable, skip: int = 0) -> dict:
     """``{name: default}`` of ``fn``'s parameters after the first ``skip`` positional ones
     (``REQUIRED`` where there is no default).
 
-    Example::
+    Example:
 
-        keyword_arguments(make_optimizer, skip=1)['learning_rate']   # 0.001
+        >>> from sparsejax.train.optim import keyword_arguments, make_optimizer
+        >>> args = keyword_arguments(make_optimizer, skip=1)
+        >>> args['learning_rate'], list(args)
+        (0.001, ['name', 'learning_rate', 'schedule', 'warmup_steps', 'weight_decay',
+                 'momentum', 'nesterov', 'grad_clip'])
     """
     params = list(inspect.signature(fn).parameters.values())[skip:]
     return {p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
@@ -47,10 +59,16 @@ def keyword_arguments(fn: Callable, skip: int = 0) -> dict:
 def check_section(section: Mapping, accepted, where: str) -> dict:
     """``section`` as a dict, or a ValueError naming the keys it may hold.
 
-    Example::
+    Example:
 
-        check_section({'learning_rate': 0.1}, keyword_arguments(make_optimizer, 1),
-                      'config.optimizer')
+        >>> from sparsejax.train.optim import check_section, keyword_arguments, make_optimizer
+        >>> check_section({'learning_rate': 0.1}, keyword_arguments(make_optimizer, 1),
+        ...               'config.optimizer')
+        {'learning_rate': 0.1}
+        >>> check_section({'lr': 0.1}, keyword_arguments(make_optimizer, 1), 'config.optimizer')
+        Traceback (most recent call last):
+        ...
+        ValueError: config.optimizer: unknown key(s) ['lr']; it accepts ['grad_clip', ...]
     """
     given = dict(section)
     unknown = sorted(set(given) - set(accepted))
@@ -60,15 +78,18 @@ def check_section(section: Mapping, accepted, where: str) -> dict:
 
 
 def transform_arguments(name: str) -> dict:
-    """The keyword arguments ``config.sparsity`` may hold for method ``name``, with the
+    """The keyword arguments ``config.method`` may hold for method ``name``, with the
     factory's defaults.
 
-    Example::
+    Example:
 
-        transform_arguments('rigl')['drop_fraction']   # 0.3
+        >>> from sparsejax.train.optim import REQUIRED, transform_arguments
+        >>> args = transform_arguments('rigl')
+        >>> args['drop_fraction'], args['update_every'], args['end_step'] is REQUIRED
+        (0.3, 100, True)
     """
     if name not in TRANSFORMS:
-        raise ValueError(f"config.sparsity.name: unknown sparsity transform {name!r}; known: "
+        raise ValueError(f"config.method.name: unknown sparsity method {name!r}; known: "
                          f"{sorted(TRANSFORMS)}")
     return keyword_arguments(TRANSFORMS[name], skip=1)
 
@@ -77,9 +98,12 @@ def make_schedule(num_steps: int, learning_rate: float, schedule: str = "cosine"
                   warmup_steps: int = 0) -> optax.Schedule:
     """'constant', or 'cosine' (linear warm-up, then cosine decay to 0 at ``num_steps``).
 
-    Example::
+    Example:
 
-        make_schedule(100, 1e-3, 'cosine', warmup_steps=10)(10)   # 1e-3
+        >>> from sparsejax.train.optim import make_schedule
+        >>> lr = make_schedule(100, 1e-3, 'cosine', warmup_steps=10)
+        >>> [round(float(lr(t)), 6) for t in (0, 5, 10, 55, 100)]   # warm-up, peak, cosine
+        [0.0, 0.0005, 0.001, 0.0005, 0.0]
     """
     if schedule == "constant":
         return optax.constant_schedule(learning_rate)
@@ -97,9 +121,16 @@ def make_optimizer(num_steps: int, *, name: str = "adamw", learning_rate: float 
     """'sgd' (decoupled ``weight_decay``, ``momentum``, ``nesterov``), 'adam', or 'adamw'
     (``weight_decay``), on ``make_schedule``, with global-norm clipping when ``grad_clip``.
 
-    Example::
+    Example:
 
-        make_optimizer(1000, name='adamw', learning_rate=1e-3)
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.train.optim import make_optimizer
+        >>> opt = make_optimizer(1000, name='sgd', learning_rate=0.1, schedule='constant',
+        ...                      weight_decay=0.0, momentum=0.0, grad_clip=1.0)
+        >>> params = {'w': jnp.zeros(2)}
+        >>> updates, _ = opt.update({'w': jnp.array([3., 4.])}, opt.init(params), params)
+        >>> [round(u, 4) for u in updates['w'].tolist()]   # clipped to norm 1, times -0.1
+        [-0.06, -0.08]
     """
     lr = make_schedule(num_steps, learning_rate, schedule, warmup_steps)
     if name == "sgd":
@@ -116,32 +147,43 @@ def make_optimizer(num_steps: int, *, name: str = "adamw", learning_rate: float 
 
 
 def make_transform(config, rules=None) -> SparseTransformation:
-    """``TRANSFORMS[config.sparsity.name](optimizer, **config.sparsity)``; ``rules``
-    replaces ``config.sparsity.rules`` (Sparse-IFT brings its own; ``[]``, nothing sparse,
+    """``TRANSFORMS[config.method.name](optimizer, **config.method)``; ``rules``
+    replaces ``config.method.rules`` (Sparse-IFT brings its own; ``[]``, nothing sparse,
     gives the dense baseline).
 
-    Example::
+    Example:
 
-        tx = make_transform(config); state = tx.init(params)
+        >>> import jax.numpy as jnp
+        >>> import sparsejax
+        >>> from configs import quickstart
+        >>> from sparsejax.train.optim import make_transform
+        >>> config = quickstart.get_config('rigl,0.9,tiny')   # rules: head dense, kernels sparse
+        >>> params = {'layers': [{'kernel': jnp.ones((64, 32)), 'bias': jnp.zeros(32)}],
+        ...           'head': {'kernel': jnp.ones((32, 10)), 'bias': jnp.zeros(10)}}
+        >>> tx = make_transform(config); state = tx.init(params)
+        >>> sparsejax.mask_counts(state.masks)           # 10% of 2048 kept
+        {'layers/0/kernel': (205, 2048)}
+        >>> sparsejax.sparsity_states(make_transform(config, rules=[]).init(params))  # dense
+        []
     """
     inner = make_optimizer(config.num_steps, **check_section(
         config.optimizer, keyword_arguments(make_optimizer, skip=1), "config.optimizer"))
-    section = {k: v for k, v in dict(config.sparsity).items() if k != "name"}
-    name = config.sparsity.name
+    section = {k: v for k, v in dict(config.method).items() if k != "name"}
+    name = config.method.name
     accepted = transform_arguments(name)
-    kwargs = check_section(section, accepted, f"config.sparsity (name={name!r})")
+    kwargs = check_section(section, accepted, f"config.method (name={name!r})")
     if rules is not None:
         if not rules:  # nothing is sparse (e.g. Sparse-IFT at s = 0): the dense baseline
             return dense(inner)
         if "rules" not in accepted:
-            raise ValueError(f"Sparse-IFT brings sparsity rules, but config.sparsity.name="
+            raise ValueError(f"Sparse-IFT brings sparsity rules, but config.method.name="
                              f"{name!r} takes none; use a sparse method such as 'rigl'")
         kwargs["rules"] = rules
     if "rules" in kwargs and kwargs["rules"] is not None:
         kwargs["rules"] = tuple(tuple(r) for r in kwargs["rules"])
     missing = sorted(k for k, v in accepted.items() if v is REQUIRED and k not in kwargs)
     if missing:
-        raise ValueError(f"config.sparsity (name={name!r}) must set {missing}")
+        raise ValueError(f"config.method (name={name!r}) must set {missing}")
     return TRANSFORMS[name](inner, **kwargs)
 
 

@@ -27,12 +27,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sparsejax.masks import match_rules, named_leaves, param_like_paths, path_str
+from sparsejax.masks import param_like_paths
+from sparsejax.paths import ShardingRule, match_rules, named_leaves, path_str
 
 __all__ = ["Rules", "batch_sharding", "make_mesh", "named_leaves", "param_shardings",
            "path_str", "shardings_like_params"]
 
-Rules = Sequence[tuple[str, Sequence[str | None] | None]]
+Rules = Sequence[ShardingRule]
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
