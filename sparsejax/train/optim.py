@@ -183,7 +183,9 @@ def make_transform(config, rules=None) -> SparseTransformation:
         kwargs["rules"] = tuple(tuple(r) for r in kwargs["rules"])
     missing = sorted(k for k, v in accepted.items() if v is REQUIRED and k not in kwargs)
     if missing:
-        raise ValueError(f"config.method (name={name!r}) must set {missing}")
+        raise ValueError(f"config.method (name={name!r}) must set {missing}; choose the method "
+                         f"in the config argument (e.g. configs/quickstart.py:{name}) so that "
+                         "config.method holds its arguments")
     return TRANSFORMS[name](inner, **kwargs)
 
 
