@@ -100,7 +100,7 @@ treescope.show(ckpt.params)
 #   (the pattern sparse tensor cores accelerate), sparsity `1 − N/M`.
 
 # %%
-RULES = config.method.rules
+RULES = quickstart.get_config("static").method.rules  # the quickstart's: head dense
 print("prunable:", [p for p, spec in sparsejax.resolve_rules(ckpt.params, RULES).items()
                     if spec != "dense"])
 

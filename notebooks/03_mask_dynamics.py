@@ -82,7 +82,8 @@ print(f"TINY={TINY}: {NUM_STEPS} steps, mask update every {UPDATE_EVERY}, runs u
 def run(method: str):
     config = quickstart.get_config(f"{method},{SPARSITY}")
     config.num_steps = NUM_STEPS
-    config.method.update_every = UPDATE_EVERY
+    if "update_every" in config.method:  # SET and RigL change masks; static does not
+        config.method.update_every = UPDATE_EVERY
     config.eval_every = NUM_STEPS // 10
     config.log_every = NUM_STEPS // 10
     config.checkpoint_every = 0  # only the final state

@@ -73,7 +73,8 @@ def make_config(method):
     config.log_every = RECORD_EVERY
     config.eval_every = NUM_STEPS // 10
     config.checkpoint_every = NUM_STEPS  # one checkpoint, at the end
-    config.method.alpha = 6.0 / NUM_STEPS
+    if "alpha" in config.method:  # MDGF's decay rate
+        config.method.alpha = 6.0 / NUM_STEPS
     if TINY:
         config.optimizer.warmup_steps = 5
     return config

@@ -79,7 +79,8 @@ def make_config(arg, hidden=None):
     if TINY:
         config.log_every = 10
         config.optimizer.warmup_steps = 5
-        config.method.update_every = 10
+        if "update_every" in config.method:  # RigL (dense has no masks)
+            config.method.update_every = 10
     return config
 
 

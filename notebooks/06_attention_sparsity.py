@@ -240,8 +240,8 @@ draw_masks({"causal": masks.causal_mask(256, **blocks),
 # `SINKS` sink and a stride of `STRIDE`. The gated mask (SeerAttention style) scores key
 # blocks by mean-pooled `q·k` and keeps the best `keep` per query block, always including
 # the diagonal block, so with `keep = 1` on two blocks it is block-local. The Spark mask,
-# `SparseAttention(pattern='spark').block_mask(q, k)`, picks about `k / BLOCK` key blocks
-# by Spark's statistical top-k over pooled low-dimensional scores, with no sort and no
+# `SparseAttention(pattern='spark').block_mask(q, k)`, picks about `keys_per_query / BLOCK`
+# key blocks by Spark's statistical top-k over pooled low-dimensional scores, with no sort and no
 # forced diagonal. Gated and Spark masks differ per example and head (drawn: example 0,
 # head 0).
 
@@ -257,7 +257,8 @@ def layer_qkv(m, tokens, layer):
 
 
 q, k, v = nnx.jit(layer_qkv, static_argnums=2)(model, tokens, 1)
-spark_attn = SparseAttention(64, 4, causal=True, pattern="spark", k=BLOCK, block_size=BLOCK,
+spark_attn = SparseAttention(64, 4, causal=True, pattern="spark", keys_per_query=BLOCK,
+                             block_size=BLOCK,
                              rngs=nnx.Rngs(0))
 block_masks = {
     "causal": masks.causal_mask(T, **blocks),

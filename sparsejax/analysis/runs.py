@@ -19,7 +19,7 @@ Example (a workdir written by hand here: metrics, config and one checkpoint):
     >>> _ = (workdir / 'metrics.jsonl').write_text(
     ...     '{"step": 250, "split": "eval", "accuracy": 0.81}\\n'
     ...     '{"step": 500, "split": "eval", "accuracy": 0.86}\\n')
-    >>> _ = (workdir / 'config.json').write_text(json.dumps({'sparsity': {'name': 'rigl'}}))
+    >>> _ = (workdir / 'config.json').write_text(json.dumps({'method': {'name': 'rigl'}}))
     >>> params = {'w': {'kernel': jnp.ones((4, 4)), 'bias': jnp.zeros(4)}}
     >>> opt_state = sparsejax.static_sparse(optax.sgd(0.1), 0.75).init(params)
     >>> state = TrainState(jnp.int32(500), params, {}, opt_state, jax.random.PRNGKey(0))
@@ -32,7 +32,7 @@ Example (a workdir written by hand here: metrics, config and one checkpoint):
     >>> sparsejax.global_sparsity(ckpt.masks)
     0.75
     >>> read_runs([workdir], keys=['method.name'])   # one row per run; unfinished
-    workdir  sparsity.name  finished
+    workdir  method.name  finished
     /.../qs_rigl  rigl  False
 """
 
@@ -135,9 +135,9 @@ def read_config(workdir) -> dict:
         >>> from pathlib import Path
         >>> from sparsejax.analysis import read_config
         >>> workdir = Path(tempfile.mkdtemp())
-        >>> config = {'sparsity': {'name': 'rigl'}, 'model': {'hidden': (64, 64)}}
+        >>> config = {'method': {'name': 'rigl'}, 'model': {'hidden': (64, 64)}}
         >>> _ = (workdir / 'config.json').write_text(json.dumps(config))
-        >>> read_config(workdir)['sparsity']['name'], read_config(workdir)['model']['hidden']
+        >>> read_config(workdir)['method']['name'], read_config(workdir)['model']['hidden']
         ('rigl', [64, 64])
     """
     return json.loads(_file(workdir, "config.json").read_text())
@@ -149,7 +149,7 @@ def config_value(config: dict, key: str, default=None):
     Example:
 
         >>> from sparsejax.analysis import config_value
-        >>> config = {'sparsity': {'name': 'rigl', 'sparsity': 0.9}}   # as read_config gives it
+        >>> config = {'method': {'name': 'rigl', 'sparsity': 0.9}}   # as read_config gives it
         >>> config_value(config, 'method.sparsity'), config_value(config, 'ift.family', 'none')
         (0.9, 'none')
     """
@@ -287,7 +287,7 @@ def read_runs(workdirs: Sequence, keys: Sequence[str] = DEFAULT_RUN_KEYS) -> Tab
         >>> for name, method, accuracy in [('qs_dense', 'dense', 0.9), ('qs_rigl', 'rigl', 0.88)]:
         ...     run = root / name
         ...     run.mkdir()
-        ...     _ = (run / 'config.json').write_text(json.dumps({'sparsity': {'name': method}}))
+        ...     _ = (run / 'config.json').write_text(json.dumps({'method': {'name': method}}))
         ...     _ = (run / 'summary.json').write_text(json.dumps({'eval_accuracy': accuracy}))
         >>> runs = read_runs(sorted(root.glob('qs_*')))
         >>> runs.where(**{'method.name': 'rigl'})['eval_accuracy']

@@ -31,6 +31,7 @@ ATTENTIONS: dict[str, type] = {"dense": Attention, "spark": SparkAttention,
 FFNS: dict[str, type] = {"dense": FFN, "topk": TopKFFN, "stopk": StatisticalTopKFFN,
                          "spark": SparkFFN, "block": BlockSparseFFN}
 
+
 def init_parameters(cls) -> dict[str, inspect.Parameter]:
     """The constructor's parameters (``__init__``'s, without ``self``): NNX's metaclass
     hides them from ``inspect.signature(cls)``.
