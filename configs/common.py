@@ -126,6 +126,12 @@ def base(arg: str | None, *, model_name: str, model: dict, data: ml_collections.
         c.ift.sparsity = choices["sparsity"]
         name = a["method"] or "rigl"
         choices["distribution"] = "uniform"
+    accepted = transform_arguments(name)
+    for key in ("sparsity", "pattern"):  # asked for, but the method would ignore it
+        if a[key] is not None and key not in accepted and not (key == "sparsity" and a["ift"]):
+            raise ValueError(f"config argument {arg!r}: method {name!r} takes no {key}, so "
+                             f"{a[key]} would be ignored; name a method that does, e.g. "
+                             f"{'rigl,' if key == 'sparsity' else 'nm_ste,'}{a[key]}")
     c.method = method_section(c, name, **choices)
     # mesh.shape may hold one -1 (all remaining devices); batches split over data_axes.
     # num_devices=0 uses every device; a positive number uses the first n (tests, debugging).

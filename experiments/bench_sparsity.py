@@ -92,7 +92,7 @@ def step_config(variant: str, hidden, batch_size: int, sparsity: float,
         step_config('rigl', (1024, 1024), 128, 0.9).method.begin_step   # 10**9
     """
     name = "rigl" if variant == "rigl_update" else variant
-    c = quickstart.get_config(f"{name},{sparsity}")
+    c = quickstart.get_config(name if name == "dense" else f"{name},{sparsity}")
     c.model.hidden = tuple(int(h) for h in hidden)
     c.batch_size = batch_size
     if "selection" in c.method:  # the sparse variants (dense has no masks)

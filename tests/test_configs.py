@@ -94,6 +94,16 @@ def test_a_method_that_takes_no_rules_refuses_sparse_ift_rules():
         build(config, info)
 
 
+@pytest.mark.parametrize("arg,message", [
+    ("0.9", r"method 'dense' takes no sparsity, so 0.9 would be ignored; .* rigl,0.9"),
+    ("rigl,2:4", r"method 'rigl' takes no pattern, so 2:4 would be ignored; .* nm_ste,2:4"),
+    ("nm_ste,0.5", r"method 'nm_ste' takes no sparsity"),
+])
+def test_a_knob_the_method_would_ignore_is_an_error(arg, message):
+    with pytest.raises(ValueError, match=message):  # not a dense run that looks sparse
+        quickstart.get_config(arg)
+
+
 def test_section_builder_needs_required_arguments():
     c = ml_collections.ConfigDict({"num_steps": 10})
     s = common.method_section(c, "rigl", sparsity=0.5)
