@@ -144,6 +144,10 @@ def base(arg: str | None, *, model_name: str, model: dict, data: ml_collections.
     c.eval_every = 250
     c.checkpoint_every = 500
     c.max_checkpoints = 3
+    # a step with a non-finite loss, gradient or parameter is never applied; 'stop' ends
+    # the run naming the step, 'skip' goes on (train.loop.ON_NONFINITE)
+    c.on_nonfinite = "stop"
+    c.max_consecutive_skips = 10
     return c
 
 

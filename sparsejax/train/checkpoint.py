@@ -68,11 +68,35 @@ class Checkpointer:
         """The newest finished checkpoint's step, or None."""
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_position: int) -> None:
-        """Saves ``state`` and the iterator position under ``step`` (async)."""
+    def save(self, step: int, state, data_position: int, **record) -> None:
+        """Saves ``state`` and, as JSON, the iterator position plus ``record`` (the run's
+        fingerprint, partial metric sums) under ``step`` (async)."""
         self.manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"position": int(data_position)})))
+            data=ocp.args.JsonSave({"position": int(data_position), **record})))
+
+    def record(self, step: int | None = None) -> dict:
+        """The JSON saved beside the state at ``step`` (default: latest): ``position`` and
+        whatever ``save`` was given as ``record``. Reads no arrays.
+
+        Example:
+
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> from sparsejax.train.checkpoint import Checkpointer
+            >>> ckpt = Checkpointer(tempfile.mkdtemp())
+            >>> ckpt.save(5, {'w': jnp.ones(2)}, data_position=5, fingerprint='abc')
+            >>> ckpt.wait(); ckpt.record()
+            {'position': 5, 'fingerprint': 'abc'}
+            >>> ckpt.close()
+        """
+        step = self.latest_step() if step is None else step
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types; keep the cause
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be "
+                                  f"read ({type(e).__name__}: {e}). It was left in place") from e
+        return dict(out.data)
 
     def restore(self, abstract_state, step: int | None = None):
         """Restores ``(state, data_position)``; ``abstract_state`` carries shapes, dtypes

@@ -23,6 +23,10 @@ Example:
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -33,15 +37,18 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from sparsejax.base import SparseTransformation, forward, sparsity_states
 from sparsejax.train.build import build
 from sparsejax.train.checkpoint import Checkpointer, abstract_like
 from sparsejax.train.data import BatchIterator, Dataset, eval_batches, get_dataset
-from sparsejax.train.metrics import MetricsWriter
+from sparsejax.train.metrics import MetricsWriter, read_jsonl
 from sparsejax.train.sharding import (batch_sharding, make_mesh, param_shardings,
                                       shardings_like_params)
 from sparsejax.train.state import TrainState
+from sparsejax.train.workdir import (RunMismatch, WorkdirLock, check_same_run, fingerprint,
+                                     flat_config)
 
 
 def weighted_cross_entropy(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
@@ -87,7 +94,7 @@ class Trainer(NamedTuple):
         ...     state = t.init(jax.random.PRNGKey(0))
         ...     state, stats = t.step(state, t.device_batch(next(iterator)))
         >>> int(state.step), sorted(stats), float(stats['weight'])
-        (1, ['correct', 'grad_norm', 'loss_sum', 'weight'], 32.0)
+        (1, ['correct', 'finite', 'grad_norm', 'loss_sum', 'weight'], 32.0)
     """
 
     mesh: jax.sharding.Mesh
@@ -108,24 +115,56 @@ class Trainer(NamedTuple):
                 for k, v in local.items()}
 
     def evaluate(self, state: TrainState) -> dict:
-        """Eval loss and accuracy over the whole eval split (each example once)."""
-        totals = None
-        for b in eval_batches(self.dataset.eval, self.global_batch, jax.process_index(),
-                              jax.process_count()):
-            s = self.eval_step(state, self.device_batch(b))
-            totals = s if totals is None else jax.tree.map(jnp.add, totals, s)
-        totals = jax.device_get(totals)
+        """Eval loss and accuracy over the whole eval split (each example once). The
+        per-batch sums are added on the host (float32, in order): the host path runs no
+        eager multi-device computation."""
+        outs = jax.device_get([
+            self.eval_step(state, self.device_batch(b))
+            for b in eval_batches(self.dataset.eval, self.global_batch, jax.process_index(),
+                                  jax.process_count())])
+        totals = {k: np.float32(0) for k in outs[0]}
+        for out in outs:
+            totals = {k: totals[k] + np.float32(out[k]) for k in totals}
         w = max(float(totals["weight"]), 1.0)
         return {"loss": float(totals["loss_sum"]) / w, "accuracy": float(totals["correct"]) / w}
 
 
+#: What the loop does with a step whose loss, gradients or new parameters are not finite
+#: (``config.on_nonfinite``). Either way the step's update is not applied, so no
+#: non-finite state is ever checkpointed. 'stop': the run stops with ``NonFiniteError``
+#: naming the step. 'skip': the step counts but changes nothing; more than
+#: ``config.max_consecutive_skips`` in a row stop the run.
+ON_NONFINITE = ("stop", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss, gradients or parameters were not finite; nothing after the last
+    checkpoint was saved."""
+
+
+class Preempted(Exception):
+    """SIGTERM (or the multi-host preemption notice) arrived; a checkpoint at ``step`` is
+    saved and rerunning the same command resumes from it."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _check_config(config) -> None:
-    for key in ("num_steps", "batch_size"):
-        if int(config[key]) <= 0:
-            raise ValueError(f"config.{key} must be positive, got {config[key]}")
-    for key in ("log_every", "eval_every", "checkpoint_every"):
-        if int(config[key]) < 0:
-            raise ValueError(f"config.{key} must be >= 0, got {config[key]}")
+    for key in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
+                "max_checkpoints", "max_consecutive_skips"):
+        value, least = config.get(key, 1), 1 if key in ("num_steps", "batch_size",
+                                                          "max_checkpoints") else 0
+        if not _is_int(value) or value < least:
+            raise ValueError(f"config.{key} must be an integer >= {least}, got {value!r}")
+    if config.get("on_nonfinite", "stop") not in ON_NONFINITE:
+        raise ValueError(f"config.on_nonfinite must be one of {ON_NONFINITE}, got "
+                         f"{config.on_nonfinite!r}")
 
 
 def make_trainer(config, tx=None) -> Trainer:
@@ -157,6 +196,10 @@ def make_trainer(config, tx=None) -> Trainer:
     if config.batch_size % max(n_shards, jax.process_count()):
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                          f"{n_shards} data shards of mesh {dict(mesh.shape)}")
+    if config.batch_size > len(dataset.train):
+        raise ValueError(f"config.batch_size={config.batch_size} exceeds the "
+                         f"{len(dataset.train)} examples of the training split of "
+                         f"{config.data.name!r}")
 
     built = build(config, dataset.info, tx)  # every model rewrite happens here, once
     make_model, tx = built.make_model, built.tx
@@ -194,7 +237,13 @@ def make_trainer(config, tx=None) -> Trainer:
         params = optax.apply_updates(state.params, updates)
         stats["grad_norm"] = optax.tree.norm(grads)
         stats.update(sparsity_stats(opt_state))
-        return TrainState(state.step + 1, params, rest, opt_state, state.rng), stats
+        new = TrainState(state.step + 1, params, rest, opt_state, state.rng)
+        # a non-finite step changes nothing but the step count (ON_NONFINITE)
+        finite = (jnp.isfinite(stats["loss_sum"]) & jnp.isfinite(stats["grad_norm"])
+                  & all_finite((params, rest)))
+        stats["finite"] = finite
+        kept = state._replace(step=new.step)
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept), stats
 
     def eval_step(state: TrainState, batch: dict):
         model = nnx.merge(eval_graphdef, forward(state.params, state.opt_state), state.rest)
@@ -239,6 +288,23 @@ def sparsity_stats(opt_state) -> dict:
     return stats
 
 
+def all_finite(tree) -> jax.Array:
+    """True if every floating-point entry of ``tree`` is finite (one boolean scalar).
+
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.train.loop import all_finite
+        >>> bool(all_finite({'w': jnp.ones(3), 'n': jnp.int32(2)}))
+        True
+        >>> bool(all_finite({'w': jnp.array([1., jnp.inf]), 'b': jnp.zeros(2)}))
+        False
+    """
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
 def _every(step: int, interval: int, last: int) -> bool:
     return step == last or (interval > 0 and step % interval == 0)
 
@@ -246,14 +312,94 @@ def _every(step: int, interval: int, last: int) -> bool:
 Hook = Callable[[int, TrainState], None]
 
 
+class _Window:
+    """Host-side sums of the per-step statistics since the last train row. Saved with
+    each checkpoint, so the first row after a resume averages the same steps as an
+    uninterrupted run."""
+
+    def __init__(self, record: dict | None = None):
+        record = record or {}
+        self.sums = dict(record.get("sums", {}))
+        self.steps = int(record.get("steps", 0))
+        self.skipped = int(record.get("skipped", 0))
+        self.t0, self.timed = time.time(), 0
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.steps += 1
+
+    def row(self, batch_size: int) -> dict:
+        s, n = self.sums, max(self.steps, 1)
+        w = max(s.get("weight", 0.0), 1.0)
+        dt = max(time.time() - self.t0, 1e-9)
+        averages = {"loss": s["loss_sum"] / w, "accuracy": s["correct"] / w,
+                    **{k: v / n for k, v in s.items()
+                       if k not in ("loss_sum", "correct", "weight")}} if self.steps else {}
+        return {**averages, "skipped_steps": self.skipped, "steps_per_sec": self.timed / dt,
+                "examples_per_sec": self.timed * batch_size / dt}
+
+    def record(self) -> dict:
+        return {"sums": self.sums, "steps": self.steps, "skipped": self.skipped}
+
+
+class _Preemption:
+    """SIGTERM sets a flag (one process); with several processes JAX's preemption sync
+    point, through orbax, picks the step all of them save at."""
+
+    def __init__(self, manager):
+        self.manager, self.flag, self._old = manager, False, None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum, frame) -> None:
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        return self.flag if jax.process_count() == 1 else self.manager.reached_preemption(step)
+
+    def close(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+def finished_summary(workdir: str | Path, config) -> dict | None:
+    """The summary of the run in ``workdir`` if it already finished ``config.num_steps``
+    with this config's identity, else None. Reads only.
+
+    Example:
+
+        >>> import tempfile
+        >>> from configs import quickstart
+        >>> from sparsejax.train.loop import finished_summary
+        >>> finished_summary(tempfile.mkdtemp(), quickstart.get_config('tiny')) is None
+        True
+    """
+    path = Path(workdir) / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    same = summary.get("fingerprint") == fingerprint(flat_config(config))
+    return summary if same and summary.get("steps") == config.num_steps else None
+
+
 def train_and_evaluate(config, workdir: str | Path, *, hooks: Sequence[Hook] = (),
                        tx=None, progress: bool = True) -> dict:
     """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
-    Writes ``metrics.jsonl``, TensorBoard events, orbax checkpoints (state + data
-    position) and ``summary.json``; returns the summary. ``hooks`` are called as
-    ``hook(step, state)`` after every step (analysis, early stopping). A bad config
-    raises before the workdir is touched, so existing checkpoints are never harmed.
+    Writes ``config.json``, ``run.json`` (fingerprint and starts), ``metrics.jsonl``,
+    TensorBoard events, orbax checkpoints (state, data position, partial metric sums) and
+    ``summary.json``; returns the summary. ``hooks`` are called as ``hook(step, state)``
+    after every step (analysis, early stopping).
+
+    Nothing is written before every check has passed: the config and the data
+    (``make_trainer``), the workdir's recorded config (``RunMismatch`` lists the changed
+    keys; only ``SAFE_TO_CHANGE`` keys may change), its lock (``WorkdirLocked`` names the
+    holder) and the checkpoint. A finished run is not trained again: its summary is
+    returned as recorded. A resumed run drops the metric rows after its checkpoint. A
+    non-finite step is never applied (``ON_NONFINITE``); SIGTERM saves a checkpoint and
+    raises ``Preempted``.
 
     Example:
 
@@ -266,67 +412,152 @@ def train_and_evaluate(config, workdir: str | Path, *, hooks: Sequence[Hook] = (
         >>> train_and_evaluate(config, workdir)
         Traceback (most recent call last):
         ...
-        ValueError: config.num_steps must be positive, got 0
+        ValueError: config.num_steps must be an integer >= 1, got 0
         >>> os.path.exists(workdir)          # a bad config never touches the workdir
         False
         >>> os.rmdir(os.path.dirname(workdir))
     """
-    trainer = make_trainer(config, tx)
+    trainer = make_trainer(config, tx)  # checks the config and the data
     workdir = Path(workdir)
+    flat = flat_config(config)
+    fp = fingerprint(flat)
+    recorded = check_same_run(workdir, flat)  # reads only
+    done = finished_summary(workdir, config)
     main = jax.process_index() == 0
-    t_start = time.time()
-    ckpt = Checkpointer(workdir / "checkpoints", config.get("max_checkpoints", 3))
+    if done is not None:
+        if progress and main:
+            print(f"{workdir}: the run already finished its {config.num_steps} steps; "
+                  "nothing to do", file=sys.stderr)
+        return done
+    with WorkdirLock(workdir):  # the first write: creates the workdir and its lock file
+        ckpt = Checkpointer(workdir / "checkpoints", config.max_checkpoints)
+        try:
+            return _train(trainer, config, workdir, ckpt, fp, recorded, hooks, progress)
+        finally:
+            ckpt.close()
+
+
+def _train(trainer, config, workdir, ckpt, fp, recorded, hooks, progress) -> dict:
+    main = jax.process_index() == 0
+    num_steps, t_start = config.num_steps, time.time()
+    policy = config.get("on_nonfinite", "stop")
+    max_skips = config.get("max_consecutive_skips", 10)
     with jax.set_mesh(trainer.mesh):
         start = ckpt.latest_step()
         if start is None:
-            state, position, start = trainer.init(jax.random.PRNGKey(config.seed)), 0, 0
-        else:  # restore before writing anything, so a failed restore changes nothing
+            state, position, start, record = (trainer.init(jax.random.PRNGKey(config.seed)),
+                                              0, 0, {})
+        else:  # check and restore before writing anything
+            if start > num_steps:
+                raise ValueError(f"config.num_steps={num_steps} is below the last checkpoint "
+                                 f"of the run in {workdir} (step {start}). Nothing was "
+                                 f"written; set num_steps >= {start}")
+            record = ckpt.record(start)
+            if record.get("fingerprint", fp) != fp:
+                raise RunMismatch(f"checkpoint {ckpt.directory / str(start)} belongs to a "
+                                  f"run with fingerprint {record['fingerprint']}, not this "
+                                  f"config's {fp}. Nothing was written")
             state, position = ckpt.restore(abstract_like(trainer.abstract_state,
-                                                         trainer.state_shardings))
+                                                         trainer.state_shardings), start)
         if main:
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        writer = MetricsWriter(workdir)
+            _write_record(workdir, config, fp, recorded, start)
+        writer = MetricsWriter(workdir, resume_step=start)
         it = BatchIterator(trainer.dataset.train, config.batch_size, config.seed, position,
                            jax.process_index(), jax.process_count())
-        num_steps = config.num_steps
-        window, last_train, last_eval = [], {}, {}
-        from tqdm.auto import tqdm
+        window, pending = _Window(record.get("window")), []
+        last_train, last_eval, consecutive = {}, {}, 0
+        preemption = _Preemption(ckpt.manager)
+
+        def drain():
+            """Host sync: per-step statistics into the window, non-finite steps handled."""
+            nonlocal consecutive
+            for step, s in zip([p[0] for p in pending], jax.device_get([p[1] for p in pending])):
+                if bool(s.pop("finite")):
+                    window.add(s)
+                    consecutive = 0
+                    continue
+                what = (f"step {step}: the loss, gradients or parameters are not finite "
+                        f"(loss_sum={float(s['loss_sum'])}, grad_norm={float(s['grad_norm'])})")
+                last = ckpt.latest_step()
+                keep = (f"the last checkpoint (step {last}) is finite and kept"
+                        if last is not None else "no checkpoint was written")
+                if policy == "stop":
+                    raise NonFiniteError(f"{what}; the run stopped and {keep}. Lower the "
+                                         "learning rate, or set config.on_nonfinite='skip'")
+                window.skipped += 1
+                consecutive += 1
+                if consecutive > max_skips:
+                    raise NonFiniteError(f"{what}; {consecutive} non-finite steps in a row "
+                                         f"(config.max_consecutive_skips={max_skips}): the "
+                                         f"run stopped and {keep}")
+            pending.clear()
 
         bar = tqdm(total=num_steps, initial=start, disable=not (progress and main),
                    desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
-        t_window = time.time()
-        for step in range(start + 1, num_steps + 1):
-            state, stats = trainer.step(state, trainer.device_batch(next(it)))
-            window.append(stats)
-            for hook in hooks:
-                hook(step, state)
-            bar.update(1)
-            if _every(step, config.log_every, num_steps):
-                s = jax.device_get(jax.tree.map(lambda *x: jnp.sum(jnp.stack(x)), *window))
-                w = max(float(s["weight"]), 1.0)
-                dt = time.time() - t_window
-                last_train = {"loss": float(s["loss_sum"]) / w,
-                              "accuracy": float(s["correct"]) / w,
-                              **{k: float(v) / len(window) for k, v in s.items()
-                                 if k not in ("loss_sum", "correct", "weight")},
-                              "steps_per_sec": len(window) / dt,
-                              "examples_per_sec": len(window) * config.batch_size / dt}
-                writer.write(step, "train", last_train)
-                bar.set_postfix(loss=f"{last_train['loss']:.4f}")
-                window, t_window = [], time.time()
-            if _every(step, config.eval_every, num_steps):
+        try:
+            for step in range(start + 1, num_steps + 1):
+                state, stats = trainer.step(state, trainer.device_batch(next(it)))
+                pending.append((step, stats))
+                window.timed += 1
+                for hook in hooks:
+                    hook(step, state)
+                bar.update(1)
+                preempted = preemption.reached(step)
+                logs = _every(step, config.log_every, num_steps)
+                evals = _every(step, config.eval_every, num_steps)
+                saves = _every(step, config.checkpoint_every, num_steps) or preempted
+                if logs or evals or saves or len(pending) >= 64:
+                    drain()
+                if logs:
+                    last_train = window.row(config.batch_size)
+                    writer.write(step, "train", last_train)
+                    bar.set_postfix(loss=f"{last_train.get('loss', float('nan')):.4f}")
+                    window = _Window()
+                if evals:
+                    last_eval = trainer.evaluate(state)
+                    writer.write(step, "eval", last_eval)
+                if saves:
+                    ckpt.save(step, state, it.position, fingerprint=fp, window=window.record())
+                if preempted:
+                    ckpt.wait()
+                    raise Preempted(f"preempted (SIGTERM) at step {step}: checkpoint saved; "
+                                    "rerun the same command to resume", step)
+            if start == num_steps:  # finished, but killed before its summary was written
                 last_eval = trainer.evaluate(state)
-                writer.write(step, "eval", last_eval)
-            if _every(step, config.checkpoint_every, num_steps):
-                ckpt.save(step, state, it.position)
-        bar.close()
-    ckpt.close()
-    writer.close()
+                last_train = next((r for r in reversed(read_jsonl(writer.path))
+                                   if r["split"] == "train"), {}) if writer.path.exists() else {}
+                last_train = {k: v for k, v in last_train.items() if k not in ("step", "split")}
+        finally:
+            bar.close()
+            preemption.close()
+            writer.close()
     summary = {"steps": int(num_steps), "resumed_from": int(start),
                "wall_time_s": time.time() - t_start,
                **{f"train_{k}": v for k, v in last_train.items()},
                **{f"eval_{k}": v for k, v in last_eval.items()},
-               "workdir": str(workdir)}
+               "fingerprint": fp, "workdir": str(workdir)}
+    ckpt.wait()  # the summary marks a finished run: only once its checkpoint is committed
     if main:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_json(workdir / "summary.json", summary)
     return summary
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _write_record(workdir: Path, config, fp: str, recorded: dict | None, start: int) -> None:
+    """config.json (the config of the latest start) and run.json (fingerprint, starts)."""
+    run_path = workdir / "run.json"
+    run = json.loads(run_path.read_text()) if run_path.exists() else {"fingerprint": fp,
+                                                                       "starts": []}
+    new = flat_config(config)
+    changed = {k: [recorded.get(k), v] for k, v in new.items()
+               if recorded is not None and recorded.get(k) != v}
+    run["starts"].append({"from_step": start, "num_steps": config.num_steps,
+                          "time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed,
+                          "command": " ".join(sys.argv)})
+    _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+    _write_json(run_path, run)
