@@ -54,9 +54,10 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 
 def _run_workers(root: Path, logs: Path, workdir: Path, num_processes: int,
-                 local_devices: int) -> list[Path]:
+                 local_devices: int, expect_exit: int = 0) -> list[Path]:
     """Runs ``experiments.train`` as ``num_processes`` cooperating processes (1 = no
-    multi-host flags); fails with every worker's stderr tail if any fails or hangs."""
+    multi-host flags); fails with every worker's stderr tail if any worker hangs or exits
+    with another code than ``expect_exit``. Returns the stdout files, then the stderr files."""
     port = _free_port()
     procs, outs, errs = [], [], []
     for i in range(num_processes):
@@ -77,7 +78,7 @@ def _run_workers(root: Path, logs: Path, workdir: Path, num_processes: int,
         if time.monotonic() > deadline:
             failed = f"timed out after {TIMEOUT_S}s"
             break
-        if any(p.poll() not in (None, 0) for p in procs):
+        if not expect_exit and any(p.poll() not in (None, 0) for p in procs):
             # A dead peer leaves the others blocked in a collective: give them a moment.
             time.sleep(5)
             failed = "a worker failed"
@@ -88,12 +89,12 @@ def _run_workers(root: Path, logs: Path, workdir: Path, num_processes: int,
             p.kill()
         p.wait()
     codes = [p.returncode for p in procs]
-    if failed or any(codes):
+    if failed or any(c != expect_exit for c in codes):
         report = "\n".join(f"--- worker {i} (exit {c}) stderr tail:\n{_tail(e)}"
                            for i, (c, e) in enumerate(zip(codes, errs)))
         pytest.fail(f"{num_processes}-process run in {workdir}: {failed or 'nonzero exit'}, "
                     f"exit codes {codes}\n{report}", pytrace=False)
-    return outs
+    return outs + errs
 
 
 def _final_state(workdir: Path, step: int):
@@ -168,3 +169,21 @@ def test_two_processes_match_one_process(root, tmp_path):
     assert [(r["step"], r["split"]) for r in r_got] == [(r["step"], r["split"]) for r in r_ref]
     for a, b in zip(r_ref, r_got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+
+
+@pytest.mark.slow
+def test_workdir_lock_stops_every_process(root, tmp_path):
+    # This process holds the workdir: process 0 of the two-process run cannot take the
+    # lock, and process 1, which never touches the lock file, fails with it.
+    from sparsejax.train.workdir import WorkdirLock
+
+    logs, workdir = tmp_path / "logs", tmp_path / "run"
+    logs.mkdir()
+    with WorkdirLock(workdir):
+        files = _run_workers(root, logs, workdir, num_processes=2, local_devices=2,
+                             expect_exit=1)
+    for err in files[2:]:
+        lines = [l for l in err.read_text().splitlines() if not ABSL_NOISE.match(l)]
+        assert lines[-1].startswith(f"error: WorkdirLocked: {workdir} is in use by pid "
+                                    f"{os.getpid()} on "), _tail(err)
+    assert sorted(p.name for p in workdir.iterdir()) == [".lock"]
