@@ -375,10 +375,9 @@ def test_the_loop_runs_no_eager_multi_device_computation(tmp_path):
 def test_loop_survives_a_cpu_hog_on_8_devices(root, tmp_path):
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
-        runs = [_cli(root, tmp_path / f"run{i}", "--config.checkpoint_every=1",
-                     "--config.num_steps=30") for i in range(2)]
-        runs.append(_cli(root, tmp_path / "run0", "--config.checkpoint_every=1",
-                         "--config.num_steps=45"))  # and a resume
+        # every step checkpoints, so orbax's save thread always runs beside the loop
+        runs = [_cli(root, tmp_path / "run", "--config.checkpoint_every=1", *extend)
+                for extend in ((), ("--config.num_steps=30", "--config.optimizer.decay_steps=20"))]
     finally:
         for h in hogs:
             h.kill()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -54,15 +55,17 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 
 def _run_workers(root: Path, logs: Path, workdir: Path, num_processes: int,
-                 local_devices: int, expect_exit: int = 0) -> list[Path]:
+                 local_devices: int, expect_exit: int = 0, overrides=OVERRIDES,
+                 sigterm_when=None) -> list[Path]:
     """Runs ``experiments.train`` as ``num_processes`` cooperating processes (1 = no
     multi-host flags); fails with every worker's stderr tail if any worker hangs or exits
-    with another code than ``expect_exit``. Returns the stdout files, then the stderr files."""
+    with another code than ``expect_exit``. ``sigterm_when()`` becoming true sends
+    SIGTERM to the last worker. Returns the stdout files, then the stderr files."""
     port = _free_port()
     procs, outs, errs = [], [], []
     for i in range(num_processes):
         cmd = [sys.executable, "-m", "experiments.train", f"--config={CONFIG}",
-               f"--workdir={workdir}", *OVERRIDES]
+               f"--workdir={workdir}", *overrides]
         if num_processes > 1:
             cmd += [f"--coordinator_address=127.0.0.1:{port}",
                     f"--num_processes={num_processes}", f"--process_id={i}"]
@@ -78,6 +81,9 @@ def _run_workers(root: Path, logs: Path, workdir: Path, num_processes: int,
         if time.monotonic() > deadline:
             failed = f"timed out after {TIMEOUT_S}s"
             break
+        if sigterm_when is not None and sigterm_when():
+            procs[-1].send_signal(signal.SIGTERM)
+            sigterm_when = None
         if not expect_exit and any(p.poll() not in (None, 0) for p in procs):
             # A dead peer leaves the others blocked in a collective: give them a moment.
             time.sleep(5)
@@ -187,3 +193,19 @@ def test_workdir_lock_stops_every_process(root, tmp_path):
         assert lines[-1].startswith(f"error: WorkdirLocked: {workdir} is in use by pid "
                                     f"{os.getpid()} on "), _tail(err)
     assert sorted(p.name for p in workdir.iterdir()) == [".lock"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_checkpoints_all_at_one_step(root, tmp_path):
+    # JAX's preemption notifier catches SIGTERM in worker 1; orbax's reached_preemption
+    # gives both processes the same step to save at, and both exit resumable (143).
+    logs, workdir = tmp_path / "logs", tmp_path / "run"
+    logs.mkdir()
+    files = _run_workers(root, logs, workdir, num_processes=2, local_devices=2,
+                         expect_exit=143, overrides=OVERRIDES[1:] + ["--config.num_steps=100000"],
+                         sigterm_when=lambda: (workdir / "metrics.jsonl").exists())
+    lines = [[l for l in e.read_text().splitlines() if l.startswith("preempted")][-1]
+             for e in files[2:]]
+    step = int(re.match(r"preempted \(SIGTERM\) at step (\d+): checkpoint saved", lines[0])[1])
+    assert lines[0] == lines[1] and step >= 5
+    assert max(int(p.name) for p in (workdir / "checkpoints").iterdir()) == step
