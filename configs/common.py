@@ -111,7 +111,8 @@ def base(arg: str | None, *, model_name: str, model: dict, data: ml_collections.
     c.model = ml_collections.ConfigDict(model)
     c.data = data
     c.num_steps = 1000
-    c.optimizer = _section(keyword_arguments(make_optimizer, skip=1))
+    c.optimizer = _section(keyword_arguments(make_optimizer))
+    c.optimizer.decay_steps = c.get_ref("num_steps")  # the learning rate decays over the run
     choices = dict(sparsity=0.9, distribution="erk", **(method or {}))
     if a["sparsity"] is not None:
         choices["sparsity"] = a["sparsity"]

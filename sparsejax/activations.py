@@ -231,6 +231,11 @@ def statistical_threshold(x, density: float, axis: int = -1, threshold_grad: str
     ``stop_gradient``; ``'through'`` keeps the exact gradient (zero, not NaN, through a
     constant row's std).
 
+    Non-finite entries (NaN, ±inf) are left out of a row's mean and std, as if absent: θ
+    is that of the row's finite entries (up to the rounding of the sums, which run over
+    zeros in their place), and +inf for a row with none. Rows with no non-finite entry
+    give the plain formula's θ bit for bit; gradients stay finite.
+
     Example:
 
         >>> import jax
@@ -245,6 +250,9 @@ def statistical_threshold(x, density: float, axis: int = -1, threshold_grad: str
         >>> kept = h > theta                         # ~8% True per token
         >>> print(round(float(kept.mean()), 2))
         0.08
+        >>> x = jnp.array([-1., 0., 1., 2., jnp.nan, jnp.inf])      # non-finite: left out
+        >>> statistical_threshold(x, 0.5).tolist(), statistical_threshold(x[4:], 0.5).tolist()
+        ([0.5], [inf])
     """
     x = jnp.asarray(x)
     axis, _ = _axis_size(x, axis)
@@ -258,9 +266,14 @@ def statistical_threshold(x, density: float, axis: int = -1, threshold_grad: str
         return theta if keepdims else jnp.squeeze(theta, axis)
     z = normal_ppf(1.0 - density)
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mu = jnp.mean(xf, axis=axis, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mu), axis=axis, keepdims=True)   # population variance
-    theta = (mu + _safe_std(var) * z).astype(x.dtype)
+    finite = jnp.isfinite(xf)
+    n = jnp.sum(finite, axis=axis, keepdims=True, dtype=xf.dtype)
+    n_safe = jnp.maximum(n, 1.0)   # no finite entry: θ = +inf below, and no NaN gradient
+    xs = jnp.where(finite, xf, 0.0)
+    mu = jnp.sum(xs, axis=axis, keepdims=True) / n_safe
+    dev = jnp.where(finite, xs - mu, 0.0)
+    var = jnp.sum(jnp.square(dev), axis=axis, keepdims=True) / n_safe   # population variance
+    theta = jnp.where(n > 0, mu + _safe_std(var) * z, jnp.inf).astype(x.dtype)
     if threshold_grad == "stop":
         theta = lax.stop_gradient(theta)
     return theta if keepdims else jnp.squeeze(theta, axis)
@@ -278,6 +291,13 @@ def statistical_topk(x, density: float, axis: int = -1, mode: str = "soft",
     ``threshold_grad`` ('stop' default: θ is a constant for the gradient; 'through':
     exact gradient through mean and std).
 
+    Non-finite entries: θ comes from the row's finite entries only
+    (``statistical_threshold``), so every finite entry's output is what it would be
+    without them (up to float rounding of the row sums); rows with none are bit for bit
+    the plain formula's. +inf is kept (+inf in both forms), −inf is dropped (0), and NaN
+    stays NaN at its own position (an upstream bug stays visible, never hidden as 0). A
+    row with no finite entry has θ = +inf: 0 everywhere except its NaN positions.
+
     Example:
 
         >>> import jax
@@ -291,6 +311,9 @@ def statistical_topk(x, density: float, axis: int = -1, mode: str = "soft",
         >>> hard = statistical_topk(h, 0.05, mode='hard', threshold_grad='through')
         >>> print(round(float(realised_density(soft)), 2), round(float(realised_density(hard)), 2))
         0.08 0.05
+        >>> bad = jnp.array([-1., 0., 1., 2., jnp.nan, jnp.inf, -jnp.inf])   # θ still 0.5
+        >>> statistical_topk(bad, 0.5).tolist(), statistical_topk(bad, 0.5, mode='hard').tolist()
+        ([0.0, 0.0, 0.5, 1.5, nan, inf, 0.0], [0.0, 0.0, 1.0, 2.0, nan, inf, 0.0])
     """
     if mode not in STATISTICAL_MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {STATISTICAL_MODES}")
@@ -298,6 +321,8 @@ def statistical_topk(x, density: float, axis: int = -1, mode: str = "soft",
     x = jnp.asarray(x)
     if _check_density(density) == 1.0:
         return x
-    if mode == "soft":
-        return jnp.maximum(x - theta, jnp.zeros((), x.dtype))
-    return jnp.where(x > theta, x, jnp.zeros((), x.dtype))
+    zero = jnp.zeros((), x.dtype)
+    if mode == "soft":   # θ = +inf (no finite entry): 0 but NaN, not max(inf − inf, 0) = NaN
+        return jnp.where(theta < jnp.inf, jnp.maximum(x - theta, zero),
+                         jnp.where(jnp.isnan(x), x, zero))
+    return jnp.where((x > theta) | jnp.isnan(x), x, zero)

@@ -44,11 +44,13 @@ import contextlib
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from sparsejax.masks import is_unowned
-from sparsejax.paths import path_str, unbox
+from sparsejax.paths import named_leaves, path_str, unbox
 
 Params = Any
 State = Any
@@ -358,6 +360,71 @@ def check_static(**args) -> None:
             "an array: inject the inner optimizer's hyperparameters instead, e.g. "
             "sparsejax.rigl(optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3), 0.9, "
             "end_step=...), or list these arguments in static_args.")
+
+
+def check_int(minimum: int = 1, **args) -> None:
+    """Raises a ValueError naming the first argument that is not an integer ``>= minimum``
+    (Python or numpy integers; ``bool`` is not one). A tuple or list argument must hold
+    such integers only (layer widths).
+
+    Example:
+
+        >>> import numpy as np
+        >>> from sparsejax.base import check_int
+        >>> check_int(update_every=100, hidden=(64, np.int64(32)))   # fine
+        >>> check_int(0, begin_step=0)                               # minimum 0: fine
+        >>> check_int(update_every=1.5)
+        Traceback (most recent call last):
+            ...
+        ValueError: update_every must be a positive integer, got 1.5
+        >>> check_int(hidden=(0,))
+        Traceback (most recent call last):
+            ...
+        ValueError: hidden must be positive integers, got (0,)
+    """
+    what = {1: "positive", 0: "non-negative"}.get(minimum, f">= {minimum}")
+    for name, value in args.items():
+        many = isinstance(value, (tuple, list))
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= minimum
+                   for v in (value if many else [value])):
+            kind = f"{what} integers" if many else f"a {what} integer"
+            raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_grads(grads, params, name: str) -> None:
+    """Raises a ValueError unless ``params`` is given and ``grads`` has its parameters (by
+    path, as ``sparsejax.paths`` names them) with the same shape and dtype each: what a
+    ``name``'s ``update`` checks while tracing, before it mixes the two.
+
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.base import check_grads
+        >>> params = {'layers': [{'kernel': jnp.ones((4, 2))}]}
+        >>> check_grads({'layers': [{'kernel': jnp.zeros((4, 2))}]}, params, 'rigl')   # fine
+        >>> check_grads({'layers': [{'kernel': jnp.zeros((4, 2), jnp.float16)}]}, params, 'rigl')
+        Traceback (most recent call last):
+            ...
+        ValueError: rigl: the gradient of parameter 'layers/0/kernel' is float16 (4, 2), the
+        parameter float32 (4, 2): cast the gradients to the parameter dtype...
+    """
+    if params is None:
+        raise ValueError(f"{name} need params: call update(grads, state, params)")
+    g, p = dict(named_leaves(grads)), dict(named_leaves(params))
+    if g.keys() != p.keys():
+        raise ValueError(f"{name}: grads and params differ in structure: parameters without a "
+                         f"gradient {sorted(p.keys() - g.keys())[:4]}, gradients without a "
+                         f"parameter {sorted(g.keys() - p.keys())[:4]}; pass the gradients of "
+                         "exactly the parameters given to update")
+    for path, w in p.items():
+        gd, wd = jnp.result_type(g[path]), jnp.result_type(w)
+        if np.shape(g[path]) != np.shape(w) or gd != wd:
+            fix = ("cast the gradients to the parameter dtype, e.g. jax.tree.map(lambda g, p: "
+                   "g.astype(p.dtype), grads, params)" if np.shape(g[path]) == np.shape(w) else
+                   "pass the gradients of the parameters given to update")
+            raise ValueError(f"{name}: the gradient of parameter {path!r} is {gd} "
+                             f"{tuple(np.shape(g[path]))}, the parameter {wd} "
+                             f"{tuple(np.shape(w))}: {fix}")
 
 
 def check_inner_state(inner_state, name: str = "sparsity transform") -> None:

@@ -57,7 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparsejax.base import SparseTransformation, check_inner_state, check_static, forward
+from sparsejax.base import (SparseTransformation, check_grads, check_inner_state, check_int,
+                            check_static, forward)
 from sparsejax.distributions import Distribution, as_distribution, layer_counts
 from sparsejax.masks import (SELECTION_METHODS, apply_masks, global_magnitude_masks, is_unowned,
                              like_param, magnitude_score, map_masked, masked_with_dense_grad,
@@ -109,6 +110,13 @@ def _check_sparsity(sparsity: float) -> None:
     check_static(sparsity=sparsity)
     _check(isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0,
            f"sparsity {sparsity!r} is outside [0, 1)")
+
+
+def _check_steps(update_every: int, begin_step: int, end_step: int) -> None:
+    check_int(update_every=update_every)
+    check_int(0, begin_step=begin_step, end_step=end_step)
+    _check(begin_step <= end_step, f"need 0 <= begin_step <= end_step, got "
+                                   f"{begin_step}, {end_step}")
 
 
 def mask_param_state(inner_state, keep, params):
@@ -217,8 +225,7 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
         return SparseState(inner_state, masks, jnp.zeros((), jnp.int32), key)
 
     def update(grads, state, params=None, **extra):
-        if params is None:
-            raise ValueError("sparsity transforms need params: call update(grads, state, params)")
+        check_grads(grads, params, "sparsity transforms")
         grads, params = unbox(grads), unbox(params)
         masks, t = state.masks, state.count
         masked_grads = map_masked(lambda m, g: jnp.where(m, g, 0), masks, grads)
@@ -316,10 +323,12 @@ def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
                       begin_step: int, end_step: int, update_every: int = 100,
                       initial_sparsity: float = 0.0, distribution: Distribution | str | None = None,
                       rules: Sequence[SparsityRule] | None = None, selection: str = "threshold") -> SparseTransformation:
-    """Gradual magnitude pruning (Zhu & Gupta 2017): every ΔT steps in ``[t_0, T]`` prune
-    the smallest active ``|w|`` of each layer to
+    """Gradual magnitude pruning (Zhu & Gupta 2017): at ``t = t_0, t_0 + ΔT, … ≤ T`` and at
+    ``T`` itself, prune the smallest active ``|w|`` of each layer to
     ``s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(T − t_0))³`` (per layer, with ``s_f`` that
-    layer's final sparsity from ``distribution``). Pruned weights stay pruned.
+    layer's final sparsity from ``distribution``). Pruned weights stay pruned. The update
+    at ``T`` keeps exactly the layer's final count (``sparse_layer_counts``), so training
+    ends on the target even when ``T − t_0`` is not a multiple of ΔT.
 
     Example:
 
@@ -335,9 +344,7 @@ def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
                  update_every=update_every, begin_step=begin_step, end_step=end_step)
     _check_sparsity(sparsity)
     _check_sparsity(initial_sparsity)
-    _check(update_every > 0, f"update_every must be positive, got {update_every}")
-    _check(0 <= begin_step <= end_step, f"need 0 <= begin_step <= end_step, got "
-                                        f"{begin_step}, {end_step}")
+    _check_steps(update_every, begin_step, end_step)
     dist = as_distribution(distribution)
     ramp = gradual_sparsity(1.0, begin_step, end_step, 0.0)  # 1 − (1 − frac)³
 
@@ -361,7 +368,7 @@ def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
             s_final = 1.0 - final[path] / size
             s_t = initial_sparsity + (s_final - initial_sparsity) * ramp(t)
             keep = jnp.round((1.0 - s_t) * size).astype(jnp.int32)
-            keep = jnp.maximum(keep, final[path])
+            keep = jnp.where(t >= end_step, final[path], jnp.maximum(keep, final[path]))
             out.append(topk_mask(magnitude_score(w_by[path]), keep, eligible=m, method=selection))
         new_masks = jax.tree_util.tree_unflatten(treedef, out)
         return new_masks, map_masked(jnp.zeros_like, new_masks)
@@ -369,7 +376,8 @@ def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
     return _sparse_transform(
         inner, init_counts=init_counts, mask_init="magnitude", seed=0, selection=selection,
         mask_update=mask_update,
-        update_due=lambda t: is_update_step(t, update_every, begin_step, end_step))
+        update_due=lambda t: is_update_step(t, update_every, begin_step, end_step,
+                                            at_end=True))
 
 
 def _drop_and_grow(grow: str, drop_fraction_fn, noise_std: float, selection: str,
@@ -411,9 +419,7 @@ def _dynamic(inner, sparsity, *, grow: str, distribution, rules, update_every, b
                  end_step=end_step, drop_fraction=drop_fraction, drop_noise_std=drop_noise_std,
                  seed=seed)
     _check_sparsity(sparsity)
-    _check(update_every > 0, f"update_every must be positive, got {update_every}")
-    _check(0 <= begin_step <= end_step, f"need 0 <= begin_step <= end_step, got "
-                                        f"{begin_step}, {end_step}")
+    _check_steps(update_every, begin_step, end_step)
     _check(0.0 <= drop_fraction <= 1.0, f"drop_fraction {drop_fraction} is outside [0, 1]")
     dist = as_distribution(distribution)
     f = drop_fraction_schedule(drop_fraction, drop_fraction_anneal, max(end_step, 1))

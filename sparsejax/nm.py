@@ -62,7 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparsejax.base import SparseTransformation, check_inner_state, check_static, forward
+from sparsejax.base import (SparseTransformation, check_grads, check_inner_state, check_int,
+                            check_static, forward)
 from sparsejax.masks import is_unowned, map_masked_by_path, topk_mask
 from sparsejax.paths import (SparsityRule, match_rules, named_leaves, path_str, pattern_name,
                              rules_or_default, unbox)
@@ -456,8 +457,9 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[SparsityRule]
     if schedule != "fixed" and not sparse_steps:
         raise ValueError(f"schedule {schedule!r} needs sparse_steps (the phase split into "
                          "frames)")
-    for name, v in (("dense_steps", dense_steps), ("finetune_steps", finetune_steps),
-                    ("sr_ste_lambda", sr_ste_lambda), ("alpha", alpha)):
+    check_int(0, dense_steps=dense_steps, finetune_steps=finetune_steps,
+              **({} if sparse_steps is None else {"sparse_steps": sparse_steps}))
+    for name, v in (("sr_ste_lambda", sr_ste_lambda), ("alpha", alpha)):
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
     rules = None if rules is None else tuple(tuple(r) for r in rules)
@@ -512,8 +514,7 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[SparsityRule]
         return state_at(inner_state, params, 0, diag)
 
     def update(grads, state, params=None, **extra):
-        if params is None:
-            raise ValueError("N:M transforms need params: call update(grads, state, params)")
+        check_grads(grads, params, "N:M transforms")
         grads, params = unbox(grads), unbox(params)
         updates, inner_state = inner.update(grads, state.inner, params, **extra)
         new = state_at(inner_state, optax.apply_updates(params, updates), state.count + 1, {})

@@ -60,31 +60,42 @@ def drop_fraction_schedule(f0: float, anneal: str, end_step: int) -> Schedule:
 def gradual_sparsity(final: float, begin_step: int, end_step: int,
                      initial: float = 0.0) -> Schedule:
     """Zhu & Gupta 2017, Eq. 1: ``s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(T − t_0))³``,
-    ``s_i`` before ``t_0 = begin_step``, ``s_f`` from ``T = end_step`` on.
+    ``s_i`` before ``t_0 = begin_step``, exactly ``s_f`` from ``T = end_step`` on (also
+    when ``t_0 = T``: one-shot pruning at ``T``).
 
     Example:
 
         >>> from sparsejax.schedules import gradual_sparsity
-        >>> print(round(float(gradual_sparsity(0.9, 0, 100)(50)), 4))   # 0.9 · (1 − 0.5³)
-        0.7875
+        >>> s = gradual_sparsity(0.9, 0, 100)
+        >>> [round(float(s(t)), 4) for t in (50, 100)]      # 0.9 · (1 − 0.5³); s_f at T
+        [0.7875, 0.9]
+        >>> round(float(gradual_sparsity(0.9, 100, 100)(100)), 4)   # t_0 = T: s_f at T
+        0.9
     """
     span = max(end_step - begin_step, 1)
 
     def s(t):
-        frac = jnp.clip((jnp.asarray(t, jnp.float32) - begin_step) / span, 0.0, 1.0)
+        t = jnp.asarray(t, jnp.float32)
+        frac = jnp.where(t >= end_step, 1.0, jnp.clip((t - begin_step) / span, 0.0, 1.0))
         return final + (initial - final) * (1.0 - frac) ** 3
 
     return s
 
 
-def is_update_step(t, every: int, begin_step: int, end_step: int):
-    """Mask updates at ``t = begin, begin + ΔT, …`` while ``t ≤ end_step``.
+def is_update_step(t, every: int, begin_step: int, end_step: int, at_end: bool = False):
+    """Mask updates at ``t = begin, begin + ΔT, …`` while ``t ≤ end_step``; with ``at_end``
+    also at ``t = end_step`` itself, so that a schedule that reaches its target at
+    ``end_step`` (gradual pruning) applies it even when ``end_step − begin`` is not a
+    multiple of ``ΔT``. SET and RigL use the default (no extra update).
 
     Example:
 
         >>> from sparsejax.schedules import is_update_step
         >>> bool(is_update_step(200, 100, 0, 7500)), bool(is_update_step(250, 100, 0, 7500))
         (True, False)
+        >>> [t for t in range(80) if is_update_step(t, 10, 0, 75, at_end=True)][-3:]
+        [60, 70, 75]
     """
     t = jnp.asarray(t)
-    return (t >= begin_step) & (t <= end_step) & ((t - begin_step) % every == 0)
+    due = (t >= begin_step) & (t <= end_step) & ((t - begin_step) % every == 0)
+    return (due | (t == end_step)) if at_end else due

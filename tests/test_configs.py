@@ -54,7 +54,7 @@ def test_method_section_is_exactly_the_factory_arguments(method):
         want = chosen[key] if key in chosen else default
         assert default is not REQUIRED or key in chosen, key
         assert config.method[key] == want, (method, key)
-    assert set(config.optimizer) == set(keyword_arguments(make_optimizer, skip=1))
+    assert set(config.optimizer) == set(keyword_arguments(make_optimizer))
 
 
 def test_schedules_follow_num_steps_overrides():

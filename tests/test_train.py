@@ -245,8 +245,10 @@ def test_corrupt_checkpoint_is_a_clear_error_and_kept(trained_workdir):
     for v in victims:
         v.write_bytes(b"\x00garbage" * 8)
     before = tree_digest(trained_workdir)
+    cfg = quickstart.get_config("tiny")  # extended, so the finished run resumes
+    cfg.num_steps, cfg.optimizer.decay_steps = 30, 20
     with pytest.raises(CheckpointError, match=f"checkpoint {step_dir} could not be restored"):
-        train_and_evaluate(quickstart.get_config("tiny"), trained_workdir, progress=False)
+        train_and_evaluate(cfg, trained_workdir, progress=False)
     assert tree_digest(trained_workdir) == before
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 import jax
 from flax import nnx
 
+from sparsejax.base import check_int
 from sparsejax.models.blocks import ATTENTIONS, FFNS, block_factory
 from sparsejax.nn.layers import block_stack
 
@@ -27,6 +28,7 @@ class DecoderLM(nnx.Module):
 
     ``attention``/``ffn`` name an entry of ``models.blocks.ATTENTIONS``/``FFNS`` (or are a
     module class or factory); ``attention_options``/``ffn_options`` are its keywords.
+    Every size argument is a positive integer.
 
     Example:
 
@@ -46,6 +48,8 @@ class DecoderLM(nnx.Module):
                  activation: str = "gelu", attention: str | Callable = "dense",
                  attention_options: dict | None = None, ffn: str | Callable = "dense",
                  ffn_options: dict | None = None, rngs: nnx.Rngs):
+        check_int(vocab_size=vocab_size, max_len=max_len, d_model=d_model, num_heads=num_heads,
+                  num_layers=num_layers, d_ff=d_ff)
         self.max_len = max_len
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.base import check_int
 from sparsejax.models.blocks import ATTENTIONS, FFNS, block_factory
 from sparsejax.nn.layers import block_stack
 
@@ -29,7 +30,8 @@ class ViT(nnx.Module):
     ``activation`` is the FFN activation ('relu' for the Lazy Neuron measurements,
     'gelu' as in the original ViT); ``attention``/``ffn`` name an entry of
     ``models.blocks.ATTENTIONS``/``FFNS`` (or are a module class or factory), and
-    ``attention_options``/``ffn_options`` are its keywords.
+    ``attention_options``/``ffn_options`` are its keywords. Every size argument is a
+    positive integer.
 
     Example:
 
@@ -48,6 +50,9 @@ class ViT(nnx.Module):
                  attention: str | Callable = "dense", attention_options: dict | None = None,
                  ffn: str | Callable = "dense", ffn_options: dict | None = None,
                  rngs: nnx.Rngs):
+        check_int(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                  num_classes=num_classes, d_model=d_model, num_heads=num_heads,
+                  num_layers=num_layers, d_ff=d_ff)
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
         num_patches = (image_size // patch_size) ** 2

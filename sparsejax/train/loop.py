@@ -16,7 +16,8 @@ Example:
     >>> summary['steps'], summary['resumed_from'], summary['eval_accuracy'] > 0.3   # chance: 0.1
     (20, 0, True)
     >>> sorted(p.name for p in Path(workdir).iterdir())
-    ['checkpoints', 'config.json', 'metrics.jsonl', 'summary.json', 'tensorboard']
+    ['.lock', 'checkpoints', 'config.json', 'metrics.jsonl', 'run.json', 'summary.json',
+     'tensorboard']
     >>> import shutil; shutil.rmtree(workdir)
 """
 

@@ -22,12 +22,14 @@ Example:
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Callable, Mapping
 
+import numpy as np
 import optax
 
 from sparsejax import dst, nm
-from sparsejax.base import SparseTransformation, dense
+from sparsejax.base import SparseTransformation, check_int, dense
 
 TRANSFORMS: dict[str, Callable[..., SparseTransformation]] = {
     "dense": dense, "static": dst.static_sparse, "one_shot": dst.one_shot_magnitude,
@@ -47,10 +49,10 @@ def keyword_arguments(fn: Callable, skip: int = 0) -> dict:
     Example:
 
         >>> from sparsejax.train.optim import keyword_arguments, make_optimizer
-        >>> args = keyword_arguments(make_optimizer, skip=1)
+        >>> args = keyword_arguments(make_optimizer)
         >>> args['learning_rate'], list(args)
-        (0.001, ['name', 'learning_rate', 'schedule', 'warmup_steps', 'weight_decay',
-                 'momentum', 'nesterov', 'grad_clip'])
+        (0.001, ['name', 'learning_rate', 'schedule', 'warmup_steps', 'decay_steps',
+                 'weight_decay', 'momentum', 'nesterov', 'grad_clip'])
     """
     params = list(inspect.signature(fn).parameters.values())[skip:]
     return {p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
@@ -62,13 +64,13 @@ def check_section(section: Mapping, accepted, where: str) -> dict:
     Example:
 
         >>> from sparsejax.train.optim import check_section, keyword_arguments, make_optimizer
-        >>> check_section({'learning_rate': 0.1}, keyword_arguments(make_optimizer, 1),
+        >>> check_section({'learning_rate': 0.1}, keyword_arguments(make_optimizer),
         ...               'config.optimizer')
         {'learning_rate': 0.1}
-        >>> check_section({'lr': 0.1}, keyword_arguments(make_optimizer, 1), 'config.optimizer')
+        >>> check_section({'lr': 0.1}, keyword_arguments(make_optimizer), 'config.optimizer')
         Traceback (most recent call last):
         ...
-        ValueError: config.optimizer: unknown key(s) ['lr']; it accepts ['grad_clip', ...]
+        ValueError: config.optimizer: unknown key(s) ['lr']; it accepts ['decay_steps', ...]
     """
     given = dict(section)
     unknown = sorted(set(given) - set(accepted))
@@ -94,9 +96,24 @@ def transform_arguments(name: str) -> dict:
     return keyword_arguments(TRANSFORMS[name], skip=1)
 
 
-def make_schedule(num_steps: int, learning_rate: float, schedule: str = "cosine",
+def _check_number(name: str, value, *, positive: bool) -> None:
+    """A ValueError naming ``config.optimizer.<name>`` unless ``value`` is a finite real
+    number ``> 0`` (``positive``) or ``>= 0``."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not math.isfinite(value) or value < 0 or (positive and value == 0)):
+        raise ValueError(f"config.optimizer.{name} must be a finite number "
+                         f"{'>' if positive else '>='} 0, got {value!r}")
+
+
+def make_schedule(decay_steps: int | None, learning_rate: float, schedule: str = "cosine",
                   warmup_steps: int = 0) -> optax.Schedule:
-    """'constant', or 'cosine' (linear warm-up, then cosine decay to 0 at ``num_steps``).
+    """'constant' (``warmup_steps`` and ``decay_steps`` are not used), or 'cosine' (linear
+    warm-up over ``warmup_steps``, then cosine decay to 0 at ``decay_steps``, and 0 after).
+
+    ``learning_rate`` is a finite number > 0 and ``warmup_steps`` an integer >= 0; with
+    'cosine' also ``warmup_steps < decay_steps``, since a warm-up that fills the decay
+    never decays (and one longer never reaches ``learning_rate``). A bad value is a
+    ValueError naming its ``config.optimizer`` key.
 
     Example:
 
@@ -104,35 +121,64 @@ def make_schedule(num_steps: int, learning_rate: float, schedule: str = "cosine"
         >>> lr = make_schedule(100, 1e-3, 'cosine', warmup_steps=10)
         >>> [round(float(lr(t)), 6) for t in (0, 5, 10, 55, 100)]   # warm-up, peak, cosine
         [0.0, 0.0005, 0.001, 0.0005, 0.0]
+        >>> make_schedule(100, 1e-3, 'cosine', warmup_steps=100)
+        Traceback (most recent call last):
+            ...
+        ValueError: config.optimizer.warmup_steps must be < decay_steps=100 with the cosine ...
     """
+    _check_number("learning_rate", learning_rate, positive=True)
+    check_int(0, **{"config.optimizer.warmup_steps": warmup_steps})
     if schedule == "constant":
         return optax.constant_schedule(learning_rate)
     if schedule == "cosine":
+        check_int(**{"config.optimizer.decay_steps": decay_steps})
+        if warmup_steps >= decay_steps:
+            raise ValueError(f"config.optimizer.warmup_steps must be < decay_steps="
+                             f"{decay_steps} with the cosine schedule (the warm-up would "
+                             f"leave no decay), got {warmup_steps}")
         return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps,
-                                                  max(num_steps, warmup_steps + 1))
+                                                  decay_steps)
     raise ValueError(f"config.optimizer.schedule: unknown schedule {schedule!r}; known: "
                      "['constant', 'cosine']")
 
 
-def make_optimizer(num_steps: int, *, name: str = "adamw", learning_rate: float = 1e-3,
-                   schedule: str = "cosine", warmup_steps: int = 50, weight_decay: float = 1e-4,
+def make_optimizer(*, name: str = "adamw", learning_rate: float = 1e-3,
+                   schedule: str = "cosine", warmup_steps: int = 50,
+                   decay_steps: int | None = None, weight_decay: float = 1e-4,
                    momentum: float = 0.9, nesterov: bool = False,
                    grad_clip: float = 0.0) -> optax.GradientTransformation:
     """'sgd' (decoupled ``weight_decay``, ``momentum``, ``nesterov``), 'adam', or 'adamw'
-    (``weight_decay``), on ``make_schedule``, with global-norm clipping when ``grad_clip``.
+    (``weight_decay``), on ``make_schedule(decay_steps, ...)``, with global-norm clipping
+    when ``grad_clip``. Configs set ``decay_steps`` to follow ``config.num_steps``; it is
+    its own key so that a run extended past its decay says so (``train.workdir``).
+
+    ``weight_decay`` is a finite number >= 0, ``momentum`` one in [0, 1) (0: plain SGD),
+    ``grad_clip`` a finite number > 0, or 0 / None for no clipping; they are checked for
+    every ``name``, used or not. A bad value is a ValueError naming its
+    ``config.optimizer`` key.
 
     Example:
 
         >>> import jax.numpy as jnp
         >>> from sparsejax.train.optim import make_optimizer
-        >>> opt = make_optimizer(1000, name='sgd', learning_rate=0.1, schedule='constant',
+        >>> opt = make_optimizer(name='sgd', learning_rate=0.1, schedule='constant',
         ...                      weight_decay=0.0, momentum=0.0, grad_clip=1.0)
         >>> params = {'w': jnp.zeros(2)}
         >>> updates, _ = opt.update({'w': jnp.array([3., 4.])}, opt.init(params), params)
         >>> [round(u, 4) for u in updates['w'].tolist()]   # clipped to norm 1, times -0.1
         [-0.06, -0.08]
+        >>> make_optimizer(decay_steps=1000, learning_rate=-0.1)
+        Traceback (most recent call last):
+            ...
+        ValueError: config.optimizer.learning_rate must be a finite number > 0, got -0.1
     """
-    lr = make_schedule(num_steps, learning_rate, schedule, warmup_steps)
+    lr = make_schedule(decay_steps, learning_rate, schedule, warmup_steps)
+    _check_number("weight_decay", weight_decay, positive=False)
+    _check_number("momentum", momentum, positive=False)
+    if momentum >= 1:
+        raise ValueError(f"config.optimizer.momentum must be < 1, got {momentum!r}")
+    if grad_clip is not None and grad_clip != 0:
+        _check_number("grad_clip", grad_clip, positive=True)
     if name == "sgd":
         opt = optax.chain(optax.add_decayed_weights(weight_decay),
                           optax.sgd(lr, momentum=momentum or None, nesterov=nesterov))
@@ -166,8 +212,8 @@ def make_transform(config, rules=None) -> SparseTransformation:
         >>> sparsejax.sparsity_states(make_transform(config, rules=[]).init(params))  # dense
         []
     """
-    inner = make_optimizer(config.num_steps, **check_section(
-        config.optimizer, keyword_arguments(make_optimizer, skip=1), "config.optimizer"))
+    inner = make_optimizer(**check_section(
+        config.optimizer, keyword_arguments(make_optimizer), "config.optimizer"))
     section = {k: v for k, v in dict(config.method).items() if k != "name"}
     name = config.method.name
     accepted = transform_arguments(name)

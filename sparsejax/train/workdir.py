@@ -101,10 +101,10 @@ def fingerprint(flat: dict) -> str:
         >>> from sparsejax.train.workdir import fingerprint, flat_config
         >>> a = quickstart.get_config('tiny')
         >>> b = quickstart.get_config('tiny')
-        >>> b.num_steps, b.log_every = 40, 1                 # safe to change
+        >>> b.log_every, b.checkpoint_every = 1, 2          # safe to change
         >>> fingerprint(flat_config(a)) == fingerprint(flat_config(b))
         True
-        >>> b.seed = 1
+        >>> b.num_steps = 40      # safe, but optimizer.decay_steps follows it: another run
         >>> fingerprint(flat_config(a)) == fingerprint(flat_config(b))
         False
     """
@@ -167,10 +167,15 @@ def check_same_run(workdir: Path, flat: dict) -> dict | None:
         listed = "; ".join(both + [f"only in the recorded config: {', '.join(only_old)}"] *
                            bool(only_old) + [f"only in this config: {', '.join(only_new)}"] *
                            bool(only_new))
+        pins = [f"--config.{k}={a}" for k, (a, b) in changes.items()
+                if isinstance(a, (bool, int, float, str)) and a != _ABSENT]
+        pin = (f" (e.g. {' '.join(pins)}; a method's end_step and optimizer.decay_steps "
+               "follow num_steps, so extending a run changes them unless pinned)"
+               if pins and len(pins) == len(changes) else "")
         raise RunMismatch(
             f"{workdir} holds a run with another config: {listed}. Nothing was written. "
-            f"Resume with the recorded config ({path}), or use another --workdir. Only "
-            f"{', '.join(SAFE_TO_CHANGE)} may change on resume")
+            f"Resume with the recorded config ({path}){pin}, or use another --workdir. "
+            f"Only {', '.join(SAFE_TO_CHANGE)} may change on resume")
     return old
 
 
