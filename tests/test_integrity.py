@@ -297,7 +297,7 @@ except Preempted as e:
 """
 
 
-def test_sigterm_saves_a_checkpoint_and_the_resume_is_bit_identical(root, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_the_resume_is_bit_identical(root, tmp_path, finished):
     workdir = tmp_path / "preempted"
     proc = subprocess.run([sys.executable, "-c", PREEMPT_SCRIPT.format(
         root=str(root), workdir=str(workdir))], cwd=root, capture_output=True, text=True,
@@ -307,8 +307,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_is_bit_identical(root, tmp_pa
     cfg = config("rigl,0.9,tiny")
     assert Checkpointer(workdir / "checkpoints").latest_step() == 13
     assert train_and_evaluate(cfg, workdir, progress=False)["resumed_from"] == 13
-    train_and_evaluate(cfg, tmp_path / "straight", progress=False)
-    a, b = restore_all(workdir, cfg), restore_all(tmp_path / "straight", cfg)
+    a, b = restore_all(workdir, cfg), restore_all(finished, cfg)  # finished: straight through
     assert_trees_equal(a[20], b[20])
 
 
@@ -336,8 +335,8 @@ def test_logs_are_quiet_and_a_full_disk_is_one_line(root, tmp_path):
     assert _log_lines(proc.stderr) == [
         "error: no space left on device; free space and rerun the same command to resume "
         "from the last checkpoint"]
-    verbose = _cli(root, tmp_path / "verbose", "--verbose")
-    assert verbose.returncode == 0 and "orbax" in verbose.stderr  # the library's INFO lines
+    verbose = _cli(root, tmp_path / "verbose", "--verbose", "--config.batch_size=100000")
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
 
 
 # 11. Eager multi-device ops on the host path raced orbax's save thread (rc 134 under load).
@@ -373,13 +372,10 @@ def test_the_loop_runs_no_eager_multi_device_computation(tmp_path):
 
 @pytest.mark.slow
 def test_loop_survives_a_cpu_hog_on_8_devices(root, tmp_path):
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-    try:
-        # every step checkpoints, so orbax's save thread always runs beside the loop
-        runs = [_cli(root, tmp_path / "run", "--config.checkpoint_every=1", *extend)
-                for extend in ((), ("--config.num_steps=30", "--config.optimizer.decay_steps=20"))]
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:  # every step checkpoints, so orbax's save thread always runs beside the loop
+        run = _cli(root, tmp_path / "run", "--config.checkpoint_every=1")
     finally:
-        for h in hogs:
-            h.kill()
-    for r in runs:
-        assert r.returncode == 0, r.stderr[-3000:]
+        hog.kill()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 6
