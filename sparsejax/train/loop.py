@@ -300,10 +300,13 @@ def all_finite(tree) -> jax.Array:
         True
         >>> bool(all_finite({'w': jnp.array([1., jnp.inf]), 'b': jnp.zeros(2)}))
         False
+        >>> bool(all_finite({'w': jnp.array([3e38, 3e38])}))   # large but finite: no overflow
+        True
     """
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+    # x·0 is 0 where x is finite and NaN where it is not, and a sum of it cannot overflow:
+    # exact, and a multiply before a reduction is far cheaper on XLA:CPU than a compare
+    zeros = [jnp.sum(x * 0) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.isfinite(sum(zeros)) if zeros else jnp.bool_(True)
 
 
 def _every(step: int, interval: int, last: int) -> bool:
