@@ -234,7 +234,7 @@ def test_a_dead_holder_leaves_no_stale_lock(tmp_path):
     ({"model.hidden": (-5,)}, r"hidden must be positive integers, got \(-5,\)"),
     ({"method.update_every": 0}, r"update_every must be a positive integer, got 0"),
     ({"on_nonfinite": "ignore"}, r"config.on_nonfinite must be one of \('stop', 'skip'\)"),
-    ({"log_every": -1}, r"config.log_every must be an integer >= 0, got -1"),
+    ({"log_every": -1}, r"config.log_every must be a non-negative integer, got -1"),
 ])
 def test_bad_config_writes_nothing(finished, overrides, message):
     before = tree_digest(finished)

@@ -199,7 +199,7 @@ def trained_workdir(tmp_path):
     ({"mdgf.method.decay": "cosine"}, "unknown decay 'cosine'"),
     ({"rigl.method.pattern": "2:4"}, r"unknown key\(s\) \['pattern'\]"),
     ({"batch_size": 12}, "batch_size=12 is not divisible by the 8 data shards"),
-    ({"num_steps": 0}, "config.num_steps must be an integer >= 1, got 0"),
+    ({"num_steps": 0}, "config.num_steps must be a positive integer, got 0"),
 ])
 def test_bad_config_is_clear_and_leaves_checkpoints_intact(trained_workdir, override, message):
     """Keys ``<method>.section.leaf`` start from ``get_config("<method>,tiny")``."""

@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from sparsejax.base import SparseTransformation, forward, sparsity_states
+from sparsejax.base import SparseTransformation, check_int, forward, sparsity_states
 from sparsejax.train.build import build
 from sparsejax.train.checkpoint import Checkpointer, abstract_like
 from sparsejax.train.data import BatchIterator, Dataset, eval_batches, get_dataset
@@ -152,17 +152,11 @@ class Preempted(Exception):
         self.step = step
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 def _check_config(config) -> None:
-    for key in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
-                "max_checkpoints", "max_consecutive_skips"):
-        value, least = config.get(key, 1), 1 if key in ("num_steps", "batch_size",
-                                                          "max_checkpoints") else 0
-        if not _is_int(value) or value < least:
-            raise ValueError(f"config.{key} must be an integer >= {least}, got {value!r}")
+    check_int(**{f"config.{k}": config.get(k, 1)
+                 for k in ("num_steps", "batch_size", "max_checkpoints")})
+    check_int(0, **{f"config.{k}": config.get(k, 0) for k in (
+        "log_every", "eval_every", "checkpoint_every", "max_consecutive_skips")})
     if config.get("on_nonfinite", "stop") not in ON_NONFINITE:
         raise ValueError(f"config.on_nonfinite must be one of {ON_NONFINITE}, got "
                          f"{config.on_nonfinite!r}")
@@ -416,7 +410,7 @@ def train_and_evaluate(config, workdir: str | Path, *, hooks: Sequence[Hook] = (
         >>> train_and_evaluate(config, workdir)
         Traceback (most recent call last):
         ...
-        ValueError: config.num_steps must be an integer >= 1, got 0
+        ValueError: config.num_steps must be a positive integer, got 0
         >>> os.path.exists(workdir)          # a bad config never touches the workdir
         False
         >>> os.rmdir(os.path.dirname(workdir))
