@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -389,6 +390,25 @@ def check_int(minimum: int = 1, **args) -> None:
                    for v in (value if many else [value])):
             kind = f"{what} integers" if many else f"a {what} integer"
             raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_number(name: str, value, *, positive: bool = True) -> None:
+    """Raises a ValueError naming ``name`` unless ``value`` is a finite real number, ``> 0``
+    (``positive``) or ``>= 0`` (``bool`` is not a number here).
+
+    Example:
+
+        >>> from sparsejax.base import check_number
+        >>> check_number('learning_rate', 1e-3)                      # fine
+        >>> check_number('learning_rate', float('nan'))
+        Traceback (most recent call last):
+            ...
+        ValueError: learning_rate must be a finite number > 0, got nan
+    """
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not math.isfinite(value) or value < 0 or (positive and value == 0)):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
+                         f"got {value!r}")
 
 
 def check_grads(grads, params, name: str) -> None:

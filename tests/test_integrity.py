@@ -8,7 +8,6 @@ every file) wherever nothing should change.
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from configs import quickstart
 from sparsejax.train import Checkpointer, make_trainer, read_jsonl, train_and_evaluate
 from sparsejax.train import loop
 from sparsejax.train.checkpoint import abstract_like
-from sparsejax.train.loop import NonFiniteError, Preempted, all_finite
+from sparsejax.train.loop import NonFiniteError, all_finite
 from sparsejax.train.workdir import RunMismatch, WorkdirLock, WorkdirLocked
 from tests.test_train import assert_trees_equal, tree_digest
 

@@ -17,14 +17,11 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from sparsejax.base import check_int
+from sparsejax.base import check_int, check_number
 from sparsejax.nn.layers import Activation
 
 
@@ -83,9 +80,7 @@ class ResNet(nnx.Module):
     def __init__(self, depth: int = 20, width: float = 1, num_classes: int = 10, *,
                  in_channels: int = 3, activation: str = "relu", rngs: nnx.Rngs):
         check_int(depth=depth, num_classes=num_classes, in_channels=in_channels)
-        if (isinstance(width, bool) or not isinstance(width, (int, float, np.integer, np.floating))
-                or not (math.isfinite(width) and width > 0)):
-            raise ValueError(f"width must be a finite number > 0, got {width!r}")
+        check_number("width", width)
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"ResNet depth must be 6n+2 with n >= 1, got {depth}")
         n = (depth - 2) // 6

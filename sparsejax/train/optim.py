@@ -22,14 +22,12 @@ Example:
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Callable, Mapping
 
-import numpy as np
 import optax
 
 from sparsejax import dst, nm
-from sparsejax.base import SparseTransformation, check_int, dense
+from sparsejax.base import SparseTransformation, check_int, check_number, dense
 
 TRANSFORMS: dict[str, Callable[..., SparseTransformation]] = {
     "dense": dense, "static": dst.static_sparse, "one_shot": dst.one_shot_magnitude,
@@ -96,15 +94,6 @@ def transform_arguments(name: str) -> dict:
     return keyword_arguments(TRANSFORMS[name], skip=1)
 
 
-def _check_number(name: str, value, *, positive: bool) -> None:
-    """A ValueError naming ``config.optimizer.<name>`` unless ``value`` is a finite real
-    number ``> 0`` (``positive``) or ``>= 0``."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
-            or not math.isfinite(value) or value < 0 or (positive and value == 0)):
-        raise ValueError(f"config.optimizer.{name} must be a finite number "
-                         f"{'>' if positive else '>='} 0, got {value!r}")
-
-
 def make_schedule(decay_steps: int | None, learning_rate: float, schedule: str = "cosine",
                   warmup_steps: int = 0) -> optax.Schedule:
     """'constant' (``warmup_steps`` and ``decay_steps`` are not used), or 'cosine' (linear
@@ -126,7 +115,7 @@ def make_schedule(decay_steps: int | None, learning_rate: float, schedule: str =
             ...
         ValueError: config.optimizer.warmup_steps must be < decay_steps=100 with the cosine ...
     """
-    _check_number("learning_rate", learning_rate, positive=True)
+    check_number("config.optimizer.learning_rate", learning_rate, positive=True)
     check_int(0, **{"config.optimizer.warmup_steps": warmup_steps})
     if schedule == "constant":
         return optax.constant_schedule(learning_rate)
@@ -173,12 +162,12 @@ def make_optimizer(*, name: str = "adamw", learning_rate: float = 1e-3,
         ValueError: config.optimizer.learning_rate must be a finite number > 0, got -0.1
     """
     lr = make_schedule(decay_steps, learning_rate, schedule, warmup_steps)
-    _check_number("weight_decay", weight_decay, positive=False)
-    _check_number("momentum", momentum, positive=False)
+    check_number("config.optimizer.weight_decay", weight_decay, positive=False)
+    check_number("config.optimizer.momentum", momentum, positive=False)
     if momentum >= 1:
         raise ValueError(f"config.optimizer.momentum must be < 1, got {momentum!r}")
     if grad_clip is not None and grad_clip != 0:
-        _check_number("grad_clip", grad_clip, positive=True)
+        check_number("config.optimizer.grad_clip", grad_clip, positive=True)
     if name == "sgd":
         opt = optax.chain(optax.add_decayed_weights(weight_decay),
                           optax.sgd(lr, momentum=momentum or None, nesterov=nesterov))
