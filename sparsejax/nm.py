@@ -84,9 +84,66 @@ def _check_nm(n: int, m: int, where: str = "") -> None:
         raise ValueError(f"{where}N:M pattern {n}:{m} needs 0 < N < M")
 
 
+def _magnitude_keys(w: jax.Array) -> jax.Array:
+    """Integers ordered as ``|w|`` is by ``lax.top_k``'s total order: a float's bits with
+    the sign cleared (so ``-0 = +0``, ``inf`` below every NaN, NaNs by payload); ``|w|``
+    itself for integer weights."""
+    w = jnp.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        return jnp.abs(w)
+    bits = jnp.dtype(f"int{8 * w.dtype.itemsize}")
+    return jax.lax.bitcast_convert_type(w, bits) & jnp.iinfo(bits).max
+
+
+def _group_keep(keys: jax.Array, n: int, m: int, ga: int) -> jax.Array:
+    """``rank < n`` along axis ``ga`` (of size ``m``) of ``keys``, ``rank_i = #{j : k_j > k_i
+    or (k_j = k_i and j < i)}``: a permutation of ``0..m-1`` in each group, so exactly
+    ``n`` entries are kept. No sort: for ``min(n, m−n) ≤ m/16`` (N:M with a large M and a
+    small N, or its complement) ``n`` rounds of "first maximum among those not kept yet"
+    (``m−n`` rounds of "last minimum among those not dropped yet"), two reductions over
+    the group each; otherwise the rank itself, unrolled over ``j`` so that one fused pass
+    adds up the comparisons without building the ``[.., m, m, ..]`` tensor."""
+    idx = jax.lax.broadcasted_iota(jnp.int32, keys.shape, ga)
+    if min(n, m - n) * 16 <= m:
+        info = jnp.iinfo(keys.dtype)
+        keep = n * 16 <= m
+        taken = jnp.zeros(keys.shape, jnp.bool_)
+        for _ in range(n if keep else m - n):
+            if keep:   # the highest-ranked one left: largest key, lowest index among equals
+                top = jnp.max(jnp.where(taken, info.min, keys), axis=ga, keepdims=True)
+                at = jnp.min(jnp.where(~taken & (keys == top), idx, m), axis=ga, keepdims=True)
+            else:      # the lowest-ranked one left: smallest key, highest index among equals
+                low = jnp.min(jnp.where(taken, info.max, keys), axis=ga, keepdims=True)
+                at = jnp.max(jnp.where(~taken & (keys == low), idx, -1), axis=ga, keepdims=True)
+            taken = taken | (idx == at)
+        return taken if keep else ~taken
+    return _group_rank(keys, m, ga) < n
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _group_rank(keys: jax.Array, m: int, ga: int) -> jax.Array:
+    """``rank_i`` along axis ``ga`` (size ``m``), added up over ``j`` unrolled. Its own jit
+    (inlined by XLA) so that the masks of several ``n`` share one traced rank."""
+    idx = jax.lax.broadcasted_iota(jnp.int32, keys.shape, ga)
+    rank = jnp.zeros(keys.shape, jnp.int32)
+    for j in range(m):
+        kj = jax.lax.index_in_dim(keys, j, ga, keepdims=True)
+        rank = rank + jnp.where(j < idx, kj >= keys, kj > keys).astype(jnp.int32)
+    return rank
+
+
 def nm_mask(w: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
     """Boolean mask keeping the ``n`` largest ``|w|`` of every ``m`` consecutive entries
     along ``axis`` (ties to the lower index).
+
+    For the magnitudes ``a_0 … a_{M−1}`` of one group the mask is
+
+        rank_i = #{j : a_j > a_i  or  (a_j = a_i  and  j < i)},    keep_i = rank_i < N,
+
+    computed from comparisons within the group (no sort, no ``lax.top_k``); the same mask
+    as ``lax.top_k`` of the group's ``|w|``. NaN counts as larger than every number
+    (``top_k``'s order; NaNs among themselves by bit pattern), so a group keeps its NaNs
+    first and a diverged weight shows up in the mask instead of being pruned silently.
 
     Example:
 
@@ -95,17 +152,18 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
         >>> w = jnp.array([[4., 1.], [2., 3.], [0., 9.], [5., 5.]])
         >>> nm_mask(w, 1, 2, axis=0).tolist()   # 1 of each pair of rows, per column
         [[True, False], [False, True], [False, True], [True, False]]
+        >>> a = jnp.array([3., -7., 3., 0.])      # ranks 1, 0, 2, 3: the tie 3 = 3 to index 0
+        >>> nm_mask(a, 2, 4, axis=0).tolist()
+        [True, True, False, False]
     """
     _check_nm(n, m)
     axis = axis % w.ndim
     if w.shape[axis] % m:
         raise ValueError(f"N:M {n}:{m}: axis {axis} of size {w.shape[axis]} is not "
                          f"divisible by M={m}")
-    moved = jnp.moveaxis(jnp.abs(w), axis, -1)
-    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
-    _, idx = jax.lax.top_k(groups, n)  # lower index first among equal values
-    keep = jnp.any(jax.nn.one_hot(idx, m, dtype=jnp.bool_), axis=-2)
-    return jnp.moveaxis(keep.reshape(moved.shape), -1, axis)
+    keys = _magnitude_keys(w)
+    groups = keys.reshape(*w.shape[:axis], w.shape[axis] // m, m, *w.shape[axis + 1:])
+    return _group_keep(groups, n, m, axis + 1).reshape(w.shape)
 
 
 def stepwise_frames(n: int, m: int) -> list[tuple[int, int]]:
@@ -414,6 +472,38 @@ def nm_masks_from_params(params, rules: Sequence[SparsityRule] | None = None, ax
                           lambda w, spec: _leaf_mask(w, spec, [(spec.n, spec.m)], 0))
 
 
+def _count(x) -> jax.Array:
+    """Exact int32 sum of a float array of small non-negative integers: float32 sums along
+    the last axis (exact while a row adds up to < 2^24), then int32."""
+    rows = x.reshape(-1, x.shape[-1] if x.ndim else 1)
+    return jnp.sum(jnp.sum(rows, axis=-1).astype(jnp.int32))
+
+
+def _pruned_stats(m, g, nxt):
+    """``(#pruned, #flipped, Σ g, Σ g²)`` over one leaf's pruned entries (``~m``; flipped:
+    ``m != nxt``), the counts exact. Costs about one read of ``m`` and ``g``: the pruned
+    count and the gradient sums are one 3-operand reduction over ``F ≤ 16`` blocks of the
+    leading axis, into which XLA fuses the ``where``/``square`` (separate reductions
+    would each write their operand out first), then sums of that ``1/F``-size partial.
+    The flips are counted apart, so that the (cheap, vectorised) mask computation that
+    XLA fuses into their count is not put inside the reduction's loop."""
+    shape = m.shape if m.ndim else (1,)
+    f = next(f for f in (16, 8, 4, 2, 1) if shape[0] % f == 0)
+    gp = jnp.where(m, 0.0, g.astype(jnp.float32))
+    ops = tuple(x.reshape(f, shape[0] // f, *shape[1:]) for x in
+                ((~m).astype(jnp.float32), gp, gp * gp))
+    part = jax.lax.reduce(ops, (np.float32(0),) * 3,
+                          lambda a, b: tuple(x + y for x, y in zip(a, b)), (0,))
+    if f * shape[-1] >= 2 ** 24:  # rows of the partial too long for exact float32 counts
+        n_pruned = jnp.sum(~m, dtype=jnp.int32)
+    else:
+        n_pruned = _count(part[0])
+    flips = (m != nxt)
+    n_flip = (jnp.sum(flips, dtype=jnp.int32) if shape[-1] >= 2 ** 24
+              else _count(flips.astype(jnp.float32)))
+    return n_pruned, n_flip, jnp.sum(part[1]), jnp.sum(part[2])
+
+
 def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[SparsityRule] | None = None, *, pattern: str = "2:4",
               axis: int = -2, sr_ste_lambda: float = 0.0, decay: str | None = None,
               alpha: float = 2e-4, backward: str = "ste", schedule: str = "fixed",
@@ -524,11 +614,11 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[SparsityRule]
                                                  treedef.flatten_up_to(new.masks))
                 if not is_unowned(m)]
         size = max(sum(m.size for m, _, _ in live), 1)
-        g_pruned = [jnp.where(m, 0.0, g.astype(jnp.float32)) for m, g, _ in live]
-        n_pruned = jnp.maximum(sum(jnp.sum(~m) for m, _, _ in live), 1)
-        total = sum(jnp.sum(x) for x in g_pruned)
-        sq = sum(jnp.sum(x * x) for x in g_pruned)
-        diag = {"flip_rate": sum(jnp.sum(m != nxt) for m, _, nxt in live) / size,
+        stats = [_pruned_stats(m, g, nxt) for m, g, nxt in live]
+        n_pruned = jnp.maximum(sum(s[0] for s in stats), 1)
+        total = sum(s[2] for s in stats)
+        sq = sum(s[3] for s in stats)
+        diag = {"flip_rate": sum(s[1] for s in stats) / size,
                 "pruned_grad_norm": jnp.sqrt(sq),
                 "pruned_grad_var": sq / n_pruned - (total / n_pruned) ** 2}
         return updates, new._replace(diagnostics=diag)
@@ -827,14 +917,18 @@ def compress_nm(w: jax.Array, n: int, m: int, axis: int = -2) -> NMCompressed:
     axis = axis % w.ndim
     if w.shape[axis] % m:
         raise ValueError(f"N:M {n}:{m}: axis {axis} of size {w.shape[axis]} is not divisible by M")
-    moved = jnp.moveaxis(w, axis, 0)
+    moved = jnp.moveaxis(jnp.asarray(w), axis, 0)
     rest = moved.shape[1:]
     groups = moved.reshape(moved.shape[0] // m, m, -1)                   # [G, M, R]
-    _, idx = jax.lax.top_k(jnp.abs(jnp.swapaxes(groups, 1, 2)), n)        # [G, R, N]
-    idx = jnp.sort(idx, axis=-1)
-    vals = jnp.take_along_axis(jnp.swapaxes(groups, 1, 2), idx, axis=-1)  # [G, R, N]
-    to_gnr = lambda x: jnp.swapaxes(x, 1, 2).reshape(x.shape[0], n, *rest)  # noqa: E731
-    return NMCompressed(to_gnr(vals), to_gnr(idx).astype(jnp.uint8), n, m, tuple(w.shape), axis)
+    keep = _group_keep(_magnitude_keys(groups), n, m, 1)                 # nm_mask's
+    # the s-th kept offset (s = 0..N-1, increasing) is the number of offsets j before it,
+    # i.e. those with at most s kept entries in 0..j
+    upto = jnp.cumsum(keep, axis=1, dtype=jnp.int32)                      # [G, M, R]
+    slots = jnp.arange(n, dtype=jnp.int32)[None, None, :, None]
+    idx = jnp.sum(upto[:, :, None] <= slots, axis=1, dtype=jnp.int32)     # [G, N, R]
+    vals = jnp.take_along_axis(groups, idx, axis=1)                       # [G, N, R]
+    return NMCompressed(vals.reshape(-1, n, *rest), idx.reshape(-1, n, *rest).astype(jnp.uint8),
+                        n, m, tuple(w.shape), axis)
 
 
 def decompress_nm(c: NMCompressed) -> jax.Array:
