@@ -206,11 +206,34 @@ def init_masks(params, counts: dict[str, int], how: str, key, selection: str = "
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _poison_if_due(updates, due):
+    """``updates`` + NaN where ``due``: a ``mask_update=False`` call on a step whose mask
+    update is due gives NaN parameters instead of silently keeping the old masks.
+
+    One fused add per leaf and no host callback (a callback that raises inside a sharded
+    program leaves the other devices waiting in their collectives). Float leaves only.
+    """
+    bad = jnp.where(due, jnp.nan, 0.0)
+    return jax.tree.map(lambda u: u + bad.astype(u.dtype)
+                        if jnp.issubdtype(u.dtype, jnp.floating) else u, updates)
+
+
 def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_init: str,
                       seed: int, selection: str, mask_update: MaskUpdate | None = None,
                       update_due: Callable | None = None,
                       skip_gradient_on_update: bool = False) -> SparseTransformation:
-    """The engine every weight-sparsity transform is built from."""
+    """The engine every weight-sparsity transform is built from.
+
+    ``update(..., mask_update=True)`` decides on the device: ``lax.cond(update_due(t),
+    …)``, one compiled step for every call. ``mask_update=False`` (static) leaves the
+    mask-update branch out of the program: what a loop passes on the steps where the
+    host schedule ``mask_update_due`` says no update is due. A cond holds its untaken
+    branch's buffers on XLA:CPU, so the non-update steps of a loop that dispatches two
+    compiled steps cost what masking costs. A wrong False is never a silently missed
+    update: that step's updates are NaN (``_poison_if_due``), which a loop's finiteness
+    check stops on.
+    """
+    mask_update_fn = mask_update
     _check(selection in SELECTION_METHODS,
            f"unknown selection method {selection!r}; known: {SELECTION_METHODS}")
     inner = optax.with_extra_args_support(inner)
@@ -224,15 +247,21 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
         inner_state = mask_param_state(inner_state, masks, params)  # e.g. schedule-free's z
         return SparseState(inner_state, masks, jnp.zeros((), jnp.int32), key)
 
-    def update(grads, state, params=None, **extra):
+    def update(grads, state, params=None, *, mask_update: bool = True, **extra):
         check_grads(grads, params, "sparsity transforms")
+        if not isinstance(mask_update, (bool, np.bool_)):
+            raise TypeError(f"mask_update must be a Python bool, got {type(mask_update).__name__}"
+                            ": make it a static argument of the jitted step (static_argnums)"
+                            ", e.g. mask_update=tx.mask_update_due(count)")
         grads, params = unbox(grads), unbox(params)
         masks, t = state.masks, state.count
         masked_grads = map_masked(lambda m, g: jnp.where(m, g, 0), masks, grads)
         u, inner_state = inner.update(masked_grads, state.inner, params, **extra)
         # params + step: active entries move, inactive ones become exactly 0.
         step_updates = map_masked(lambda m, d, p: jnp.where(m, d, -p), masks, u, params)
-        if mask_update is None:
+        if mask_update_fn is None or not mask_update:
+            if mask_update_fn is not None:  # the caller said no update is due: if it is, NaN
+                step_updates = _poison_if_due(step_updates, update_due(t))
             return step_updates, SparseState(inner_state, masks, t + 1, state.key)
 
         def with_mask_update(_):
@@ -242,7 +271,7 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
                 base_updates, base_inner = step_updates, inner_state
             weights = optax.apply_updates(params, base_updates)
             key, sub = jax.random.split(state.key)
-            new_masks, new_conn = mask_update(t, weights, grads, masks, sub)
+            new_masks, new_conn = mask_update_fn(t, weights, grads, masks, sub)
             keep = map_masked(lambda m, c: m & ~c, new_masks, new_conn)  # new ones start at 0
             updates = map_masked(lambda k, d, p: jnp.where(k, d, -p), keep, base_updates, params)
             return updates, mask_param_state(base_inner, keep, params), new_masks, key
@@ -254,7 +283,8 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
                                                         without, None)
         return updates, SparseState(inner_state, masks, t + 1, key)
 
-    return SparseTransformation(init, update, forward)
+    due_on_host = None if mask_update_fn is None else (lambda count: bool(update_due(int(count))))
+    return SparseTransformation(init, update, forward, due_on_host)
 
 
 # ----------------------------------------------------------------------------- factories
@@ -316,7 +346,7 @@ def one_shot_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
         masks = global_magnitude_masks(params, sparsity, rules, method=selection)
         return tx.init(params)._replace(masks=masks)
 
-    return SparseTransformation(init, tx.update, tx.forward)
+    return SparseTransformation(init, tx.update, tx.forward, tx.mask_update_due)
 
 
 def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,

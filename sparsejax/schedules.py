@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 Schedule = Callable[[object], object]
 
@@ -95,7 +96,16 @@ def is_update_step(t, every: int, begin_step: int, end_step: int, at_end: bool =
         (True, False)
         >>> [t for t in range(80) if is_update_step(t, 10, 0, 75, at_end=True)][-3:]
         [60, 70, 75]
+        >>> is_update_step(200, 100, 0, 7500) is True   # a Python int gives a Python bool
+        True
+
+    A Python ``int`` step gives a Python ``bool`` (the host's schedule, no device work);
+    an array step gives a boolean array (the same schedule inside ``jit``).
     """
+    if isinstance(t, (int, np.integer)):
+        t = int(t)
+        due = begin_step <= t <= end_step and (t - begin_step) % every == 0
+        return bool(due or (at_end and t == end_step))
     t = jnp.asarray(t)
     due = (t >= begin_step) & (t <= end_step) & ((t - begin_step) % every == 0)
     return (due | (t == end_step)) if at_end else due

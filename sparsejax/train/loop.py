@@ -79,8 +79,12 @@ def weighted_cross_entropy(logits: jax.Array, batch: dict) -> tuple[jax.Array, d
 class Trainer(NamedTuple):
     """The compiled pieces of a run, built by ``make_trainer`` before any file is touched.
 
-    ``init(rng) -> TrainState`` and ``step(state, batch) -> (state, stats)`` are jitted
-    with explicit shardings; ``evaluate(state) -> stats`` runs the eval split.
+    ``init(rng) -> TrainState`` and ``step(state, batch, mask_update=True) -> (state,
+    stats)`` are jitted with explicit shardings; ``evaluate(state) -> stats`` runs the
+    eval split. ``mask_update`` is static and positional (jit takes no keyword
+    arguments with ``in_shardings``): where ``tx.mask_update_due`` gives the
+    transform's schedule, the loop passes False on the steps where no mask update is
+    due (a second compiled step without the update's code, see ``MaskDispatch``).
 
     Example:
 
@@ -220,7 +224,11 @@ def make_trainer(config, tx=None) -> Trainer:
                                         p_sh, mesh),
         rng=replicated)
 
-    def train_step(state: TrainState, batch: dict):
+    # a transform with a host schedule gets two compiled steps (mask_update static)
+    flag = (lambda mask_update: {"mask_update": mask_update}) if tx.mask_update_due else (
+        lambda mask_update: {})
+
+    def train_step(state: TrainState, batch: dict, mask_update: bool = True):
         def loss_fn(params):
             model = nnx.merge(graphdef, forward(params, state.opt_state), state.rest)
             loss, stats = weighted_cross_entropy(model(batch["inputs"]), batch)
@@ -228,7 +236,7 @@ def make_trainer(config, tx=None) -> Trainer:
             return loss, (stats, nnx.to_pure_dict(rest))
 
         (_, (stats, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **flag(mask_update))
         params = optax.apply_updates(state.params, updates)
         stats["grad_norm"] = optax.tree.norm(grads)
         stats.update(sparsity_stats(opt_state))
@@ -248,7 +256,8 @@ def make_trainer(config, tx=None) -> Trainer:
         mesh=mesh, dataset=dataset, tx=tx, graphdef=graphdef,
         init=jax.jit(init, out_shardings=state_sh),
         step=jax.jit(train_step, in_shardings=(state_sh, b_sharding),
-                     out_shardings=(state_sh, replicated), donate_argnums=0),
+                     out_shardings=(state_sh, replicated), donate_argnums=0,
+                     static_argnums=2),
         eval_step=jax.jit(eval_step, in_shardings=(state_sh, b_sharding),
                           out_shardings=replicated),
         abstract_state=abstract_state, state_shardings=state_sh, batch_sharding=b_sharding,
@@ -301,6 +310,50 @@ def all_finite(tree) -> jax.Array:
     # exact, and a multiply before a reduction is far cheaper on XLA:CPU than a compare
     zeros = [jnp.sum(x * 0) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.isfinite(sum(zeros)) if zeros else jnp.bool_(True)
+
+
+class MaskDispatch:
+    """Which compiled step the loop runs: ``mask_update`` for the next step, from the
+    transform's host schedule (``SparseTransformation.mask_update_due``).
+
+    The schedule counts updates applied (the sparsity state's ``count``), which falls
+    behind the loop's step by one for every skipped non-finite step. The host learns
+    of skips only when it reads the per-step statistics, so while a due update lies
+    within the steps not yet read, ``needs_sync`` asks the loop to read them first:
+    the flag is then exact, and the False branch's guard never fires in this loop.
+
+    Example:
+
+        >>> import optax, sparsejax
+        >>> from sparsejax.train.loop import MaskDispatch
+        >>> tx = sparsejax.rigl(optax.sgd(0.1), 0.9, end_step=1000, update_every=100)
+        >>> d = MaskDispatch(tx.mask_update_due, skipped=0)
+        >>> [s for s in range(1, 302) if d.mask_update(s)]   # step s applies update s − 1
+        [1, 101, 201, 301]
+        >>> d.needs_sync(101, unread=3), d.needs_sync(150, unread=3)
+        (True, False)
+        >>> d.skipped += 1                                     # one step was skipped
+        >>> d.mask_update(101), d.mask_update(102)
+        (False, True)
+    """
+
+    def __init__(self, due: Callable[[int], bool] | None, skipped: int = 0):
+        self.due, self.skipped = due, skipped
+
+    def count(self, step: int) -> int:
+        """The sparsity count the update of loop step ``step`` finds (no unread skips)."""
+        return step - 1 - self.skipped
+
+    def needs_sync(self, step: int, unread: int) -> bool:
+        """Whether an update is due at any count step ``step`` may find, given ``unread``
+        steps whose skips the host has not read yet."""
+        c = self.count(step)
+        return self.due is not None and unread > 0 and any(
+            self.due(c - u) for u in range(unread + 1) if c - u >= 0)
+
+    def mask_update(self, step: int) -> bool:
+        """The static ``mask_update`` of ``Trainer.step`` for loop step ``step``."""
+        return True if self.due is None else self.due(self.count(step))
 
 
 def _every(step: int, interval: int, last: int) -> bool:
@@ -463,6 +516,9 @@ def _train(trainer, config, workdir, ckpt, fp, recorded, hooks, progress) -> dic
         it = BatchIterator(trainer.dataset.train, config.batch_size, config.seed, position,
                            jax.process_index(), jax.process_count())
         window, pending = _Window(record.get("window")), []
+        dispatch = MaskDispatch(trainer.tx.mask_update_due)
+        if dispatch.due is not None:  # steps skipped before this start
+            dispatch.skipped = start - int(jax.device_get(state.opt_state.count))
         last_train, last_eval, consecutive = {}, {}, 0
         preemption = _Preemption(ckpt.manager)
 
@@ -483,6 +539,7 @@ def _train(trainer, config, workdir, ckpt, fp, recorded, hooks, progress) -> dic
                     raise NonFiniteError(f"{what}; the run stopped and {keep}. Lower the "
                                          "learning rate, or set config.on_nonfinite='skip'")
                 window.skipped += 1
+                dispatch.skipped += 1
                 consecutive += 1
                 if consecutive > max_skips:
                     raise NonFiniteError(f"{what}; {consecutive} non-finite steps in a row "
@@ -494,7 +551,10 @@ def _train(trainer, config, workdir, ckpt, fp, recorded, hooks, progress) -> dic
                    desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
         try:
             for step in range(start + 1, num_steps + 1):
-                state, stats = trainer.step(state, trainer.device_batch(next(it)))
+                if dispatch.needs_sync(step, len(pending)):
+                    drain()
+                state, stats = trainer.step(state, trainer.device_batch(next(it)),
+                                            dispatch.mask_update(step))
                 pending.append((step, stats))
                 window.timed += 1
                 for hook in hooks:
