@@ -22,6 +22,11 @@ baseline, the ideal ``1/(1-s) = 1/density`` and the fraction of it reached. GPU 
     python3 -m sparsejax.kernels.block_sparse_attention.bench --quick   # < 1 min on CPU
     python3 -m sparsejax.kernels.block_sparse_attention.bench           # 4k and 16k, GPU
 
+The Pallas tile is the mask block (``--block_q``/``--block_k``); ``--num_warps`` and
+``--num_stages`` set its Triton launch options (default: the kernel's); ``--pallas_only``
+leaves the XLA paths out (the dense baselines are still timed). ``python3 -m
+experiments.gpu_check`` searches over these on a GPU.
+
 Example:
 
     >>> from sparsejax.kernels.block_sparse_attention import bench
@@ -41,6 +46,7 @@ import numpy as np
 from .._common import interleaved_ms, on_gpu, write_json
 from .api import block_sparse_attention
 from .masks import BlockMask, causal_mask, from_block_mask
+from .pallas import block_sparse_attention_pallas
 
 SPARSITIES = (0.0, 0.5, 0.9)
 TARGETS = {"speedup_vs_cudnn_at_90": 5.0, "dense_mode_vs_cudnn": 0.5}
@@ -105,11 +111,14 @@ def _logits_bytes(batch, heads, seq_q, width) -> int:
 
 
 def bench_rows(seq: int, batch: int, heads: int, head_dim: int, dtype, block_q: int,
-               block_k: int, gpu: bool, repeats: int = 5) -> list[dict]:
+               block_k: int, gpu: bool, repeats: int = 5, num_warps: int | None = None,
+               num_stages: int | None = None, xla: bool = True) -> list[dict]:
     """Times every (mask, implementation) against the dense baselines at one length.
 
     ``bench_rows(512, 1, 2, 128, jnp.bfloat16, 64, 64, gpu=False, repeats=3)`` takes
-    seconds on CPU; a bad block size fails before anything is timed.
+    seconds on CPU; a bad block size fails before anything is timed. ``num_warps`` /
+    ``num_stages`` are the Pallas kernel's Triton launch options (``None``: its defaults);
+    ``xla=False`` times only Pallas (GPU) against the dense baselines.
 
     Example:
 
@@ -143,14 +152,18 @@ def bench_rows(seq: int, batch: int, heads: int, head_dim: int, dtype, block_q: 
             density = float(m.block_density)
             impls = ["pallas"] if gpu else []
             width = (m.kv_index_full.shape[-1] + m.kv_index_partial.shape[-1]) * block_k
-            if _logits_bytes(batch, heads, seq, width) <= XLA_MEMORY_LIMIT:
+            if xla and _logits_bytes(batch, heads, seq, width) <= XLA_MEMORY_LIMIT:
                 impls.append("xla_blocks")
-            if mask_name == "sparsity_90" and _logits_bytes(batch, heads, seq,
-                                                            seq) <= XLA_MEMORY_LIMIT:
+            if xla and mask_name == "sparsity_90" and _logits_bytes(
+                    batch, heads, seq, seq) <= XLA_MEMORY_LIMIT:
                 impls.append("xla")
             for impl in impls:
-                fn = lambda q, k, v, m=m, impl=impl: block_sparse_attention(
-                    q, k, v, m, implementation=impl)
+                if impl == "pallas" and (num_warps is not None or num_stages is not None):
+                    fn = lambda q, k, v, m=m: block_sparse_attention_pallas(
+                        q, k, v, m, num_warps=num_warps, num_stages=num_stages or 2)
+                else:
+                    fn = lambda q, k, v, m=m, impl=impl: block_sparse_attention(
+                        q, k, v, m, implementation=impl)
                 fn = jax.jit(fn) if mode == "fwd" else _with_grad(fn, do)
                 name = f"{impl}/{mask_name}"
                 fns[name] = lambda fn=fn: fn(q, k, v)
@@ -241,6 +254,11 @@ def main(argv=None) -> None:
     p.add_argument("--block_q", type=int, default=None, help="128 (quick 64)")
     p.add_argument("--block_k", type=int, default=None, help="64 (quick 64)")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--num_warps", type=int, default=None,
+                   help="Pallas num_warps (default: the kernel's, 8 for head_dim 128)")
+    p.add_argument("--num_stages", type=int, default=None, help="Pallas num_stages (2)")
+    p.add_argument("--pallas_only", action="store_true",
+                   help="time only Pallas (GPU) against the dense baselines, no XLA paths")
     p.add_argument("--out", type=str, default=None,
                    help="JSON path (default experiments/results/"
                         "kernel_block_sparse_attention_<platform>.json)")
@@ -255,7 +273,8 @@ def main(argv=None) -> None:
     rows = []
     for seq in seqs:
         rows += bench_rows(seq, args.batch, heads, args.head_dim, jnp.bfloat16, block_q,
-                           block_k, gpu, repeats)
+                           block_k, gpu, repeats, num_warps=args.num_warps,
+                           num_stages=args.num_stages, xla=not args.pallas_only)
     print_table(rows, gpu)
     out = args.out or ("experiments/results/kernel_block_sparse_attention_"
                        f"{jax.default_backend()}.json")
@@ -265,6 +284,9 @@ def main(argv=None) -> None:
             "'xla_blocks' (gathers only the visited key blocks, each query block padded to "
             "the largest count: no saving on causal). Numbers are for the record.")
     path = write_json(out, {"note": note, "targets_gpu": TARGETS, "quick": args.quick,
+                            "pallas_options": {"num_warps": args.num_warps,
+                                               "num_stages": args.num_stages},
+                            "pallas_only": args.pallas_only,
                             "flops_convention": "fwd 4*B*H*visited*bq*bk*D; fwd+bwd 3.5x fwd",
                             "results": rows})
     print(f"wrote {path}")

@@ -18,6 +18,10 @@ traffic shrinks, which can matter when few rows make the matmul memory-bound.
     python3 -m sparsejax.kernels.nm_matmul.bench --quick    # < 1 min on a 2-core CPU
     python3 -m sparsejax.kernels.nm_matmul.bench            # GPU: bf16, 4096² sizes
 
+``--block_m/--block_n/--block_k/--num_warps/--num_stages`` override the Pallas kernel's
+tiles and Triton launch options (``api.default_tiles`` per shape for the rest; rows are
+padded to a whole ``block_m``); ``python3 -m experiments.gpu_check`` searches over them.
+
 Example:
 
     >>> import jax.numpy as jnp
@@ -29,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +42,8 @@ import numpy as np
 from sparsejax.nm import NMCompressed, compress_nm, decompress_nm
 
 from .._common import interleaved_ms, on_gpu, write_json
-from .api import default_tiles, nm_matmul, nm_matmul_xla
+from .api import Tiles, default_tiles, nm_matmul, nm_matmul_xla
+from .pallas import check_tiles, nm_matmul_pallas
 from .reference import nm_matmul_reference
 
 GPU_SIZES = [(16, 4096, 4096), (128, 4096, 4096), (4096, 4096, 4096)]
@@ -64,9 +70,18 @@ def weight_bytes(k: int, out: int, n: int, m: int, dtype) -> dict:
     return {"dense": dense, "compressed": compressed, "ratio": compressed / dense}
 
 
-def _variants(x, c: NMCompressed, dense_w, gather_limit: int, gpu: bool) -> tuple[dict, dict]:
-    """Thunks to time (arrays and the compressed kernel as jit arguments) and the variants
-    left out, with why."""
+def _pallas_tiled(x, c: NMCompressed, tiles: Tiles) -> jax.Array:
+    """The Pallas kernel with explicit tiles and launch options, rows padded to a tile."""
+    rows = x.shape[0]
+    pad = -rows % tiles.block_m
+    xp = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+    return nm_matmul_pallas(xp, c, **tiles._asdict())[:rows]
+
+
+def _variants(x, c: NMCompressed, dense_w, gather_limit: int, gpu: bool,
+              tiles: dict | None = None) -> tuple[dict, dict, Tiles | None]:
+    """Thunks to time (arrays and the compressed kernel as jit arguments), the variants
+    left out, with why, and the Pallas tiles used (``tiles`` overrides the defaults)."""
     n, m, shape = c.n, c.m, c.shape
     dense_f = jax.jit(lambda x, w: x @ w)
     xla_f = jax.jit(nm_matmul_xla)
@@ -79,20 +94,32 @@ def _variants(x, c: NMCompressed, dense_w, gather_limit: int, gpu: bool) -> tupl
     else:
         skipped["reference"] = (f"gather intermediate [rows, K/M, N, out] has {inter} "
                                 f"elements > --gather_limit {gather_limit}")
-    if gpu and default_tiles(x.shape[0], shape[0], shape[1], m) is not None:
+    auto = default_tiles(x.shape[0], shape[0], shape[1], m)
+    used = None
+    if gpu and auto is not None and tiles:
+        used = auto._replace(**tiles)
+        try:
+            check_tiles(0, shape[0], shape[1], m, used.block_m, used.block_n, used.block_k)
+        except ValueError as e:
+            skipped["pallas"], used = f"tiles {tuple(used)}: {e}", None
+        else:
+            pal_f = jax.jit(functools.partial(_pallas_tiled, tiles=used))
+            fns["pallas"] = lambda: pal_f(x, c)
+    elif gpu and auto is not None:
         pal_f = jax.jit(lambda x, c: nm_matmul(x, c, implementation="pallas"))
-        fns["pallas"] = lambda: pal_f(x, c)
+        fns["pallas"], used = (lambda: pal_f(x, c)), auto
     elif gpu:
         skipped["pallas"] = "no power-of-two tiling fits this shape"
     else:
         skipped["pallas"] = "not timed: on CPU the Pallas kernel only runs in interpret mode"
-    return fns, skipped
+    return fns, skipped, used
 
 
 def run_bench(sizes, patterns, dtype, gather_limit: int = 1 << 27, repeats: int = 7,
-              seed: int = 0) -> list[dict]:
+              seed: int = 0, tiles: dict | None = None) -> list[dict]:
     """One row per (size, pattern): ms per variant, speed-up vs dense, weight bytes,
-    and the max |error| of each variant against the dense matmul.
+    the max |error| of each variant against the dense matmul, and the Pallas tiles
+    (``tiles``: ``Tiles`` fields overriding ``default_tiles``; ``None`` off GPU).
 
     ``run_bench([(16, 512, 512)], [(2, 4)], jnp.float32)[0]["speedup_vs_dense"]["xla"]``
     takes seconds on CPU; a shape or pattern that cannot be compressed fails before
@@ -116,7 +143,7 @@ def run_bench(sizes, patterns, dtype, gather_limit: int = 1 << 27, repeats: int 
         for n, m in patterns:
             c = compress_nm(w, n, m, axis=0)
             dense_w = decompress_nm(c).astype(dtype)
-            fns, skipped = _variants(x, c, dense_w, gather_limit, gpu)
+            fns, skipped, used = _variants(x, c, dense_w, gather_limit, gpu, tiles)
             timing = interleaved_ms(fns, repeats=repeats)
             base = np.asarray(fns["dense"](), np.float32)
             err = {name: float(np.max(np.abs(np.asarray(f(), np.float32) - base)))
@@ -127,6 +154,7 @@ def run_bench(sizes, patterns, dtype, gather_limit: int = 1 << 27, repeats: int 
                          "speedup_vs_dense": {v: ms["dense"] / t for v, t in ms.items()},
                          "weight_bytes": weight_bytes(k, out, n, m, dtype),
                          "max_abs_err_vs_dense": err, "skipped": skipped,
+                         "pallas_tiles": None if used is None else used._asdict(),
                          "first_call_s": timing["first_call_s"]})
     return rows
 
@@ -169,18 +197,23 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timing windows (7; 5 quick)")
     p.add_argument("--gather_limit", type=int, default=1 << 27,
                    help="largest gather intermediate (elements) for the reference")
+    for name in Tiles._fields:
+        p.add_argument(f"--{name}", type=int, default=None,
+                       help=f"Pallas {name} (default: api.default_tiles per shape)")
     p.add_argument("--out", default=None, help="JSON path (default: "
                    "experiments/results/kernel_nm_matmul_<platform>.json)")
     args = p.parse_args(argv)
+    tiles = {n: getattr(args, n) for n in Tiles._fields if getattr(args, n) is not None}
     gpu = on_gpu()
     patterns = [tuple(int(v) for v in s.split(":")) for s in args.patterns.split(",")]
     sizes = QUICK_SIZES if args.quick else (GPU_SIZES if gpu else CPU_SIZES)
     dtype = jnp.bfloat16 if gpu else jnp.float32
     repeats = args.repeats or (5 if args.quick else 7)
-    rows = run_bench(sizes, patterns, dtype, args.gather_limit, repeats)
+    rows = run_bench(sizes, patterns, dtype, args.gather_limit, repeats, tiles=tiles)
     print_table(rows)
     out = args.out or f"experiments/results/kernel_nm_matmul_{'gpu' if gpu else 'cpu'}.json"
     path = write_json(out, {"quick": args.quick, "dtype": jnp.dtype(dtype).name,
+                            "pallas_tiles": tiles,
                             "note": "speedup_vs_dense = dense_ms / ms; weights read: dense "
                                     "vs N/M values + uint8 indices; the Pallas kernel's MMA "
                                     "is dense, so only weight traffic can shrink",

@@ -23,6 +23,11 @@ out) and ``ragged`` (``lax.ragged_dot``) at 25%.
     python3 -m sparsejax.kernels.sparse_ffn.bench --quick    # < 1 min on a 2-core CPU
     python3 -m sparsejax.kernels.sparse_ffn.bench            # d = 2048, T = 2048
 
+``--units_per_step/--block_cols/--col_splits/--num_warps/--num_stages`` set the Pallas
+gather-GEMV's options in the ``gemv`` form (``spark`` and ``topk`` go through the api,
+which uses the kernel's defaults); ``--skip_train`` times decode only. ``python3 -m
+experiments.gpu_check`` searches over these on a GPU.
+
 Example:
 
     >>> from sparsejax.kernels.sparse_ffn import bench
@@ -44,9 +49,13 @@ from sparsejax.activations import k_from_density, statistical_topk
 
 from .._common import interleaved_ms, on_gpu, write_json
 from .api import block_sparse_ffn, spark_ffn_decode, sparse_ffn_decode, topk_ffn_decode
+from .pallas import sparse_ffn_decode_pallas
 from .reference import block_scores, dropped_units, topk_indices
 
 DENSITY = 0.08
+# Tuning options of sparse_ffn_decode_pallas (its defaults), settable from the command line.
+PALLAS_OPTIONS = {"units_per_step": 16, "block_cols": 256, "col_splits": 1, "num_warps": 4,
+                  "num_stages": 2}
 TARGET = "Spark FFN decode >= 2x over the dense XLA FFN at B = 1 on GPU"
 
 
@@ -69,11 +78,15 @@ def _dense_topk(x, w_up, b_up, w_down, b, k):
     return jnp.zeros_like(h).at[jnp.arange(h.shape[0])[:, None], idx].set(vals) @ w_down + b
 
 
-def decode_rows(d: int, batches, dtype, gpu: bool, repeats: int = 7, seed: int = 0) -> list:
+def decode_rows(d: int, batches, dtype, gpu: bool, repeats: int = 7, seed: int = 0,
+                pallas_options: dict | None = None) -> list:
     """One row per (form, B): ms of each variant, speed-up vs the dense XLA baseline.
 
     ``decode_rows(d=256, batches=(1,), dtype=jnp.float32, gpu=False)`` takes seconds on
-    CPU; a bad size fails before anything is timed.
+    CPU; a bad size fails before anything is timed. ``pallas_options`` (keyword arguments
+    of ``sparse_ffn_decode_pallas``: ``units_per_step``, ``num_warps``, ...) apply to the
+    ``gemv`` form's Pallas variant (an unknown name or a value the kernel refuses raises
+    before anything is timed); ``None`` keeps the api call and the kernel's defaults.
 
     Example:
 
@@ -84,6 +97,9 @@ def decode_rows(d: int, batches, dtype, gpu: bool, repeats: int = 7, seed: int =
             ...
         ValueError: d must be a positive int, got 0
     """
+    unknown = sorted(set(pallas_options or {}) - set(PALLAS_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown Pallas options {unknown}; known: {list(PALLAS_OPTIONS)}")
     f = 4 * d
     k = k_from_density(f, DENSITY)
     k_max = int(round(1.25 * k))                   # capacity above the expected count
@@ -104,8 +120,13 @@ def decode_rows(d: int, batches, dtype, gpu: bool, repeats: int = 7, seed: int =
             .at[jnp.arange(x2.shape[0])[:, None], jnp.maximum(idx, 0)].add(coef) * (x2 @ k2)) @ v)
         fns = {"dense": lambda: dense_gemv(x2, w["k2"], w["v"], idx, coef)}
         for impl in impls:
-            g = jax.jit(lambda x2, k2t, v, idx, coef, impl=impl: sparse_ffn_decode(
-                x2, k2t, v, idx, coef, implementation=impl))
+            if impl == "pallas" and pallas_options:
+                g = jax.jit(lambda x2, k2t, v, idx, coef: sparse_ffn_decode_pallas(
+                    x2, k2t, v, idx, coef, **pallas_options))
+                jax.eval_shape(g, x2, k2_t, w["v"], idx, coef)   # bad options raise here
+            else:
+                g = jax.jit(lambda x2, k2t, v, idx, coef, impl=impl: sparse_ffn_decode(
+                    x2, k2t, v, idx, coef, implementation=impl))
             fns[impl] = lambda g=g: g(x2, k2_t, w["v"], idx, coef)
         forms["gemv"] = fns
         dense_spark = jax.jit(_dense_spark)
@@ -236,20 +257,26 @@ def main(argv=None) -> None:
                    help="training d_model (1024; quick 256)")
     p.add_argument("--dtype", default=None, help="bfloat16 on GPU, float32 on CPU")
     p.add_argument("--repeats", type=int, default=None, help="timing windows (7; quick 3)")
+    for name, default in PALLAS_OPTIONS.items():
+        p.add_argument(f"--{name}", type=int, default=None,
+                       help=f"Pallas gather-GEMV {name} in the gemv form ({default})")
+    p.add_argument("--skip_train", action="store_true", help="decode rows only")
     p.add_argument("--out", default=None, help="JSON path (default: "
                    "experiments/results/kernel_sparse_ffn_<platform>.json)")
     args = p.parse_args(argv)
+    options = {n: getattr(args, n) for n in PALLAS_OPTIONS if getattr(args, n) is not None}
     gpu = on_gpu()
     dtype = jnp.dtype(args.dtype or ("bfloat16" if gpu else "float32"))
     d = args.d_model or (512 if args.quick else 2048)
     tokens = args.tokens or (512 if args.quick else 2048)
     td = args.train_d_model or (256 if args.quick else 1024)
     repeats = args.repeats or (3 if args.quick else 7)
-    decode = decode_rows(d, (1, 8), dtype, gpu, repeats=repeats)
-    train = train_rows(tokens, td, dtype, repeats=repeats)
+    decode = decode_rows(d, (1, 8), dtype, gpu, repeats=repeats, pallas_options=options)
+    train = [] if args.skip_train else train_rows(tokens, td, dtype, repeats=repeats)
     print_tables(decode, train)
     out = args.out or f"experiments/results/kernel_sparse_ffn_{jax.default_backend()}.json"
     path = write_json(out, {"quick": args.quick, "target": TARGET, "density": DENSITY,
+                            "pallas_options": options,
                             "decode": decode, "train": train})
     print(f"wrote {path}")
 
