@@ -1,23 +1,34 @@
-"""What weight sparsity costs: masked vs dense train step, and mask-update time vs size.
+"""What weight sparsity costs: masked vs dense train steps, and mask-update time vs size.
 
-    python -m experiments.bench_sparsity                      # default run (~6 min, 2-core CPU)
-    python -m experiments.bench_sparsity --quick              # smoke run (< 1 min on CPU)
+    python -m experiments.bench_sparsity                      # default run (~10 min, 2-core CPU)
+    python -m experiments.bench_sparsity --quick              # smoke run (< 2 min on CPU)
     python -m experiments.bench_sparsity --out=experiments/results/bench_sparsity_cpu.json
-    python -m experiments.bench_sparsity --hidden=2048,2048 --sizes_m=1,16,100 --rounds=5
+    python -m experiments.bench_sparsity --skip_update --loops=user --variants=dense,rigl
 
-Part 1, train step. The real trainer (``make_trainer``: jit, shardings, donation) on
-``configs/quickstart.py`` (MLP on the embedded digits) widened to ``--hidden``, with
-sparsity 'dense' (plain optax), 'static' and 'rigl' (``--selection`` picks their
-``topk_mask`` method). RigL is configured so that no timed step is a mask-update step
-(``begin_step = update_every = 10**9``): the numbers are the steady-state cost of
-``W ⊙ m`` in the forward pass, the masked gradient and the ``lax.cond`` on the step
-counter (the run checks that its masks never changed). Windows of ``--steps`` steps
-of every variant are interleaved for ``--rounds`` rounds (the order rotates each
-round) so that machine noise hits all variants alike; ``ratio`` is a variant's median
-over the dense median, ``paired_ratio`` the median over rounds of the same-round
-ratio, ``ratio_vs_static`` its median over static's. 'rigl_update' (every step fires
-the drop/grow update, ``update_every=1``) is reported the same way as extra
-information; its windows are ``--update_steps`` long.
+Part 1, train step, in two loops, every variant side by side with dense:
+
+- ``trainer``: the project's own step (``make_trainer``: jit, shardings, donation) on
+  ``configs/quickstart.py`` (MLP on the embedded 8×8 digits) widened to ``--hidden``,
+  dispatched as ``train_and_evaluate`` does it (``MaskDispatch``);
+- ``user``: a hand-written jitted step on ``--user_sizes`` (default 784→2048→2048→2048→10)
+  with random data, gradients taken through ``tx.forward``, and
+  ``mask_update=tx.mask_update_due(count)`` passed as a static argument where the
+  transform has a schedule (the one thing a user's loop must do). 'rigl_cond' is RigL
+  without that argument: one compiled step whose ``lax.cond`` holds the update.
+
+Variants (``VARIANTS``; optax ``adamw``, ``--sparsity`` ERK, head dense): dense (plain
+optax), static, one_shot, gradual, set, rigl (their mask updates scheduled at step
+``10**9``, so every timed step is a non-update step; gradual starts at its final
+sparsity), sr_ste_2:4 and sr_ste_1:32 (masks recomputed every step; in the user loop the
+784-wide first layer is 1:16, 784 not being divisible by 32). 'rigl_update' (trainer
+loop) fires the drop/grow on every step: the update step's own cost. When JaxPruner is
+importable (``experiments/jaxpruner_local.py`` says how to get a patched local copy)
+the user loop adds its variants, run the way its docs show. Windows of ``--steps``
+steps of every variant are interleaved for ``--rounds`` rounds (the order rotates each
+round) so that machine noise hits all alike; ``ratio`` is a variant's median over the
+dense median of the same loop, ``paired_ratio`` the median over rounds of the
+same-round ratio. Every sparse variant's forward weights are checked to be as sparse as
+asked (the run fails otherwise) and the never-updating variants' masks unchanged.
 
 Part 2, mask update. One RigL drop/grow on a single ``[n/1000, 1000]`` layer at
 ``--sparsity`` with drop fraction ``--drop_fraction``, as ``sparsejax.dst`` does it:
@@ -27,9 +38,9 @@ keep the largest ``|w| + noise`` (σ = 1e-5) among active weights, grow the larg
 compile, then a warm-up call); the time is the median of up to ``--update_repeats``
 further calls, fewer once a point has used ``--point_budget_s`` seconds; where the
 warm-up call alone used the budget it is the only sample (``warm_up_only``, marked
-``*`` in the table). Both methods must give identical masks with exact counts; that
-is checked at every size, recorded in the JSON, and the run fails (after writing the
-JSON) if it does not hold.
+``*`` in the table). ``ns/param`` shows linearity. Both methods must give identical
+masks with exact counts; that is checked at every size, recorded in the JSON, and the
+run fails (after writing the JSON) if it does not hold.
 """
 
 from __future__ import annotations
@@ -44,139 +55,377 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags, logging
 
 from configs import quickstart
+from sparsejax.base import forward as sparse_forward
 from sparsejax.masks import topk_mask
-from sparsejax.train import make_trainer
+from sparsejax.train import MaskDispatch, TRANSFORMS, make_trainer
 from sparsejax.train.data import BatchIterator
 
-flags.DEFINE_bool("quick", False, "tiny smoke run (< 1 min); explicit flags still win")
-flags.DEFINE_list("hidden", ["1024", "1024"], "MLP hidden widths for the train-step part")
-flags.DEFINE_integer("batch_size", 128, "train-step batch size")
+flags.DEFINE_bool("quick", False, "tiny smoke run (< 2 min); explicit flags still win")
+flags.DEFINE_list("loops", ["trainer", "user"], "train-step loops to time")
+flags.DEFINE_list("variants", [], "variants to time (default: all of VARIANTS and EXTRA)")
+flags.DEFINE_list("hidden", ["2048", "2048", "2048"], "MLP hidden widths, trainer loop")
+flags.DEFINE_list("user_sizes", ["784", "2048", "2048", "2048", "10"],
+                  "MLP layer sizes, user loop")
+flags.DEFINE_integer("batch_size", 256, "train-step batch size")
 flags.DEFINE_float("sparsity", 0.9, "sparsity of the sparse variants and the mask update")
-flags.DEFINE_integer("steps", 20, "steps per timed window (non-update variants)")
+flags.DEFINE_integer("steps", 8, "steps per timed window (non-update variants)")
 flags.DEFINE_integer("update_steps", 2, "steps per timed window of 'rigl_update'")
-flags.DEFINE_integer("rounds", 9, "interleaved rounds of windows (medians are reported)")
-flags.DEFINE_enum("selection", "threshold", ["sort", "threshold"],
-                  "topk_mask method of the sparse train-step variants (config.method.selection)")
+flags.DEFINE_integer("rounds", 5, "interleaved rounds of windows (medians are reported)")
 flags.DEFINE_list("sizes_m", ["1", "4", "16", "64", "100"],
                   "layer sizes for the mask-update part, in millions of parameters")
-flags.DEFINE_list("methods", ["sort", "threshold"], "topk_mask selection methods to time")
+flags.DEFINE_list("methods", ["threshold", "sort"], "topk_mask selection methods to time")
 flags.DEFINE_float("drop_fraction", 0.3, "fraction of active weights dropped and regrown")
 flags.DEFINE_integer("update_repeats", 3, "timed calls per mask-update point (at most)")
 flags.DEFINE_float("point_budget_s", 45.0, "stop repeating a mask-update point after this")
+flags.DEFINE_string("jaxpruner", "third_party/jaxpruner",
+                    "patched JaxPruner checkout (experiments/jaxpruner_local.py); absent: "
+                    "no JaxPruner rows")
 flags.DEFINE_bool("skip_step", False, "skip part 1 (train step)")
 flags.DEFINE_bool("skip_update", False, "skip part 2 (mask update vs size)")
 flags.DEFINE_string("out", "runs/bench_sparsity.json", "where to write the JSON")
 FLAGS = flags.FLAGS
 
-QUICK = dict(hidden=["256", "256"], steps=5, update_steps=2, rounds=3,
-             sizes_m=["0.05", "0.2"], update_repeats=2, point_budget_s=5.0)
-VARIANTS = ("dense", "static", "rigl", "rigl_update")
+QUICK = dict(hidden=["128", "128"], user_sizes=["784", "256", "256", "10"], batch_size=64,
+             steps=3, update_steps=1, rounds=2, sizes_m=["0.05", "0.2"], update_repeats=2,
+             point_budget_s=5.0)
 NEVER = 10**9  # a step count no benchmark reaches (and int32 can hold)
+_OFF = dict(update_every=NEVER, begin_step=NEVER, end_step=NEVER)
+VARIANTS = {  # name: (TRANSFORMS key, factory arguments beyond sparsity/ERK/rules)
+    "dense": ("dense", {}),
+    "static": ("static", {}),
+    "one_shot": ("one_shot", {}),
+    "gradual": ("gradual", dict(_OFF, initial_sparsity=None)),  # None: --sparsity
+    "set": ("set", _OFF),
+    "rigl": ("rigl", _OFF),
+    "sr_ste_2:4": ("sr_ste", dict(pattern="2:4")),
+    "sr_ste_1:32": ("sr_ste", dict(pattern="1:32")),
+}
+EXTRA = {  # variant: (loop, like, factory arguments)
+    "rigl_update": ("trainer", "rigl", dict(update_every=1, begin_step=0, end_step=NEVER)),
+    "rigl_cond": ("user", "rigl", {}),
+}
+NEVER_UPDATES = ("static", "one_shot", "gradual", "set", "rigl", "rigl_cond",
+                 "jaxpruner_static", "jaxpruner_magnitude", "jaxpruner_set", "jaxpruner_rigl")
 
 
-# ----------------------------------------------------------------------------- part 1
-
-
-def step_config(variant: str, hidden, batch_size: int, sparsity: float,
-                selection: str = "threshold"):
-    """The quickstart config widened to ``hidden``, with ``variant``'s sparsity settings.
-
-    'rigl' never updates its masks during the benchmark; 'rigl_update' updates on every
-    step (drop fraction ≈ its initial value, since the anneal ends at ``10**9``).
+def variant_arguments(variant: str, sparsity: float) -> tuple[str, dict]:
+    """``(TRANSFORMS key, factory arguments)`` of a variant, schedules as described above.
 
     Example::
 
-        step_config('rigl', (1024, 1024), 128, 0.9).method.begin_step   # 10**9
+        variant_arguments('gradual', 0.9)   # ('gradual', {..., 'initial_sparsity': 0.9})
     """
-    name = "rigl" if variant == "rigl_update" else variant
-    c = quickstart.get_config(name if name == "dense" else f"{name},{sparsity}")
-    c.model.hidden = tuple(int(h) for h in hidden)
-    c.batch_size = batch_size
-    if "selection" in c.method:  # the sparse variants (dense has no masks)
-        c.method.selection = selection
-    if variant == "rigl":
-        c.method.update_every, c.method.begin_step, c.method.end_step = NEVER, NEVER, NEVER
-    elif variant == "rigl_update":
-        c.method.update_every, c.method.begin_step, c.method.end_step = 1, 0, NEVER
-    return c
+    like = EXTRA[variant][1] if variant in EXTRA else variant
+    name, kw = VARIANTS[like]
+    kw = dict(kw, **(EXTRA[variant][2] if variant in EXTRA else {}))
+    if "initial_sparsity" in kw:
+        kw["initial_sparsity"] = sparsity
+    return name, kw
+
+
+def _expected_density(variant: str, shapes: dict, sparsity: float, first_layer_m=None) -> float:
+    """What the forward weights of ``shapes`` (``{path: shape}``, the sparse kernels) keep:
+    ``1 − sparsity`` (ERK keeps the total), or N/M per layer (``first_layer_m``: the first
+    layer's M where the user loop makes it 1:16)."""
+    if not variant.startswith("sr_ste"):
+        return 1.0 - sparsity
+    n, m = (int(v) for v in variant.rsplit("_", 1)[1].split(":"))
+    sizes = {p: int(np.prod(s)) for p, s in shapes.items()}
+    first = min(sizes)  # 'l0/kernel' or 'layers/0/kernel'
+    kept = sum(size * (1 / first_layer_m if first_layer_m and p == first else n / m)
+               for p, size in sizes.items())
+    return kept / sum(sizes.values())
+
+
+def _check_forward(variant: str, forward_params, sparse_paths, want: float) -> float:
+    """The density of the sparse kernels the model computes with; raises if a sparse
+    variant computes more densely than ``want`` (dense training that looks sparse)."""
+    kept = total = 0
+    for path, x in jax.tree_util.tree_flatten_with_path(forward_params)[0]:
+        if jax.tree_util.keystr(path, simple=True, separator="/") in sparse_paths:
+            kept += int(jnp.sum(x != 0))
+            total += x.size
+    density = kept / max(total, 1)
+    if variant != "dense" and (total == 0 or density > 1.15 * want):
+        raise AssertionError(f"{variant}: the forward weights have density {density:.3f} "
+                             f"over {total} weights, expected {want:.3f}: the variant "
+                             "trains densely")
+    return density
+
+
+def _named(tree) -> dict:
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): x
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class _Runner:
-    """One variant's trainer, live state and device batches, stepped in timed windows."""
-
-    def __init__(self, variant: str, config):
-        self.variant, self.config = variant, config
-        self.trainer = t = make_trainer(config)
-        with jax.set_mesh(t.mesh):
-            self.state = t.init(jax.random.PRNGKey(0))
-            it = BatchIterator(t.dataset.train, config.batch_size, 0)
-            self.batches = [t.device_batch(next(it)) for _ in range(4)]
-            self.masks0 = jax.tree.map(lambda m: m.copy(), self.state.opt_state.masks) \
-                if hasattr(self.state.opt_state, "masks") else None
-            t0 = time.perf_counter()
-            self.state, stats = t.step(self.state, self.batches[0])
-            jax.block_until_ready(stats)
-            self.compile_s = time.perf_counter() - t0
-            self.state, stats = t.step(self.state, self.batches[1])  # one warm step
-            jax.block_until_ready(stats)
-        self.params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
-        self.windows_ms: list[float] = []
+    """One variant's step, live state and batches, stepped in timed windows."""
 
     def window(self, steps: int) -> float:
         """Runs ``steps`` steps, blocks, records and returns the mean ms per step."""
-        with jax.set_mesh(self.trainer.mesh):
-            t0 = time.perf_counter()
-            for i in range(steps):
-                self.state, stats = self.trainer.step(self.state,
-                                                      self.batches[i % len(self.batches)])
-            jax.block_until_ready((self.state, stats))
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(steps):
+            out = self.one_step()
+        jax.block_until_ready(out)
         ms = 1e3 * (time.perf_counter() - t0) / steps
         self.windows_ms.append(ms)
         return ms
 
+    def start(self) -> None:
+        """The first (compiling) step and one warm step."""
+        self.windows_ms: list[float] = []
+        t0 = time.perf_counter()
+        jax.block_until_ready(self.one_step())
+        self.compile_s = time.perf_counter() - t0
+        jax.block_until_ready(self.one_step())
+
     def masks_changed(self) -> bool | None:
         """Whether any mask differs from the one after ``init`` (None for dense)."""
-        if self.masks0 is None:
+        now = getattr(self.opt_state(), "masks", None)
+        if self.masks0 is None or now is None:
             return None
-        now = self.state.opt_state.masks
         return any(not bool(jnp.array_equal(a, b)) for a, b in
                    zip(jax.tree.leaves(self.masks0), jax.tree.leaves(now)))
 
 
-def bench_steps(hidden, batch_size: int, sparsity: float, steps: int, update_steps: int,
-                rounds: int, selection: str = "threshold") -> dict:
-    """Part 1: interleaved windows of every variant's train step; medians and ratios.
+class TrainerRunner(_Runner):
+    """The project's own jitted step, dispatched as ``train_and_evaluate`` does."""
+
+    def __init__(self, variant: str, hidden, batch_size: int, sparsity: float):
+        name, kw = variant_arguments(variant, sparsity)
+        c = quickstart.get_config(name)
+        c.model.hidden = tuple(int(h) for h in hidden)
+        c.batch_size = batch_size
+        for k, v in kw.items():
+            c.method[k] = v
+        if "sparsity" in c.method:
+            c.method.sparsity = sparsity
+        self.variant, self.trainer = variant, make_trainer(c)
+        t = self.trainer
+        self.dispatch = MaskDispatch(t.tx.mask_update_due)
+        with jax.set_mesh(t.mesh):
+            self.state = t.init(jax.random.PRNGKey(0))
+            it = BatchIterator(t.dataset.train, batch_size, 0)
+            self.batches = [t.device_batch(next(it)) for _ in range(4)]
+        self.masks0 = jax.tree.map(jnp.copy, getattr(self.state.opt_state, "masks", None))
+        self.step_no = 0
+        self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
+        self.sparse_paths = [f"layers/{i}/kernel" for i in range(len(hidden))]
+        shapes = {p: np.shape(x) for p, x in _named(self.state.params).items()
+                  if p in self.sparse_paths}
+        self.expected_density = _expected_density(variant, shapes, sparsity)
+        with jax.set_mesh(t.mesh):
+            self.start()
+
+    def one_step(self):
+        self.step_no += 1
+        with jax.set_mesh(self.trainer.mesh):
+            self.state, stats = self.trainer.step(
+                self.state, self.batches[self.step_no % len(self.batches)],
+                self.dispatch.mask_update(self.step_no))
+        return stats
+
+    def opt_state(self):
+        return self.state.opt_state
+
+    def forward_params(self):
+        return sparse_forward(self.state.params, self.state.opt_state)
+
+
+def mlp_init(sizes, key) -> dict:
+    """``{'l0': {'kernel', 'bias'}, …, 'head': …}``: a ReLU MLP with LeCun-normal kernels.
 
     Example::
 
-        bench_steps((1024, 1024), 128, 0.9, steps=20, update_steps=3, rounds=7)['rigl']
+        mlp_init([784, 2048, 10], jax.random.PRNGKey(0))['head']['kernel'].shape  # (2048, 10)
     """
-    runners = {v: _Runner(v, step_config(v, hidden, batch_size, sparsity, selection))
-               for v in VARIANTS}
+    keys = jax.random.split(key, len(sizes) - 1)
+    names = [f"l{i}" for i in range(len(sizes) - 2)] + ["head"]
+    return {n: {"kernel": jax.random.normal(k, (a, b)) / np.sqrt(a), "bias": jnp.zeros(b)}
+            for n, k, a, b in zip(names, keys, sizes[:-1], sizes[1:])}
+
+
+def mlp_apply(params: dict, x: jax.Array) -> jax.Array:
+    """Logits of ``mlp_init``'s MLP."""
+    names = sorted((n for n in params if n != "head"), key=lambda n: int(n[1:])) + ["head"]
+    for n in names:
+        x = x @ params[n]["kernel"] + params[n]["bias"]
+        x = jax.nn.relu(x) if n != "head" else x
+    return x
+
+
+def user_rules(variant: str, sizes) -> tuple:
+    """The user loop's sparsity rules: head dense, and the N:M first layer at 1:16 where
+    its input width is not divisible by M."""
+    rules = [("head/kernel", "dense")]
+    if variant.startswith("sr_ste"):
+        m = int(variant.rsplit(":", 1)[1])
+        if sizes[0] % m:
+            rules.append(("l0/kernel", "1:16"))
+    return tuple(rules + [(".*kernel", "sparse")])
+
+
+def user_step(tx, loss_of_params):
+    """A user's hand-written step: grads through ``tx.forward``, the mask schedule as a
+    static argument where the transform has one (``tx`` None: plain dense optax)."""
+    def step(params, opt_state, batch, mask_update):
+        def loss(p):
+            return loss_of_params(p if tx is None else tx.forward(p, opt_state), batch)
+        grads = jax.grad(loss)(params)
+        kw = {} if tx is None or tx.mask_update_due is None else {"mask_update": mask_update}
+        updates, opt_state = (tx or INNER).update(grads, opt_state, params, **kw)
+        return optax.apply_updates(params, updates), opt_state
+    return jax.jit(step, static_argnums=3, donate_argnums=(0, 1))
+
+
+INNER = optax.adamw(1e-3)
+
+
+def xent(params, batch) -> jax.Array:
+    """Mean softmax cross-entropy of ``mlp_apply``."""
+    logits = mlp_apply(params, batch[0])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+
+class UserRunner(_Runner):
+    """A hand-written loop around a sparsejax transform (or plain optax for dense)."""
+
+    def __init__(self, variant: str, sizes, batch_size: int, sparsity: float):
+        self.variant = variant
+        self.params = mlp_init(sizes, jax.random.PRNGKey(0))
+        name, kw = variant_arguments(variant, sparsity)
+        if name == "dense":
+            self.tx = None
+            self.state = INNER.init(self.params)
+        else:
+            fkw = dict(kw, rules=user_rules(variant, sizes))
+            if not name.startswith(("sr_ste", "nm", "mdgf", "sdgf")):
+                fkw.update(sparsity=sparsity, distribution="erk")
+            self.tx = TRANSFORMS[name](INNER, **fkw)
+            self.state = self.tx.init(self.params)
+        self.step = user_step(self.tx, xent)
+        self.always_update = variant == "rigl_cond"
+        key = jax.random.PRNGKey(1)
+        self.batches = [(jax.random.normal(jax.random.fold_in(key, i), (batch_size, sizes[0])),
+                         jax.random.randint(jax.random.fold_in(key, 100 + i), (batch_size,),
+                                            0, sizes[-1])) for i in range(4)]
+        self.masks0 = jax.tree.map(jnp.copy, getattr(self.state, "masks", None))
+        self.count = 0
+        self.n_params = sum(x.size for x in jax.tree.leaves(self.params))
+        self.sparse_paths = [f"l{i}/kernel" for i in range(len(sizes) - 2)]
+        shapes = {p: np.shape(x) for p, x in _named(self.params).items()
+                  if p in self.sparse_paths}
+        first_m = 16 if "l0/kernel" in dict(user_rules(variant, sizes)) else None
+        self.expected_density = _expected_density(variant, shapes, sparsity, first_m)
+        self.start()
+
+    def one_step(self):
+        due = self.tx is not None and self.tx.mask_update_due is not None
+        flag = True if self.always_update or not due else self.tx.mask_update_due(self.count)
+        self.params, self.state = self.step(self.params, self.state,
+                                            self.batches[self.count % 4], flag)
+        self.count += 1
+        return self.params
+
+    def opt_state(self):
+        return self.state
+
+    def forward_params(self):
+        return self.params if self.tx is None else self.tx.forward(self.params, self.state)
+
+
+class JaxPrunerRunner(_Runner):
+    """JaxPruner's variant ``name`` in the user loop (``jaxpruner_local``): its carry holds
+    the (masked) params, the optimizer state with its masks, and the loss."""
+
+    def __init__(self, name: str, init, step, params, batch, sparse_paths, sparsity: float):
+        self.variant, self.step_fn, self.batch = name, step, batch
+        self.carry = init(params)
+        self.masks0 = jax.tree.map(jnp.copy, self.carry.opt_state.masks)
+        self.sparse_paths, self.expected_density = sparse_paths, 1.0 - sparsity
+        self.start()
+
+    def one_step(self):
+        self.carry = self.step_fn(self.carry, self.batch)
+        return self.carry
+
+    def opt_state(self):
+        return self.carry.opt_state
+
+    def forward_params(self):
+        return self.carry.params
+
+
+def _variant_names(loop: str, wanted) -> list[str]:
+    names = list(VARIANTS) + [v for v, (lp, _, _) in EXTRA.items() if lp == loop]
+    return [v for v in names if not wanted or v in wanted or v == "dense"]
+
+
+def _jaxpruner_runners(sizes, batch_size: int, sparsity: float, path: str) -> tuple[list, str | None]:
+    """JaxPruner's never-updating variants in the user loop, or ``([], why not)``."""
+    from experiments import jaxpruner_local as jpl
+    sparse = [f"l{i}/kernel" for i in range(len(sizes) - 2)]
+    params = mlp_init(sizes, jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(1)
+    batch = (jax.random.normal(key, (batch_size, sizes[0])),
+             jax.random.randint(key, (batch_size,), 0, sizes[-1]))
+    variants = jpl.jaxpruner_variants(params, xent, lambda: optax.adamw(1e-3), sparsity, NEVER,
+                                      prune=lambda k, p: "/".join(map(str, k)) in sparse,
+                                      path=path)
+    if not variants:
+        return [], jpl.import_failure_reason()
+    return [JaxPrunerRunner(name, init, step, params, batch, sparse, sparsity)
+            for name, (init, step) in variants.items()], None
+
+
+def bench_steps(loop: str, sizes, batch_size: int, sparsity: float, steps: int,
+                update_steps: int, rounds: int, wanted=(), jaxpruner: str | None = None) -> dict:
+    """Part 1 for one loop: interleaved windows of every variant's step; medians, ratios.
+
+    Example::
+
+        bench_steps('user', [784, 2048, 2048, 2048, 10], 256, 0.9, steps=8,
+                    update_steps=2, rounds=5)['rigl']['ratio']
+    """
+    make = TrainerRunner if loop == "trainer" else UserRunner
+    runners = {}
+    for v in _variant_names(loop, wanted):
+        print(f"  compiling {loop}/{v}", flush=True)
+        runners[v] = make(v, sizes, batch_size, sparsity)
+    skipped = None
+    if loop == "user" and jaxpruner:
+        extra, skipped = _jaxpruner_runners(sizes, batch_size, sparsity, jaxpruner)
+        runners.update((r.variant, r) for r in extra)
+    names = list(runners)
     for r in range(rounds):
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
-        for v in order:
+        for v in names[r % len(names):] + names[:r % len(names)]:
             runners[v].window(update_steps if v == "rigl_update" else steps)
     dense = runners["dense"].windows_ms
     dense_med = statistics.median(dense)
-    static_med = statistics.median(runners["static"].windows_ms)
     out = {}
     for v, run in runners.items():
         med = statistics.median(run.windows_ms)
+        changed = run.masks_changed()
+        if v in NEVER_UPDATES and changed:
+            raise AssertionError(f"{loop}/{v}: masks changed although no update is scheduled")
+        if v == "rigl_update" and changed is False:
+            raise AssertionError(f"{loop}/{v}: masks never changed although every step updates")
+        density = _check_forward(v, run.forward_params(), run.sparse_paths,
+                                 run.expected_density)
         out[v] = {
-            "params": run.params, "compile_s": run.compile_s, "step_ms": med,
-            "step_ms_min": min(run.windows_ms), "windows_ms": run.windows_ms,
+            "compile_s": run.compile_s, "step_ms": med, "step_ms_min": min(run.windows_ms),
+            "windows_ms": run.windows_ms,
             "steps_per_window": update_steps if v == "rigl_update" else steps,
-            "ratio": med / dense_med, "ratio_vs_static": med / static_med,
+            "ratio": med / dense_med,
             "paired_ratio": statistics.median(a / b for a, b in zip(run.windows_ms, dense)),
-            "masks_changed": run.masks_changed()}
-    if out["rigl"]["masks_changed"] or out["rigl_update"]["masks_changed"] is False:
-        raise AssertionError("mask-update schedule is not what the benchmark assumes: "
-                             f"rigl changed={out['rigl']['masks_changed']}, rigl_update "
-                             f"changed={out['rigl_update']['masks_changed']}")
+            "masks_changed": changed, "forward_density": density}
+    if loop == "user" and jaxpruner:
+        out["_jaxpruner"] = {"path": jaxpruner, "skipped": skipped}
     return out
 
 
@@ -283,35 +532,50 @@ def main(argv):
     unknown = set(FLAGS.methods) - {"sort", "threshold"}
     if unknown or not FLAGS.methods:
         raise app.UsageError(f"--methods: unknown {sorted(unknown)}; known: sort, threshold")
+    unknown = set(FLAGS.loops) - {"trainer", "user"}
+    if unknown or not FLAGS.loops:
+        raise app.UsageError(f"--loops: unknown {sorted(unknown)}; known: trainer, user")
+    known = set(VARIANTS) | set(EXTRA)
+    if set(FLAGS.variants) - known:
+        raise app.UsageError(f"--variants: unknown {sorted(set(FLAGS.variants) - known)}; "
+                             f"known: {sorted(known)}")
     t_start = time.perf_counter()
-    hidden = tuple(int(h) for h in FLAGS.hidden)
     settings = {k: FLAGS[k].value for k in (
-        "quick", "hidden", "batch_size", "sparsity", "steps", "update_steps", "rounds",
-        "selection", "sizes_m", "methods", "drop_fraction", "update_repeats",
-        "point_budget_s", "skip_step", "skip_update")}
+        "quick", "loops", "variants", "hidden", "user_sizes", "batch_size", "sparsity",
+        "steps", "update_steps", "rounds", "sizes_m", "methods", "drop_fraction",
+        "update_repeats", "point_budget_s", "jaxpruner", "skip_step", "skip_update")}
     out = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
            "num_devices": jax.device_count(), "jax": jax.__version__,
-           "host": platform.node(), "settings": settings}
+           "host": platform.node(), "settings": settings, "train_step": {}}
 
     if not FLAGS.skip_step:
-        print(f"train step: MLP hidden={hidden} batch={FLAGS.batch_size} sparsity="
-              f"{FLAGS.sparsity}, {FLAGS.rounds} interleaved rounds", flush=True)
-        steps = bench_steps(hidden, FLAGS.batch_size, FLAGS.sparsity, FLAGS.steps,
-                            FLAGS.update_steps, FLAGS.rounds, FLAGS.selection)
-        out["train_step"] = steps
-        print(f"{'variant':12s} {'params':>10s} {'step_ms':>9s} {'min_ms':>9s} {'ratio':>7s} "
-              f"{'paired':>7s} {'/static':>7s} {'compile_s':>9s}")
-        for v, r in steps.items():
-            print(f"{v:12s} {r['params']:>10,d} {r['step_ms']:9.3f} {r['step_ms_min']:9.3f} "
-                  f"{r['ratio']:7.3f} {r['paired_ratio']:7.3f} {r['ratio_vs_static']:7.3f} "
-                  f"{r['compile_s']:9.1f}", flush=True)
+        for loop in FLAGS.loops:
+            sizes = (tuple(int(h) for h in FLAGS.hidden) if loop == "trainer"
+                     else tuple(int(h) for h in FLAGS.user_sizes))
+            print(f"train step, {loop} loop: MLP {'hidden=' if loop == 'trainer' else ''}"
+                  f"{sizes} batch={FLAGS.batch_size} sparsity={FLAGS.sparsity} adamw, "
+                  f"{FLAGS.rounds} interleaved rounds", flush=True)
+            rows = bench_steps(loop, sizes, FLAGS.batch_size, FLAGS.sparsity, FLAGS.steps,
+                               FLAGS.update_steps, FLAGS.rounds, FLAGS.variants,
+                               FLAGS.jaxpruner if loop == "user" else None)
+            out["train_step"][loop] = rows
+            print(f"{'variant':22s} {'step_ms':>9s} {'min_ms':>9s} {'ratio':>7s} "
+                  f"{'paired':>7s} {'density':>7s} {'compile_s':>9s}")
+            for v, r in rows.items():
+                if v.startswith("_"):
+                    continue
+                d = "" if r["forward_density"] is None else f"{r['forward_density']:.3f}"
+                print(f"{v:22s} {r['step_ms']:9.2f} {r['step_ms_min']:9.2f} {r['ratio']:7.3f} "
+                      f"{r['paired_ratio']:7.3f} {d:>7s} {r['compile_s']:9.1f}", flush=True)
+            if rows.get("_jaxpruner", {}).get("skipped"):
+                print(f"  no JaxPruner rows: {rows['_jaxpruner']['skipped']}")
 
     ok = True
     if not FLAGS.skip_update:
         print(f"mask update (one drop/grow, sparsity={FLAGS.sparsity}, drop fraction="
               f"{FLAGS.drop_fraction}), seconds per call:", flush=True)
         print(f"{'params':>12s} " + " ".join(f"{m + '_s':>12s}" for m in FLAGS.methods)
-              + f" {'identical':>9s} {'exact':>6s}", flush=True)
+              + f" {'ns/param':>9s} {'identical':>9s} {'exact':>6s}", flush=True)
         rows = []
         for size in FLAGS.sizes_m:
             row = time_update(round(float(size) * 1e6), FLAGS.methods, FLAGS.sparsity,
@@ -322,6 +586,7 @@ def main(argv):
             print(f"{row['params']:>12,d} " + " ".join(
                 f"{row['methods'][m]['median_s']:11.4f}"
                 + ("*" if row["methods"][m]["warm_up_only"] else " ") for m in FLAGS.methods)
+                + f" {1e9 * row['methods'][FLAGS.methods[0]]['median_s'] / row['params']:9.2f}"
                 + f" {str(row['identical_masks']):>9s} {str(exact):>6s}", flush=True)
         if any(r["warm_up_only"] for row in rows for r in row["methods"].values()):
             print("* one call (the warm-up) used the point budget and is the only sample")

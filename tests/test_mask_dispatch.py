@@ -175,3 +175,24 @@ def test_a_wrong_dispatch_in_the_loop_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(MaskDispatch, "mask_update", lambda self, step: False)
     with pytest.raises(NonFiniteError, match=r"step 1: the loss, gradients or parameters"):
         train_and_evaluate(config("rigl,0.9,tiny"), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (0,), (2048, 10), (4, 1, 3)])
+def test_count_true_equals_numpy(shape):
+    from sparsejax.train.loop import count_true
+
+    m = np.random.default_rng(0).random(shape) < 0.3
+    assert int(count_true(jnp.asarray(m))) == int(m.sum())
+    assert int(jax.jit(count_true)(jnp.asarray(m, jnp.uint8))) == int(m.sum())
+
+
+def test_count_true_of_a_sharded_mask():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sparsejax.train.loop import count_true
+
+    m = np.random.default_rng(1).random((16, 24)) < 0.5
+    mesh = jax.make_mesh((8,), ("model",))
+    for spec in (P("model", None), P(None, "model")):
+        x = jax.device_put(jnp.asarray(m), NamedSharding(mesh, spec))
+        assert int(jax.jit(count_true)(x)) == int(m.sum())
