@@ -11,7 +11,7 @@ from experiments import bench_sparsity as bench
 def test_dense_training_that_looks_sparse_fails_the_bench():
     params = bench.mlp_init([16, 32, 32, 4], jax.random.PRNGKey(0))
     with pytest.raises(AssertionError, match=r"rigl: the forward weights have density 1\.000 "
-                                             r"over 1024 weights, expected 0\.100"):
+                                             r"over 1536 weights, expected 0\.100"):
         bench._check_forward("rigl", params, ["l0/kernel", "l1/kernel"], 0.1)
     half = jax.tree.map(lambda x: x.at[::2].set(0.0), params)
     assert bench._check_forward("sr_ste_2:4", half, ["l0/kernel", "l1/kernel"], 0.5) == 0.5
