@@ -436,13 +436,26 @@ def _iota_index(x: jax.Array, axes) -> jax.Array:
     return idx
 
 
+def explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x`` (inside ``jit``) is sharded over explicit mesh axes, where reshapes
+    and cumulative sums across a sharded axis need an explicit output sharding.
+
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import explicitly_sharded
+        >>> explicitly_sharded(jnp.ones((4, 4)))
+        False
+    """
+    return any(s is not None for s in getattr(jax.typeof(x).sharding, "spec", ()))
+
+
 def _replicated(x: jax.Array) -> jax.Array:
     """``x`` (a small vector of per-row or per-column counts) replicated where it is
     sharded over explicit mesh axes: a cumulative sum needs the whole axis."""
-    sharding = jax.typeof(x).sharding
-    if any(s is not None for s in getattr(sharding, "spec", ())):
-        return jax.sharding.reshard(
-            x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    if explicitly_sharded(x):
+        return jax.sharding.reshard(x, jax.sharding.NamedSharding(
+            jax.typeof(x).sharding.mesh, jax.sharding.PartitionSpec()))
     return x
 
 

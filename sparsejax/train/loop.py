@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from sparsejax.base import SparseTransformation, check_int, forward, sparsity_states
+from sparsejax.masks import explicitly_sharded
 from sparsejax.train.build import build
 from sparsejax.train.checkpoint import Checkpointer, abstract_like
 from sparsejax.train.data import BatchIterator, Dataset, eval_batches, get_dataset
@@ -306,7 +307,7 @@ def count_true(mask: jax.Array) -> jax.Array:
         >>> int(count_true(jnp.array([[True, False, True], [True, True, False]])))
         4
     """
-    if any(a is not None for a in getattr(jax.typeof(mask).sharding, "spec", ())):
+    if explicitly_sharded(mask):
         return jnp.sum(mask, dtype=jnp.int32)  # explicit sharding: no flattening reshape
     u = mask.astype(jnp.uint8).reshape(-1)
     u = jnp.pad(u, (0, -u.size % 4))
