@@ -46,9 +46,11 @@ run fails (after writing the JSON) if it does not hold.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +62,7 @@ from absl import app, flags, logging
 
 from configs import quickstart
 from sparsejax.base import forward as sparse_forward
-from sparsejax.masks import topk_mask
+from sparsejax.dst import _drop_and_grow
 from sparsejax.train import MaskDispatch, TRANSFORMS, make_trainer
 from sparsejax.train.data import BatchIterator
 
@@ -87,6 +89,8 @@ flags.DEFINE_string("jaxpruner", "third_party/jaxpruner",
 flags.DEFINE_bool("skip_step", False, "skip part 1 (train step)")
 flags.DEFINE_bool("skip_update", False, "skip part 2 (mask update vs size)")
 flags.DEFINE_string("out", "runs/bench_sparsity.json", "where to write the JSON")
+flags.DEFINE_bool("huge_pages", True, "re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
+                  "(see _huge_pages); --nohuge_pages times glibc's default allocator")
 FLAGS = flags.FLAGS
 
 QUICK = dict(hidden=["128", "128"], user_sizes=["784", "256", "256", "10"], batch_size=64,
@@ -434,7 +438,7 @@ def bench_steps(loop: str, sizes, batch_size: int, sparsity: float, steps: int,
 
 def drop_and_grow(w, g, m, key, *, method: str, drop_fraction: float,
                   noise_std: float = 1e-5):
-    """One RigL drop/grow on one layer, as in ``sparsejax.dst``: returns (kept, grown).
+    """One RigL drop/grow on one layer by ``sparsejax.dst``'s own update: (kept, grown).
 
     ``n_drop = ⌊f · n_active⌋``; keep the ``n_active − n_drop`` largest ``|w| + noise``
     among active weights, grow ``n_drop`` of the largest ``|g|`` among the rest.
@@ -443,12 +447,10 @@ def drop_and_grow(w, g, m, key, *, method: str, drop_fraction: float,
 
         kept, grown = drop_and_grow(w, g, m, key, method='threshold', drop_fraction=0.3)
     """
-    n_active = jnp.sum(m, dtype=jnp.int32)
-    n_drop = jnp.floor(drop_fraction * n_active.astype(jnp.float32)).astype(jnp.int32)
-    score = jnp.abs(w) + noise_std * jax.random.normal(key, w.shape)
-    kept = topk_mask(score, n_active - n_drop, eligible=m, method=method)
-    grown = topk_mask(jnp.abs(g), n_drop, eligible=~kept, method=method)
-    return kept, grown
+    update = _drop_and_grow("gradient", lambda t: drop_fraction, noise_std, method,
+                            reinit_when_same=True)
+    new, grown = update(0, {"w": w}, {"w": g}, {"w": m}, key)
+    return new["w"] & ~grown["w"], grown["w"]
 
 
 def layer_inputs(n: int, sparsity: float, seed: int = 0):
@@ -516,6 +518,41 @@ def time_update(n: int, methods, sparsity: float, drop_fraction: float, repeats:
 # ----------------------------------------------------------------------------- main
 
 
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+
+
+def _huge_pages() -> str:
+    """The allocator setting of this run; with ``--huge_pages`` (default), re-executes
+    the bench under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` first if it is not set.
+
+    XLA:CPU mallocs every temporary and output buffer on every call, and glibc serves
+    each one above 32 MB with fresh ``mmap`` pages, so a call pays a page fault per 4 KiB
+    it writes: a 10**8-parameter RigL update faults in ~1 GB, ~245k faults, 0.5 s of
+    its ~1.5 s. With the tunable (glibc >= 2.35, transparent huge pages in 'madvise'
+    or 'always' mode) those are 2 MiB pages: ~2.3k faults. It changes no result, and a
+    user gets the same by exporting the variable (README, "Performance on a CPU").
+
+    Example::
+
+        settings['glibc_tunables'] = _huge_pages()
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if FLAGS.huge_pages and HUGE_PAGES not in tunables and sys.platform.startswith("linux"):
+        env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES])))
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "experiments.bench_sparsity",
+                                   *sys.argv[1:]], env)
+    return tunables
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent-huge-page mode ('[madvise]' etc.), or 'unknown'."""
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def _apply_quick() -> None:
     """Sets the ``QUICK`` values of every flag not given on the command line."""
     for name, value in QUICK.items():
@@ -539,11 +576,15 @@ def main(argv):
     if set(FLAGS.variants) - known:
         raise app.UsageError(f"--variants: unknown {sorted(set(FLAGS.variants) - known)}; "
                              f"known: {sorted(known)}")
+    glibc_tunables = _huge_pages()
     t_start = time.perf_counter()
     settings = {k: FLAGS[k].value for k in (
         "quick", "loops", "variants", "hidden", "user_sizes", "batch_size", "sparsity",
         "steps", "update_steps", "rounds", "sizes_m", "methods", "drop_fraction",
-        "update_repeats", "point_budget_s", "jaxpruner", "skip_step", "skip_update")}
+        "update_repeats", "point_budget_s", "jaxpruner", "skip_step", "skip_update",
+        "huge_pages")}
+    settings["glibc_tunables"] = glibc_tunables
+    settings["transparent_hugepage"] = _thp_mode()
     out = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
            "num_devices": jax.device_count(), "jax": jax.__version__,
            "host": platform.node(), "settings": settings, "train_step": {}}

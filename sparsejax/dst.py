@@ -23,7 +23,8 @@ What every transform guarantees:
 Drop/grow update (Evci et al. 2020, RigL, Alg. 1; Mocanu et al. 2018, SET), per layer
 at update steps ``t = begin, begin+ΔT, … ≤ T_end``:
 ``n_drop = ⌊f_t · n_active⌋``; keep the ``n_active − n_drop`` largest ``|w| + N(0, σ²)``
-among active weights (σ = 1e-5, the reference's tie-breaking noise); grow ``n_drop``
+among active weights (σ = 1e-5, the reference's tie-breaking noise, drawn by
+``masks.tie_noise``, a counter hash ~7x cheaper than threefry); grow ``n_drop``
 among the rest (a just-dropped weight may come back) by largest ``|∂L/∂(W⊙m)|`` (RigL)
 or at random (SET). RigL skips the gradient step on update steps as the reference code
 does; SET applies it first. Both are switchable (``skip_gradient_on_update``).
@@ -60,9 +61,10 @@ import optax
 from sparsejax.base import (SparseTransformation, check_grads, check_inner_state, check_int,
                             check_static, forward)
 from sparsejax.distributions import Distribution, as_distribution, layer_counts
-from sparsejax.masks import (SELECTION_METHODS, apply_masks, global_magnitude_masks, is_unowned,
-                             like_param, magnitude_score, map_masked, masked_with_dense_grad,
-                             random_score, resolve_rules, topk_mask)
+from sparsejax.masks import (SELECTION_METHODS, apply_masks, count_true, global_magnitude_masks,
+                             is_unowned, like_param, magnitude_score, map_masked,
+                             masked_with_dense_grad, random_score, resolve_rules, tie_noise,
+                             topk_mask)
 from sparsejax.paths import SparsityRule, named_leaves, path_str, unbox
 from sparsejax.schedules import drop_fraction_schedule, gradual_sparsity, is_update_step
 
@@ -426,11 +428,11 @@ def _drop_and_grow(grow: str, drop_fraction_fn, noise_std: float, selection: str
                 new_c.append(m)
                 continue
             k_drop, k_grow = jax.random.split(jax.random.fold_in(key, i))
-            n_active = jnp.sum(m, dtype=jnp.int32)
+            n_active = count_true(m)
             n_drop = jnp.floor(f * n_active.astype(jnp.float32)).astype(jnp.int32)
             drop_score = magnitude_score(w).astype(jnp.float32)
             if noise_std:
-                drop_score = drop_score + noise_std * jax.random.normal(k_drop, w.shape)
+                drop_score = drop_score + noise_std * tie_noise(k_drop, w.shape)
             kept = topk_mask(drop_score, n_active - n_drop, eligible=m, method=selection)
             grow_score = (jnp.abs(g) if grow == "gradient" else random_score(k_grow, w.shape))
             grown = topk_mask(grow_score, n_drop, eligible=~kept, method=selection)

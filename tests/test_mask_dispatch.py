@@ -179,7 +179,7 @@ def test_a_wrong_dispatch_in_the_loop_stops_the_run(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (0,), (2048, 10), (4, 1, 3)])
 def test_count_true_equals_numpy(shape):
-    from sparsejax.train.loop import count_true
+    from sparsejax.masks import count_true
 
     m = np.random.default_rng(0).random(shape) < 0.3
     assert int(count_true(jnp.asarray(m))) == int(m.sum())
@@ -189,7 +189,7 @@ def test_count_true_equals_numpy(shape):
 def test_count_true_of_a_sharded_mask():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from sparsejax.train.loop import count_true
+    from sparsejax.masks import count_true
 
     m = np.random.default_rng(1).random((16, 24)) < 0.5
     mesh = jax.make_mesh((8,), ("model",))

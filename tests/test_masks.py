@@ -158,12 +158,13 @@ def test_threshold_selection_on_sharded_array_does_not_gather(spec):
     xs = jax.device_put(x, NamedSharding(mesh, spec))
     fn = jax.jit(lambda s: M.topk_mask(s, 5000, method="threshold"))
     hlo = fn.lower(xs).compile().as_text()
-    # Only counts move between devices: per-shard totals, per-row or per-column tie
-    # counts; never as much as one shard of the tensor.
+    # Only counts move between devices: per-shard totals and, where a cut splits ties,
+    # per-row tie counts (one per row and device: 128 · 8 = 1024 here when the columns
+    # are sharded); never as much as one shard of the tensor.
     gathered = [int(np.prod([int(d) for d in dims.split(",") if d]))
                 for dims in re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\S* all-gather\(", hlo)]
-    assert max(gathered, default=0) < x.size // 8 // 4, gathered
-    assert "all-reduce" in hlo
+    assert max(gathered, default=0) <= x.shape[0] * 8 < x.size // 8, gathered
+    assert "all-reduce" in hlo or gathered  # the counts do cross devices (XLA picks how)
     got = fn(xs)
     assert got.sharding.spec == spec
     np.testing.assert_array_equal(np.asarray(got), reference_topk(np.asarray(x), 5000, None))
