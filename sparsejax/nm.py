@@ -64,7 +64,7 @@ import optax
 
 from sparsejax.base import (SparseTransformation, check_grads, check_inner_state, check_int,
                             check_static, forward)
-from sparsejax.masks import is_unowned, map_masked_by_path, topk_mask
+from sparsejax.masks import count_true, is_unowned, map_masked_by_path, topk_mask
 from sparsejax.paths import (SparsityRule, match_rules, named_leaves, path_str, pattern_name,
                              rules_or_default, unbox)
 
@@ -485,8 +485,9 @@ def _pruned_stats(m, g, nxt):
     count and the gradient sums are one 3-operand reduction over ``F ≤ 16`` blocks of the
     leading axis, into which XLA fuses the ``where``/``square`` (separate reductions
     would each write their operand out first), then sums of that ``1/F``-size partial.
-    The flips are counted apart, so that the (cheap, vectorised) mask computation that
-    XLA fuses into their count is not put inside the reduction's loop."""
+    The flips are counted apart (``count_true``: an integer reduction, which XLA:CPU
+    vectorises, and no float copy of the flips), so that the float partial sums do not
+    carry the mask computation that XLA fuses into the count."""
     shape = m.shape if m.ndim else (1,)
     f = next(f for f in (16, 8, 4, 2, 1) if shape[0] % f == 0)
     gp = jnp.where(m, 0.0, g.astype(jnp.float32))
@@ -498,9 +499,7 @@ def _pruned_stats(m, g, nxt):
         n_pruned = jnp.sum(~m, dtype=jnp.int32)
     else:
         n_pruned = _count(part[0])
-    flips = (m != nxt)
-    n_flip = (jnp.sum(flips, dtype=jnp.int32) if shape[-1] >= 2 ** 24
-              else _count(flips.astype(jnp.float32)))
+    n_flip = count_true(m != nxt)
     return n_pruned, n_flip, jnp.sum(part[1]), jnp.sum(part[2])
 
 
