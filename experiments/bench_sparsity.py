@@ -11,16 +11,20 @@ Part 1, train step, in two loops, every variant side by side with dense:
   ``configs/quickstart.py`` (MLP on the embedded 8×8 digits) widened to ``--hidden``,
   dispatched as ``train_and_evaluate`` does it (``MaskDispatch``);
 - ``user``: a hand-written jitted step on ``--user_sizes`` (default 784→2048→2048→2048→10)
-  with random data, gradients taken through ``tx.forward``, and
-  ``mask_update=tx.mask_update_due(count)`` passed as a static argument where the
-  transform has a schedule (the one thing a user's loop must do). 'rigl_cond' is RigL
-  without that argument: one compiled step whose ``lax.cond`` holds the update.
+  with random data. What a user's loop does to get masking's cost and no more (README,
+  "Non-update steps at the cost of masking"): ``params = sparsejax.mask_params(params,
+  state)`` once after ``init``; gradients taken through ``tx.forward(p, state,
+  params_masked=True)``; ``mask_update=tx.mask_update_due(count)`` passed as a static
+  argument where the transform has a schedule. 'rigl_cond' is RigL without that
+  argument: one compiled step whose ``lax.cond`` holds the update.
 
 Variants (``VARIANTS``; optax ``adamw``, ``--sparsity`` ERK, head dense): dense (plain
 optax), static, one_shot, gradual, set, rigl (their mask updates scheduled at step
 ``10**9``, so every timed step is a non-update step; gradual starts at its final
 sparsity), sr_ste_2:4 and sr_ste_1:32 (masks recomputed every step; in the user loop the
-784-wide first layer is 1:16, 784 not being divisible by 32). 'rigl_update' (trainer
+784-wide first layer is 1:16, 784 not being divisible by 32), each also as '_nodiag'
+(``diagnostics=False``: no per-step flip rate or pruned-gradient statistics, which
+read every kernel, its gradient and both masks once more). 'rigl_update' (trainer
 loop) fires the drop/grow on every step: the update step's own cost. When JaxPruner is
 importable (``experiments/jaxpruner_local.py`` says how to get a patched local copy)
 the user loop adds its variants, run the way its docs show. Windows of ``--steps``
@@ -48,6 +52,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -61,6 +66,7 @@ import optax
 from absl import app, flags, logging
 
 from configs import quickstart
+import sparsejax
 from sparsejax.base import forward as sparse_forward
 from sparsejax.dst import _drop_and_grow
 from sparsejax.train import MaskDispatch, TRANSFORMS, make_trainer
@@ -107,6 +113,8 @@ VARIANTS = {  # name: (TRANSFORMS key, factory arguments beyond sparsity/ERK/rul
     "rigl": ("rigl", _OFF),
     "sr_ste_2:4": ("sr_ste", dict(pattern="2:4")),
     "sr_ste_1:32": ("sr_ste", dict(pattern="1:32")),
+    "sr_ste_2:4_nodiag": ("sr_ste", dict(pattern="2:4", diagnostics=False)),
+    "sr_ste_1:32_nodiag": ("sr_ste", dict(pattern="1:32", diagnostics=False)),
 }
 EXTRA = {  # variant: (loop, like, factory arguments)
     "rigl_update": ("trainer", "rigl", dict(update_every=1, begin_step=0, end_step=NEVER)),
@@ -131,13 +139,19 @@ def variant_arguments(variant: str, sparsity: float) -> tuple[str, dict]:
     return name, kw
 
 
+def _nm_pattern(variant: str) -> tuple[int, int]:
+    """``(N, M)`` of an N:M variant name ('sr_ste_2:4_nodiag' -> (2, 4))."""
+    n, m = re.search(r"(\d+):(\d+)", variant).groups()
+    return int(n), int(m)
+
+
 def _expected_density(variant: str, shapes: dict, sparsity: float, first_layer_m=None) -> float:
     """What the forward weights of ``shapes`` (``{path: shape}``, the sparse kernels) keep:
     ``1 − sparsity`` (ERK keeps the total), or N/M per layer (``first_layer_m``: the first
     layer's M where the user loop makes it 1:16)."""
     if not variant.startswith("sr_ste"):
         return 1.0 - sparsity
-    n, m = (int(v) for v in variant.rsplit("_", 1)[1].split(":"))
+    n, m = _nm_pattern(variant)
     sizes = {p: int(np.prod(s)) for p, s in shapes.items()}
     first = min(sizes)  # 'l0/kernel' or 'layers/0/kernel'
     kept = sum(size * (1 / first_layer_m if first_layer_m and p == first else n / m)
@@ -237,8 +251,8 @@ class TrainerRunner(_Runner):
     def opt_state(self):
         return self.state.opt_state
 
-    def forward_params(self):
-        return sparse_forward(self.state.params, self.state.opt_state)
+    def forward_params(self):  # what the step computes with (the params as stored)
+        return sparse_forward(self.state.params, self.state.opt_state, params_masked=True)
 
 
 def mlp_init(sizes, key) -> dict:
@@ -268,18 +282,20 @@ def user_rules(variant: str, sizes) -> tuple:
     its input width is not divisible by M."""
     rules = [("head/kernel", "dense")]
     if variant.startswith("sr_ste"):
-        m = int(variant.rsplit(":", 1)[1])
+        m = _nm_pattern(variant)[1]
         if sizes[0] % m:
             rules.append(("l0/kernel", "1:16"))
     return tuple(rules + [(".*kernel", "sparse")])
 
 
 def user_step(tx, loss_of_params):
-    """A user's hand-written step: grads through ``tx.forward``, the mask schedule as a
+    """A user's hand-written step: grads through ``tx.forward(..., params_masked=True)``
+    (the params were masked once, ``sparsejax.mask_params``), the mask schedule as a
     static argument where the transform has one (``tx`` None: plain dense optax)."""
     def step(params, opt_state, batch, mask_update):
         def loss(p):
-            return loss_of_params(p if tx is None else tx.forward(p, opt_state), batch)
+            fwd = p if tx is None else tx.forward(p, opt_state, params_masked=True)
+            return loss_of_params(fwd, batch)
         grads = jax.grad(loss)(params)
         kw = {} if tx is None or tx.mask_update_due is None else {"mask_update": mask_update}
         updates, opt_state = (tx or INNER).update(grads, opt_state, params, **kw)
@@ -312,6 +328,7 @@ class UserRunner(_Runner):
                 fkw.update(sparsity=sparsity, distribution="erk")
             self.tx = TRANSFORMS[name](INNER, **fkw)
             self.state = self.tx.init(self.params)
+            self.params = sparsejax.mask_params(self.params, self.state)  # once, after init
         self.step = user_step(self.tx, xent)
         self.always_update = variant == "rigl_cond"
         key = jax.random.PRNGKey(1)
@@ -339,8 +356,9 @@ class UserRunner(_Runner):
     def opt_state(self):
         return self.state
 
-    def forward_params(self):
-        return self.params if self.tx is None else self.tx.forward(self.params, self.state)
+    def forward_params(self):  # what the step computes with (the params as stored)
+        return (self.params if self.tx is None
+                else self.tx.forward(self.params, self.state, params_masked=True))
 
 
 class JaxPrunerRunner(_Runner):

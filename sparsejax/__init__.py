@@ -18,9 +18,9 @@ Example:
 from sparsejax.activations import (k_from_density, realised_density, statistical_threshold,
                                    statistical_topk, topk)
 from sparsejax import paths
-from sparsejax.base import (SparseTransformation, as_sparse_transformation, dense, forward,
-                            is_sparsity_state, materialize, sparse_model, sparse_weights,
-                            sparsity_states, value_and_grad)
+from sparsejax.base import (SparseTransformation, as_sparse_transformation, count_unmasked,
+                            dense, forward, is_sparsity_state, mask_params, materialize,
+                            sparse_model, sparse_weights, sparsity_states, value_and_grad)
 from sparsejax.distributions import (Distribution, er, erk, get_distribution, layer_counts,
                                      layer_densities, uniform)
 from sparsejax.flops import (densities_from_masks, layer_flops, model_flops, sparse_flops,
@@ -41,7 +41,7 @@ __all__ = [
     "NMCompressed", "NMState", "compress_nm", "decompress_nm", "export_nm", "import_nm",
     "mdgf", "nm_mask", "nm_masks_from_params", "nm_sparse", "nm_ste", "sdgf",
     "sr_ste",
-    "default_rules", "forward", "is_sparsity_state", "materialize", "paths", "sparse_model", "sparse_weights",
+    "count_unmasked", "default_rules", "forward", "is_sparsity_state", "mask_params", "materialize", "paths", "sparse_model", "sparse_weights",
     "sparsity_states", "value_and_grad",
     "Distribution", "SparseState", "SparseTransformation", "apply_masks",
     "as_sparse_transformation", "densities_from_masks", "dense", "er", "erk", "get_distribution", "global_sparsity",

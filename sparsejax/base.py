@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sparsejax.masks import is_unowned
+from sparsejax.masks import count_true, is_unowned, like_param
 from sparsejax.paths import named_leaves, path_str, unbox
 
 Params = Any
@@ -183,7 +183,11 @@ def _owned(state) -> set[str]:
     return {path_str(p) for p, m in flat if not is_unowned(m)}
 
 
-def _apply(params, opt_state, differentiable: bool):
+def _keeps_masked(state) -> bool:
+    return bool(getattr(state, "keeps_params_masked", False))
+
+
+def _apply(params, opt_state, differentiable: bool, params_masked: bool = False):
     states = sparsity_states(opt_state)
     owner: dict[str, str] = {}
     for where, state in states:
@@ -195,17 +199,26 @@ def _apply(params, opt_state, differentiable: bool):
             owner[path] = where
     params = unbox(params)
     for _, state in states:
-        params = state.sparsify(params, differentiable)
+        if not (params_masked and _keeps_masked(state)):
+            params = state.sparsify(params, differentiable)
     return params
 
 
-def forward(params: Params, opt_state: State) -> Params:
+def forward(params: Params, opt_state: State, *, params_masked: bool = False) -> Params:
     """What the model computes with: every sparsity state found in ``opt_state`` applied to
     the parameters it owns, with its training gradient (RigL's dense ``∂L/∂(W⊙m)``, STE,
     SR-STE, MDGF). Parameters no state owns pass through unchanged.
 
     Works for any optax state that holds sparsejax transforms, however wrapped; a plain
     optax state gives ``params`` back. ``nnx.Variable`` leaves are read as their values.
+
+    ``params_masked=True`` says the params are already exactly 0 wherever a static,
+    one-shot, gradual, SET or RigL mask is 0. They are after ``mask_params`` once, and
+    every ``update`` of those transforms keeps them so. Those transforms then pass the
+    params through, with the same values and the same dense gradient, and the step
+    skips writing a masked copy of every sparse kernel. N:M, SR-STE and MDGF keep dense
+    weights and still apply their forward. A loop that says so verifies it now and then
+    with ``count_unmasked``, as ``train_and_evaluate`` does at every log step.
 
     Example:
 
@@ -222,7 +235,55 @@ def forward(params: Params, opt_state: State) -> Params:
         >>> [round(float(g), 4) for g in grads['kernel'][:, 0]]   # SR-STE: g + λ·w where pruned
         [1.0002, 1.001, 1.0, 1.0]
     """
-    return _apply(params, opt_state, differentiable=True)
+    return _apply(params, opt_state, differentiable=True, params_masked=params_masked)
+
+
+def mask_params(params: Params, opt_state: State) -> Params:
+    """``params`` set to exactly 0 wherever a static, one-shot, gradual, SET or RigL mask
+    in ``opt_state`` is 0: what one ``update`` would do to them, done once after ``init``
+    so that ``forward(..., params_masked=True)`` holds from the first step. The weights
+    of N:M transforms stay dense (they train every weight).
+
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> params = {'kernel': jnp.ones((4, 4))}
+        >>> state = sparsejax.static_sparse(optax.sgd(0.1), 0.75).init(params)
+        >>> params = sparsejax.mask_params(params, state)
+        >>> int((params['kernel'] != 0).sum()), int(sparsejax.count_unmasked(params, state))
+        (4, 0)
+    """
+    params = unbox(params)
+    for _, state in sparsity_states(opt_state):
+        if _keeps_masked(state):
+            params = state.sparsify(params, differentiable=False)
+    return params
+
+
+def count_unmasked(params: Params, opt_state: State) -> jax.Array:
+    """The number of parameter entries that are not 0 where a static, one-shot, gradual,
+    SET or RigL mask in ``opt_state`` is 0 (``int32``; NaN counts): 0 whenever
+    ``forward(..., params_masked=True)`` is right. One pass over those params and masks.
+
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> import optax, sparsejax
+        >>> params = {'kernel': jnp.ones((4, 4))}
+        >>> state = sparsejax.static_sparse(optax.sgd(0.1), 0.75).init(params)
+        >>> int(sparsejax.count_unmasked(params, state))   # 12 pruned weights still 1.0
+        12
+    """
+    params = unbox(params)
+    total = jnp.zeros((), jnp.int32)
+    for _, state in sparsity_states(opt_state):
+        if _keeps_masked(state):
+            flat_m, treedef = jax.tree_util.tree_flatten(state.masks, is_leaf=is_unowned)
+            for m, w in zip(flat_m, treedef.flatten_up_to(params)):
+                if not is_unowned(m):
+                    total = total + count_true(~like_param(m, w) & (w != 0))
+    return total
 
 
 def materialize(params: Params, opt_state: State) -> Params:

@@ -93,6 +93,11 @@ class SparseState(NamedTuple):
     count: jax.Array
     key: jax.Array
 
+    # Every ``update`` leaves the params exactly 0 where the mask is 0, so params that
+    # are masked once stay masked: ``base.forward(..., params_masked=True)`` passes them
+    # through instead of writing a masked copy.
+    keeps_params_masked = True
+
     def sparsify(self, params, differentiable: bool = True):
         """``W ⊙ m`` on the leaves this state owns; with ``differentiable`` the gradient is
         the dense ``∂L/∂(W⊙m)`` at every entry (what RigL grows by)."""

@@ -233,3 +233,23 @@ def test_bad_input_names_the_path():
                 sparse_steps=10).init(params)
     with pytest.raises(ValueError, match="needs sparse_steps"):
         nm.nm_sparse(optax.sgd(0.1), [(r"enc/kernel", "1:4")], schedule="stepwise")
+
+
+def test_diagnostics_off_changes_nothing_but_the_diagnostics():
+    params = {"kernel": jax.random.normal(jax.random.PRNGKey(0), (16, 8))}
+    on = sparsejax.sr_ste(optax.adam(1e-2), [("kernel", "2:4")])
+    off = sparsejax.sr_ste(optax.adam(1e-2), [("kernel", "2:4")], diagnostics=False)
+    s_on, s_off = on.init(params), off.init(params)
+    assert set(s_on.diagnostics) == {"flip_rate", "pruned_grad_norm", "pruned_grad_var"}
+    assert s_off.diagnostics == {}
+    p_on = p_off = params
+    for i in range(4):
+        g = jax.grad(lambda p: jnp.sum(jnp.sin(sparsejax.forward(p, s_on)["kernel"] * (i + 1))))(p_on)
+        u_on, s_on = on.update(g, s_on, p_on)
+        u_off, s_off = off.update(g, s_off, p_off)
+        np.testing.assert_array_equal(u_on["kernel"], u_off["kernel"])
+        np.testing.assert_array_equal(s_on.masks["kernel"], s_off.masks["kernel"])
+        p_on, p_off = optax.apply_updates(p_on, u_on), optax.apply_updates(p_off, u_off)
+    assert s_off.diagnostics == {} and float(s_on.diagnostics["pruned_grad_norm"]) > 0
+    with pytest.raises(TypeError, match="diagnostics must be a bool, got 'no'"):
+        sparsejax.sr_ste(optax.adam(1e-2), diagnostics="no")

@@ -40,7 +40,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from sparsejax.base import SparseTransformation, check_int, forward, sparsity_states
+from sparsejax.base import (SparseTransformation, check_int, count_unmasked, forward,
+                            mask_params, sparsity_states)
 from sparsejax.masks import count_true
 from sparsejax.train.build import build
 from sparsejax.train.checkpoint import Checkpointer, abstract_like
@@ -86,6 +87,10 @@ class Trainer(NamedTuple):
     arguments with ``in_shardings``): where ``tx.mask_update_due`` gives the
     transform's schedule, the loop passes False on the steps where no mask update is
     due (a second compiled step without the update's code, see ``MaskDispatch``).
+    ``init`` zeroes the params outside their static/SET/RigL/gradual masks and the steps
+    compute with them as stored (``forward(..., params_masked=True)``: no masked copy
+    per step); ``unmasked(state)`` counts entries that broke that, which the loop checks
+    at every log, eval and checkpoint step (``MaskViolation``).
 
     Example:
 
@@ -110,6 +115,7 @@ class Trainer(NamedTuple):
     init: Callable
     step: Callable
     eval_step: Callable
+    unmasked: Callable
     abstract_state: TrainState
     state_shardings: TrainState
     batch_sharding: NamedSharding
@@ -146,6 +152,13 @@ ON_NONFINITE = ("stop", "skip")
 class NonFiniteError(FloatingPointError):
     """A step's loss, gradients or parameters were not finite; nothing after the last
     checkpoint was saved."""
+
+
+class MaskViolation(RuntimeError):
+    """Parameters were nonzero where a weight-sparsity mask is 0: something outside the
+    sparsity transform changed them. The step computes with the params as stored
+    (``forward(..., params_masked=True)``), so the run stops instead of training denser
+    than configured; nothing after the last checkpoint was saved."""
 
 
 class Preempted(Exception):
@@ -213,7 +226,10 @@ def make_trainer(config, tx=None) -> Trainer:
         model = make_model(jax.random.fold_in(rng, 0))
         _, params, rest = nnx.split(model, nnx.Param, ...)
         params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-        return TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), rng)
+        opt_state = tx.init(params)
+        # zero outside the masks once; every update keeps them so (params_masked below)
+        params = mask_params(params, opt_state)
+        return TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state, rng)
 
     abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
     replicated = NamedSharding(mesh, P())
@@ -231,7 +247,8 @@ def make_trainer(config, tx=None) -> Trainer:
 
     def train_step(state: TrainState, batch: dict, mask_update: bool = True):
         def loss_fn(params):
-            model = nnx.merge(graphdef, forward(params, state.opt_state), state.rest)
+            model = nnx.merge(graphdef, forward(params, state.opt_state, params_masked=True),
+                              state.rest)
             loss, stats = weighted_cross_entropy(model(batch["inputs"]), batch)
             _, _, rest = nnx.split(model, nnx.Param, ...)
             return loss, (stats, nnx.to_pure_dict(rest))
@@ -250,7 +267,8 @@ def make_trainer(config, tx=None) -> Trainer:
         return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept), stats
 
     def eval_step(state: TrainState, batch: dict):
-        model = nnx.merge(eval_graphdef, forward(state.params, state.opt_state), state.rest)
+        model = nnx.merge(eval_graphdef,
+                          forward(state.params, state.opt_state, params_masked=True), state.rest)
         return weighted_cross_entropy(model(batch["inputs"]), batch)[1]
 
     return Trainer(
@@ -261,6 +279,8 @@ def make_trainer(config, tx=None) -> Trainer:
                      static_argnums=2),
         eval_step=jax.jit(eval_step, in_shardings=(state_sh, b_sharding),
                           out_shardings=replicated),
+        unmasked=jax.jit(lambda state: count_unmasked(state.params, state.opt_state),
+                         in_shardings=(state_sh,), out_shardings=replicated),
         abstract_state=abstract_state, state_shardings=state_sh, batch_sharding=b_sharding,
         global_batch=config.batch_size)
 
@@ -523,6 +543,18 @@ def _train(trainer, config, workdir, ckpt, fp, recorded, hooks, progress) -> dic
         last_train, last_eval, consecutive = {}, {}, 0
         preemption = _Preemption(ckpt.manager)
 
+        def check_masked(step):
+            """The params are exactly 0 outside their masks (what the steps assume)."""
+            n = int(jax.device_get(trainer.unmasked(state)))
+            if n:
+                raise MaskViolation(
+                    f"step {step}: {n} parameter entries are nonzero where their sparsity "
+                    "masks are 0, so the model has computed with weights it should not "
+                    "have; something outside the sparsity transform changed the params. "
+                    "Nothing after the last checkpoint was saved")
+
+        check_masked(start)
+
         def drain():
             """Host sync: per-step statistics into the window, non-finite steps handled."""
             nonlocal consecutive
@@ -567,6 +599,8 @@ def _train(trainer, config, workdir, ckpt, fp, recorded, hooks, progress) -> dic
                 saves = _every(step, config.checkpoint_every, num_steps) or preempted
                 if logs or evals or saves or len(pending) >= 64:
                     drain()
+                if logs or evals or saves:
+                    check_masked(step)
                 if logs:
                     last_train = window.row(config.batch_size)
                     writer.write(step, "train", last_train)
