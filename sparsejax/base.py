@@ -218,7 +218,8 @@ def forward(params: Params, opt_state: State, *, params_masked: bool = False) ->
     params through, with the same values and the same dense gradient, and the step
     skips writing a masked copy of every sparse kernel. N:M, SR-STE and MDGF keep dense
     weights and still apply their forward. A loop that says so verifies it now and then
-    with ``count_unmasked``, as ``train_and_evaluate`` does at every log step.
+    with ``count_unmasked``, as ``train_and_evaluate`` does at every log, eval and
+    checkpoint step.
 
     Example:
 

@@ -12,9 +12,9 @@ counts as -inf; entries that are not eligible rank below every eligible one), an
 go to the lower flat index (row-major, then leaf order for global selection). Two
 methods give the same mask: ``'sort'`` (a stable argsort) and ``'threshold'`` (sort-free
 radix select: 16 counting passes of 3 thresholds each on a CPU, 8 of 15 on an
-accelerator, find the k-th key; if the cut falls inside a run of ties, 2 more passes
-find the row, then the column, of the last tie kept), so O(n) with a fixed number of
-passes. The threshold method needs only
+accelerator, find the k-th key; if the cut falls inside a run of ties, one more pass
+finds the row, and a few more the column, of the last tie kept), so O(n) with a fixed
+number of passes. The threshold method needs only
 sums, so on sharded arrays XLA reduces per shard and moves only counts, never the
 tensor.
 
@@ -532,7 +532,7 @@ def _split_ties(keys: list[jax.Array], t, need) -> list[jax.Array]:
     # Ties counted as #(key >= t) − #(key > t): a reduction that is not to a scalar
     # fuses its producer on XLA:CPU only when it has two used outputs; a lone
     # ``sum(x == t)`` materialises an int32 copy of the leaf, whose buffer is allocated
-    # on every call even while the lax.cond below does not take this branch.
+    # on every call, even those where _threshold_select's lax.cond skips this branch.
     rows = [a - b for x in keys for a, b in [_sums([x >= t, x > t], [x.ndim - 1])]]
     rows = [r.reshape(-1) for r in rows]
     per_row = _replicated(jnp.concatenate(rows))
@@ -572,8 +572,7 @@ def _threshold_select(keys: list[jax.Array], k) -> list[jax.Array]:
     # at a time from the top: each pass counts ``key >= prefix | j << shift`` for
     # j = 1..2**b − 1 in one variadic reduction, 32 / b passes whatever the size. The
     # counts just below and above the interval are carried along, so the number of ties
-    # at t comes for free; only when some of them are left out does _split_ties run
-    # (2 passes).
+    # at t comes for free; only when some of them are left out does _split_ties run.
     digit = _digit_bits()
     shapes = [x.shape for x in keys]
     keys = [x.reshape(1) if x.ndim == 0 else x for x in keys]

@@ -266,6 +266,9 @@ def make_trainer(config, tx=None) -> Trainer:
         kept = state._replace(step=new.step)
         return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept), stats
 
+    def unmasked(state: TrainState):
+        return count_unmasked(state.params, state.opt_state)
+
     def eval_step(state: TrainState, batch: dict):
         model = nnx.merge(eval_graphdef,
                           forward(state.params, state.opt_state, params_masked=True), state.rest)
@@ -279,8 +282,7 @@ def make_trainer(config, tx=None) -> Trainer:
                      static_argnums=2),
         eval_step=jax.jit(eval_step, in_shardings=(state_sh, b_sharding),
                           out_shardings=replicated),
-        unmasked=jax.jit(lambda state: count_unmasked(state.params, state.opt_state),
-                         in_shardings=(state_sh,), out_shardings=replicated),
+        unmasked=jax.jit(unmasked, in_shardings=(state_sh,), out_shardings=replicated),
         abstract_state=abstract_state, state_shardings=state_sh, batch_sharding=b_sharding,
         global_batch=config.batch_size)
 
