@@ -17,7 +17,6 @@ from sparsejax.schedules import is_update_step
 from sparsejax.train import loop, make_trainer, train_and_evaluate
 from sparsejax.train.loop import MaskDispatch
 from tests.test_integrity import _poisoned_digits, config, restore_all
-from tests.test_train import assert_trees_equal
 
 
 def assert_same_run(a, b):
