@@ -317,9 +317,10 @@ def _opt_state(optimizer) -> State:
 
 
 @contextlib.contextmanager
-def sparse_weights(model: nnx.Module, optimizer):
+def sparse_weights(model: nnx.Module, optimizer, *, params_masked: bool = False):
     """Within the block, ``model``'s parameters are what the model should compute with
-    (``forward(params, optimizer.opt_state)``); on exit they are the stored ones again.
+    (``forward(params, optimizer.opt_state, params_masked=params_masked)``); on exit they
+    are the stored ones again.
 
     Made for ``nnx.Optimizer`` loops: inside ``nnx.value_and_grad`` the gradient reaches
     the stored parameters through the transform's custom backward. Other state the model
@@ -340,7 +341,8 @@ def sparse_weights(model: nnx.Module, optimizer):
         (3, 32, (1, 4))
     """
     pure = nnx.to_pure_dict(nnx.state(model, optimizer.wrt))
-    _set_params(model, optimizer.wrt, forward(pure, _opt_state(optimizer)))
+    _set_params(model, optimizer.wrt,
+                forward(pure, _opt_state(optimizer), params_masked=params_masked))
     try:
         yield model
     finally:
@@ -353,7 +355,8 @@ def _set_params(model: nnx.Module, wrt, pure) -> None:
     nnx.update(model, state)
 
 
-def value_and_grad(fn: Callable, optimizer, *, has_aux: bool = False, **grad_kw) -> Callable:
+def value_and_grad(fn: Callable, optimizer, *, has_aux: bool = False,
+                   params_masked: bool = False, **grad_kw) -> Callable:
     """``nnx.value_and_grad(fn)`` where ``fn(model, *args)`` sees the sparse weights.
 
     The drop-in for the Flax training loop: replace
@@ -361,7 +364,10 @@ def value_and_grad(fn: Callable, optimizer, *, has_aux: bool = False, **grad_kw)
     ``sparsejax.value_and_grad(loss_fn, optimizer, has_aux=True)``; ``optimizer`` is the
     ``nnx.Optimizer`` holding a sparsejax transform (inside ``nnx.jit``, the traced one
     passed to the step). Gradients are with respect to the stored parameters, ready for
-    ``optimizer.update(model, grads)``.
+    ``optimizer.update(model, grads)``. ``params_masked=True`` is ``forward``'s: mask
+    the model's parameters once after building the optimizer, ``nnx.update(model,
+    sparsejax.mask_params(nnx.state(model, nnx.Param), optimizer.opt_state))``, and the
+    static/SET/RigL/gradual kernels are used as stored, with no masked copy per step.
 
     Example:
 
@@ -384,7 +390,7 @@ def value_and_grad(fn: Callable, optimizer, *, has_aux: bool = False, **grad_kw)
     """
 
     def sparse_fn(model, *args, **kw):
-        with sparse_weights(model, optimizer):
+        with sparse_weights(model, optimizer, params_masked=params_masked):
             return fn(model, *args, **kw)
 
     return nnx.value_and_grad(sparse_fn, has_aux=has_aux, **grad_kw)

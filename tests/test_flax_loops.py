@@ -45,9 +45,12 @@ def erk_counts(shapes: dict, sparsity: float) -> dict:
     return {k: eps * p[k] * n[k] for k in shapes}
 
 
-def train(model, tx, call, targets, steps=STEPS):
-    """The Flax tutorial's loop with one sparsejax line; returns [(stored, seen, opt_state)]."""
+def train(model, tx, call, targets, steps=STEPS, params_masked=False):
+    """The Flax tutorial's loop with one sparsejax line; returns [(stored, seen, opt_state)].
+    ``params_masked``: the model's parameters are masked once, then used as stored."""
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    if params_masked:
+        nnx.update(model, sparsejax.mask_params(nnx.state(model, nnx.Param), optimizer.opt_state))
 
     def loss_fn(model, *args):
         logits = call(model, *args)
@@ -56,7 +59,8 @@ def train(model, tx, call, targets, steps=STEPS):
 
     @nnx.jit
     def train_step(model, optimizer, *args):
-        grad_fn = sparsejax.value_and_grad(loss_fn, optimizer, has_aux=True)
+        grad_fn = sparsejax.value_and_grad(loss_fn, optimizer, has_aux=True,
+                                           params_masked=params_masked)
         (loss, seen), grads = grad_fn(model, *args)
         optimizer.update(model, grads)
         return loss, seen
@@ -98,6 +102,32 @@ def test_cnn_rigl_erk_90_is_exactly_sparse_every_step():
     assert sum(np.asarray(m).sum() for m in jax.tree.leaves(history[-1][2].masks)) == round(
         0.1 * (4608 + 8192))  # the total is exact
     assert losses[-1] < losses[0]
+
+
+def test_cnn_rigl_with_masked_params_equals_the_masking_forward():
+    """``value_and_grad(..., params_masked=True)`` after ``mask_params``: the weights the
+    model sees are the stored ones, zero outside the masks at every step, and training
+    gives the masking forward's params and masks bit for bit."""
+    x, y = digits()
+    runs = []
+    for fast in (False, True):
+        model = CNN(rngs=nnx.Rngs(0))
+        tx = sparsejax.rigl(optax.adam(1e-2), 0.9, distribution=sparsejax.erk(),
+                            rules=CNN_RULES, update_every=3, end_step=STEPS)
+        history, _, optimizer = train(model, tx, cnn_call(x), y, params_masked=fast)
+        runs.append((model, history, optimizer))
+    (slow, _, slow_opt), (fast, history, fast_opt) = runs
+    for stored, seen, state in history:
+        for path, m in paths.named_leaves(state.masks):
+            np.testing.assert_array_equal(seen[path], stored[path])  # used as stored
+            assert not np.asarray(stored[path])[~np.asarray(m)].any()  # and masked
+    for a, b in zip(jax.tree.leaves(nnx.state(fast, nnx.Param)),
+                    jax.tree.leaves(nnx.state(slow, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(paths.unbox(fast_opt.opt_state).masks),
+                    jax.tree.leaves(paths.unbox(slow_opt.opt_state).masks)):
+        np.testing.assert_array_equal(a, b)
+    assert int(sparsejax.count_unmasked(nnx.state(fast, nnx.Param), fast_opt.opt_state)) == 0
 
 
 @pytest.mark.parametrize("method", ["sr_ste", "mdgf"])
