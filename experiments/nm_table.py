@@ -128,6 +128,8 @@ def run_one(method: str, pattern: str | None, seed: int, num_steps: int, log_eve
     config.log_every = log_every
     steps = config.num_steps
     sp = config.method
+    if method != "dense":
+        sp.diagnostics_every = 1  # the per-step flip-rate curves
     sparse_steps = sp.get("sparse_steps", steps)
     if method == "mdgf":
         sp.alpha = alpha_total / sparse_steps

@@ -388,8 +388,9 @@ class NMState(NamedTuple):
     ``optax.MaskedNode`` for leaves a wrapper gives to another transform); ``count``:
     optimizer steps so far (``t``); ``beta``: MDGF's ``β(t)`` (0 outside MDGF and in the
     fine-tune phase); ``sr_ste_lambda`` and ``scaled_backward``: the backward's
-    settings; ``diagnostics``: per-step scalars (mask flip rate, norm and variance of the
-    gradient on pruned weights) that the training loop logs.
+    settings; ``diagnostics``: scalars (mask flip rate, norm and variance of the gradient
+    on pruned weights) measured on every ``diagnostics_every``-th update and held between
+    measurements; the training loop logs them.
 
     Example:
 
@@ -507,17 +508,21 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[SparsityRule]
               axis: int = -2, sr_ste_lambda: float = 0.0, decay: str | None = None,
               alpha: float = 2e-4, backward: str = "ste", schedule: str = "fixed",
               dense_steps: int = 0, sparse_steps: int | None = None,
-              finetune_steps: int = 0, diagnostics: bool = True) -> SparseTransformation:
+              finetune_steps: int = 0, diagnostics_every: int = 16) -> SparseTransformation:
     """The general N:M transform; ``nm_ste``, ``sr_ste``, ``mdgf`` and ``sdgf`` fix its knobs.
 
     ``rules``: ``sparsejax.paths`` rules whose spec is ``'N:M'``, a float sparsity,
     ``'sparse'`` (meaning ``pattern``) or ``'dense'``; ``None`` makes every ≥2-D kernel
     ``pattern``. ``sparse_steps`` is the length of the sparse phase that SDGF splits into
     frames (required for 'stepwise'/'geometric'); the fine-tune phase starts at
-    ``dense_steps + sparse_steps``. ``diagnostics=False`` leaves out the per-step flip
-    rate and pruned-gradient norm and variance (``NMState.diagnostics`` is then empty):
-    they read every sparse kernel, its gradient and both masks once more, about 12% of
-    an adamw step of a 2048-wide MLP on a CPU (``experiments/bench_sparsity.py``).
+    ``dense_steps + sparse_steps``. The diagnostics (the mask flip rate of one
+    update, the norm and variance of the gradient on pruned weights) are measured on the
+    updates whose ``count`` is a multiple of ``diagnostics_every`` (the first update is
+    one) and held until the next measurement: a measurement reads every sparse kernel's
+    gradient and both masks once more, about 13% of an adamw step of a 2048-wide MLP on
+    a CPU, so every step costs 1/``diagnostics_every`` of that
+    (``experiments/bench_sparsity.py``). ``diagnostics_every=1`` measures every update;
+    ``0`` never (``NMState.diagnostics`` is then empty).
 
     The masks are those of the weights the next forward pass sees: ``init`` computes them
     from the initial weights and every ``update`` from the updated ones (``params +
@@ -539,8 +544,10 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[SparsityRule]
     check_static(pattern=pattern, axis=axis, sr_ste_lambda=sr_ste_lambda, alpha=alpha,
                  dense_steps=dense_steps, sparse_steps=sparse_steps,
                  finetune_steps=finetune_steps)
-    if not isinstance(diagnostics, (bool, np.bool_)):
-        raise TypeError(f"diagnostics must be a bool, got {diagnostics!r}")
+    if isinstance(diagnostics_every, (bool, np.bool_)) or not isinstance(
+            diagnostics_every, (int, np.integer)) or diagnostics_every < 0:
+        raise TypeError(f"diagnostics_every must be an int >= 0 (0: no diagnostics), got "
+                        f"{diagnostics_every!r}")
     parse_pattern(pattern, "pattern: ")
     if decay is not None and decay not in DECAYS:
         raise ValueError(f"unknown decay {decay!r}; known: {DECAYS}")
@@ -604,7 +611,7 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[SparsityRule]
         inner_state = inner.init(params)
         check_inner_state(inner_state, "N:M transform")
         diag = {"flip_rate": jnp.zeros(()), "pruned_grad_norm": jnp.zeros(()),
-                "pruned_grad_var": jnp.zeros(())} if diagnostics else {}
+                "pruned_grad_var": jnp.zeros(())} if diagnostics_every else {}
         return state_at(inner_state, params, 0, diag)
 
     def update(grads, state, params=None, **extra):
@@ -612,21 +619,28 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[SparsityRule]
         grads, params = unbox(grads), unbox(params)
         updates, inner_state = inner.update(grads, state.inner, params, **extra)
         new = state_at(inner_state, optax.apply_updates(params, updates), state.count + 1, {})
-        if not diagnostics:
+        if not diagnostics_every:
             return updates, new
-        # this step's forward used state.masks; the next one uses new.masks
-        flat_m, treedef = jax.tree_util.tree_flatten(state.masks, is_leaf=is_unowned)
-        live = [(m, g, nxt) for m, g, nxt in zip(flat_m, treedef.flatten_up_to(grads),
-                                                 treedef.flatten_up_to(new.masks))
-                if not is_unowned(m)]
-        size = max(sum(m.size for m, _, _ in live), 1)
-        stats = [_pruned_stats(m, g, nxt) for m, g, nxt in live]
-        n_pruned = jnp.maximum(sum(s[0] for s in stats), 1)
-        total = sum(s[2] for s in stats)
-        sq = sum(s[3] for s in stats)
-        diag = {"flip_rate": sum(s[1] for s in stats) / size,
-                "pruned_grad_norm": jnp.sqrt(sq),
-                "pruned_grad_var": sq / n_pruned - (total / n_pruned) ** 2}
+
+        def measure(_):  # this step's forward used state.masks; the next one uses new.masks
+            flat_m, treedef = jax.tree_util.tree_flatten(state.masks, is_leaf=is_unowned)
+            live = [(m, g, nxt) for m, g, nxt in zip(flat_m, treedef.flatten_up_to(grads),
+                                                     treedef.flatten_up_to(new.masks))
+                    if not is_unowned(m)]
+            size = max(sum(m.size for m, _, _ in live), 1)
+            stats = [_pruned_stats(m, g, nxt) for m, g, nxt in live]
+            n_pruned = jnp.maximum(sum(s[0] for s in stats), 1)
+            total = sum(s[2] for s in stats)
+            sq = sum(s[3] for s in stats)
+            return {"flip_rate": sum(s[1] for s in stats) / size,
+                    "pruned_grad_norm": jnp.sqrt(sq),
+                    "pruned_grad_var": sq / n_pruned - (total / n_pruned) ** 2}
+
+        if diagnostics_every == 1:
+            diag = measure(None)
+        else:  # a real branch: the untaken one reads nothing (its outputs are scalars)
+            diag = jax.lax.cond(state.count % diagnostics_every == 0, measure,
+                                lambda _: state.diagnostics, None)
         return updates, new._replace(diagnostics=diag)
 
     return SparseTransformation(init, update, forward)
@@ -699,7 +713,8 @@ def sdgf(inner, rules: Sequence[SparsityRule] | None = None, *, schedule: str = 
     return nm_sparse(inner, rules, schedule=schedule, sparse_steps=sparse_steps, **kw)
 
 
-PHASE_ARGS = ("pattern", "axis", "dense_steps", "sparse_steps", "finetune_steps", "diagnostics")
+PHASE_ARGS = ("pattern", "axis", "dense_steps", "sparse_steps", "finetune_steps",
+              "diagnostics_every")
 """The ``nm_sparse`` keywords every named N:M method passes through (``**kw``)."""
 
 

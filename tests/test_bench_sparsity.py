@@ -46,3 +46,14 @@ def test_user_step_passes_the_schedule_only_to_scheduled_transforms():
     assert runner.step._cache_size() == 1  # never due: only the mask_update=False program
     w = runner.forward_params()["l0"]["kernel"]
     assert int(jnp.sum(w != 0)) == round(0.5 * w.size)
+
+
+def test_paired_ratio_and_target_verdict():
+    """Same-round ratios (a noisy round hits both alike), their quartiles, and the verdict
+    against a target; by hand: ratios 0.9, 1.0, 1.1, 1.2, 1.5."""
+    out = bench._paired([9, 20, 11, 12, 15], [10, 20, 10, 10, 10], 1.15)
+    assert out["paired_ratio"] == pytest.approx(1.1) and out["meets"] is True
+    assert out["paired_iqr"] == pytest.approx([1.0, 1.2])
+    assert bench._paired([12, 13], [10, 10], 1.15)["meets"] is False
+    assert "meets" not in bench._paired([12], [10], None)
+    assert bench.TARGETS["rigl"] == 1.03 and bench.TARGETS["sr_ste_1:32"] == 1.3

@@ -157,7 +157,7 @@ def test_compressed_export_import_matmul():
 
 def test_diagnostics_flip_rate_and_pruned_gradients():
     params = {"k": {"kernel": jax.random.normal(jax.random.PRNGKey(3), (16, 8))}}
-    tx = nm.sr_ste(optax.sgd(0.5), [(r".*kernel", "1:4")])
+    tx = nm.sr_ste(optax.sgd(0.5), [(r".*kernel", "1:4")], diagnostics_every=1)
     state = tx.init(params)
     grads = {"k": {"kernel": jax.random.normal(jax.random.PRNGKey(4), (16, 8))}}
     m0 = nm.nm_mask(params["k"]["kernel"], 1, 4)
@@ -235,21 +235,30 @@ def test_bad_input_names_the_path():
         nm.nm_sparse(optax.sgd(0.1), [(r"enc/kernel", "1:4")], schedule="stepwise")
 
 
-def test_diagnostics_off_changes_nothing_but_the_diagnostics():
+def test_diagnostics_cadence_changes_nothing_but_the_diagnostics():
+    """Every 3rd update measures (counts 0, 3, 6): between, the values of the last
+    measurement are held; 0 measures nothing; updates and masks never change."""
     params = {"kernel": jax.random.normal(jax.random.PRNGKey(0), (16, 8))}
-    on = sparsejax.sr_ste(optax.adam(1e-2), [("kernel", "2:4")])
-    off = sparsejax.sr_ste(optax.adam(1e-2), [("kernel", "2:4")], diagnostics=False)
-    s_on, s_off = on.init(params), off.init(params)
-    assert set(s_on.diagnostics) == {"flip_rate", "pruned_grad_norm", "pruned_grad_var"}
-    assert s_off.diagnostics == {}
-    p_on = p_off = params
-    for i in range(4):
-        g = jax.grad(lambda p: jnp.sum(jnp.sin(sparsejax.forward(p, s_on)["kernel"] * (i + 1))))(p_on)
-        u_on, s_on = on.update(g, s_on, p_on)
-        u_off, s_off = off.update(g, s_off, p_off)
-        np.testing.assert_array_equal(u_on["kernel"], u_off["kernel"])
-        np.testing.assert_array_equal(s_on.masks["kernel"], s_off.masks["kernel"])
-        p_on, p_off = optax.apply_updates(p_on, u_on), optax.apply_updates(p_off, u_off)
-    assert s_off.diagnostics == {} and float(s_on.diagnostics["pruned_grad_norm"]) > 0
-    with pytest.raises(TypeError, match="diagnostics must be a bool, got 'no'"):
-        sparsejax.sr_ste(optax.adam(1e-2), diagnostics="no")
+    txs = {e: sparsejax.sr_ste(optax.adam(1e-2), [("kernel", "2:4")], diagnostics_every=e)
+           for e in (1, 3, 0)}
+    states = {e: tx.init(params) for e, tx in txs.items()}
+    assert set(states[3].diagnostics) == {"flip_rate", "pruned_grad_norm", "pruned_grad_var"}
+    assert states[0].diagnostics == {}
+    p, every_step = params, []
+    for i in range(7):
+        g = jax.grad(lambda q: jnp.sum(jnp.sin(sparsejax.forward(q, states[1])["kernel"] * (i + 1))))(p)
+        out = {e: jax.jit(tx.update)(g, states[e], p) for e, tx in txs.items()}
+        for e in (3, 0):
+            np.testing.assert_array_equal(out[e][0]["kernel"], out[1][0]["kernel"])
+            np.testing.assert_array_equal(out[e][1].masks["kernel"], out[1][1].masks["kernel"])
+        states = {e: o[1] for e, o in out.items()}
+        every_step.append(states[1].diagnostics)
+        measured = every_step[i - i % 3]  # the last update whose count was a multiple of 3
+        for k, v in states[3].diagnostics.items():
+            assert float(v) == float(measured[k]), (i, k)
+        p = optax.apply_updates(p, out[1][0])
+    assert states[0].diagnostics == {}
+    assert len({float(d["pruned_grad_norm"]) for d in every_step}) == 7  # they do change
+    for bad in ("no", -1, True, 1.5):
+        with pytest.raises(TypeError, match=f"diagnostics_every must be an int >= 0 .*got {bad!r}"):
+            sparsejax.sr_ste(optax.adam(1e-2), diagnostics_every=bad)
