@@ -618,14 +618,18 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[SparsityRule]
         check_grads(grads, params, "N:M transforms")
         grads, params = unbox(grads), unbox(params)
         updates, inner_state = inner.update(grads, state.inner, params, **extra)
-        new = state_at(inner_state, optax.apply_updates(params, updates), state.count + 1, {})
+        weights = optax.apply_updates(params, updates)
+        new = state_at(inner_state, weights, state.count + 1, {})
         if not diagnostics_every:
             return updates, new
 
-        def measure(_):  # this step's forward used state.masks; the next one uses new.masks
+        def measure(weights):  # this step's forward used state.masks; the next one, new.masks
+            # recomputed here: a branch operand is materialised, and the new masks otherwise
+            # fuse into their consumers (about 9% of the project loop's step on a CPU)
+            nxt_masks = state_at(inner_state, weights, state.count + 1, {}).masks
             flat_m, treedef = jax.tree_util.tree_flatten(state.masks, is_leaf=is_unowned)
             live = [(m, g, nxt) for m, g, nxt in zip(flat_m, treedef.flatten_up_to(grads),
-                                                     treedef.flatten_up_to(new.masks))
+                                                     treedef.flatten_up_to(nxt_masks))
                     if not is_unowned(m)]
             size = max(sum(m.size for m, _, _ in live), 1)
             stats = [_pruned_stats(m, g, nxt) for m, g, nxt in live]
@@ -637,10 +641,10 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[SparsityRule]
                     "pruned_grad_var": sq / n_pruned - (total / n_pruned) ** 2}
 
         if diagnostics_every == 1:
-            diag = measure(None)
+            diag = measure(weights)
         else:  # a real branch: the untaken one reads nothing (its outputs are scalars)
             diag = jax.lax.cond(state.count % diagnostics_every == 0, measure,
-                                lambda _: state.diagnostics, None)
+                                lambda _: state.diagnostics, weights)
         return updates, new._replace(diagnostics=diag)
 
     return SparseTransformation(init, update, forward)
