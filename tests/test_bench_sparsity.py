@@ -56,4 +56,5 @@ def test_paired_ratio_and_target_verdict():
     assert out["paired_iqr"] == pytest.approx([1.0, 1.2])
     assert bench._paired([12, 13], [10, 10], 1.15)["meets"] is False
     assert "meets" not in bench._paired([12], [10], None)
-    assert bench.TARGETS["rigl"] == 1.03 and bench.TARGETS["sr_ste_1:32"] == 1.3
+    assert bench.TARGETS["trainer"]["rigl"] == bench.TARGETS["user"]["rigl"] == 1.03
+    assert bench.TARGETS["user"]["sr_ste_1:32"] == 1.3
