@@ -264,7 +264,8 @@ def mask_params(params: Params, opt_state: State) -> Params:
 
 def count_unmasked(params: Params, opt_state: State) -> jax.Array:
     """The number of parameter entries that are not 0 where a static, one-shot, gradual,
-    SET or RigL mask in ``opt_state`` is 0 (``int32``; NaN counts): 0 whenever
+    SET or RigL mask in ``opt_state`` is 0 (``float32``: exact below 2**24 and never
+    wrapping at any size; NaN counts): 0 whenever
     ``forward(..., params_masked=True)`` is right. One pass over those params and masks.
 
     Example:
@@ -277,13 +278,13 @@ def count_unmasked(params: Params, opt_state: State) -> jax.Array:
         12
     """
     params = unbox(params)
-    total = jnp.zeros((), jnp.int32)
+    total = jnp.zeros((), jnp.float32)  # exact below 2**24, never wraps
     for _, state in sparsity_states(opt_state):
         if _keeps_masked(state):
             flat_m, treedef = jax.tree_util.tree_flatten(state.masks, is_leaf=is_unowned)
             for m, w in zip(flat_m, treedef.flatten_up_to(params)):
                 if not is_unowned(m):
-                    total = total + count_true(~like_param(m, w) & (w != 0))
+                    total = total + count_true(~like_param(m, w) & (w != 0), jnp.float32)
     return total
 
 

@@ -263,7 +263,8 @@ def mask_counts(masks) -> dict[str, tuple[int, int]]:
         {'w': (1, 2)}
     """
     flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_unowned)[0]
-    return {path_str(p): (int(jnp.sum(m)), int(m.size)) for p, m in flat if not is_unowned(m)}
+    return {path_str(p): (int(np.sum(np.asarray(row_counts(m)), dtype=np.int64)), int(m.size))
+            for p, m in flat if not is_unowned(m)}
 
 
 def global_sparsity(masks) -> float:
@@ -461,8 +462,42 @@ def _sums(ops: list[jax.Array], axes) -> list[jax.Array]:
                                lambda a, b: tuple(u + v for u, v in zip(a, b)), tuple(axes)))
 
 
-def count_true(mask: jax.Array) -> jax.Array:
-    """The number of nonzero entries of a mask (``int32``), in one streaming pass.
+_INT32_MAX = 2**31 - 1  # the largest count an int32 holds
+
+
+def row_counts(mask: jax.Array) -> jax.Array:
+    """``int32[rows]``: the nonzeros of a mask per block of its flattened entries, each
+    block below ``2**31`` entries, so no count wraps at any size (the leading axis, or
+    equal splits of it). Sum them as ``float32`` (a statistic) or on the host (exact).
+
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import row_counts
+        >>> row_counts(jnp.array([[True, False, True], [True, True, True]])).tolist()
+        [2, 3]
+    """
+    m = jnp.asarray(mask) != 0
+    m = m.reshape(1, -1) if m.ndim < 2 else m.reshape(m.shape[0], -1)
+    rows = m.shape[0]
+    if m.shape[1] > _INT32_MAX:  # split the rows further into equal blocks
+        f = next((f for f in range(-(-m.shape[1] // _INT32_MAX), 1 << 20)
+                  if m.shape[1] % f == 0), None)
+        if f is None:
+            raise ValueError(f"row_counts: rows of {m.shape[1]} entries have no split into "
+                             f"blocks of fewer than 2**31; reshape the mask")
+        m, rows = m.reshape(rows * f, -1), rows * f
+    n_true, n_false = _sums([m, ~m], [1])
+    return (n_true + (m.shape[1] - n_false)) // 2  # = n_true; both outputs used
+
+
+def count_true(mask: jax.Array, dtype=jnp.int32) -> jax.Array:
+    """The number of nonzero entries of a mask as ``dtype``, in one streaming pass.
+
+    ``int32`` (the default) is exact and needs fewer than ``2**31`` entries: a larger
+    mask is an ``OverflowError``, never a wrapped count. ``dtype=jnp.float32`` counts
+    any size (exact int32 counts per block of ``row_counts``, summed as float32, exact
+    below ``2**24``): the form for statistics such as densities and rates.
 
     It reduces ``m`` and ``~m`` together and uses both sums: on XLA:CPU a reduction with
     two used outputs fuses its producer, while a lone ``jnp.sum(m)`` first writes an
@@ -474,11 +509,20 @@ def count_true(mask: jax.Array) -> jax.Array:
         >>> from sparsejax.masks import count_true
         >>> int(count_true(jnp.array([[True, False, True], [True, True, False]])))
         4
+        >>> count_true(jnp.ones((2, 3), bool), jnp.float32).dtype
+        dtype('float32')
     """
     m = jnp.asarray(mask) != 0
+    if m.size > _INT32_MAX:
+        if jnp.issubdtype(dtype, jnp.integer):  # int32 at most (jax_enable_x64 is off)
+            raise OverflowError(f"count_true: a mask of {m.size} entries can hold more "
+                                f"nonzeros than {jnp.dtype(dtype).name} holds; pass "
+                                "dtype=jnp.float32 for a statistic, or sum row_counts(mask) "
+                                "on the host for an exact count")
+        return jnp.sum(row_counts(m).astype(dtype))
     m = m.reshape(1) if m.ndim == 0 else m
     n_true, n_false = _sums([m, ~m], range(m.ndim))
-    return (n_true + (m.size - n_false)) // 2  # = n_true; both outputs used
+    return ((n_true + (m.size - n_false)) // 2).astype(dtype)  # = n_true; both outputs used
 
 
 def _counts(keys: list[jax.Array], preds) -> jax.Array:
@@ -573,6 +617,11 @@ def _threshold_select(keys: list[jax.Array], k) -> list[jax.Array]:
     # j = 1..2**b − 1 in one variadic reduction, 32 / b passes whatever the size. The
     # counts just below and above the interval are carried along, so the number of ties
     # at t comes for free; only when some of them are left out does _split_ties run.
+    n = sum(x.size for x in keys)
+    if n > _INT32_MAX:  # the counts are int32: refuse rather than wrap
+        raise OverflowError(f"threshold selection over {n} entries at once: its int32 "
+                            "counts would wrap; select per layer (or per slice of a stacked "
+                            "kernel), each below 2**31 entries")
     digit = _digit_bits()
     shapes = [x.shape for x in keys]
     keys = [x.reshape(1) if x.ndim == 0 else x for x in keys]
@@ -593,7 +642,6 @@ def _threshold_select(keys: list[jax.Array], k) -> list[jax.Array]:
     top = jnp.uint32(32 - digit)
     g = ge_counts(jnp.uint32(0), top, extra=(lambda x: x > 0,))  # + #eligible, same pass
     k = jnp.clip(k, 0, g[-1])
-    n = sum(x.size for x in keys)
     state = narrow((jnp.uint32(0), jnp.int32(n), jnp.int32(0)), g[:-1], top)
 
     def key_pass(i, state):

@@ -474,15 +474,16 @@ def nm_masks_from_params(params, rules: Sequence[SparsityRule] | None = None, ax
 
 
 def _count(x) -> jax.Array:
-    """Exact int32 sum of a float array of small non-negative integers: float32 sums along
-    the last axis (exact while a row adds up to < 2^24), then int32."""
+    """``float32`` sum of a float array of small non-negative integers: float32 sums
+    along the last axis (exact while a row adds up to < 2^24), then their float32 sum
+    (exact below 2^24 in all, never wrapping)."""
     rows = x.reshape(-1, x.shape[-1] if x.ndim else 1)
-    return jnp.sum(jnp.sum(rows, axis=-1).astype(jnp.int32))
+    return jnp.sum(jnp.sum(rows, axis=-1).astype(jnp.int32).astype(jnp.float32))
 
 
 def _pruned_stats(m, g, nxt):
     """``(#pruned, #flipped, Σ g, Σ g²)`` over one leaf's pruned entries (``~m``; flipped:
-    ``m != nxt``), the counts exact. Costs about one read of ``m`` and ``g``: the pruned
+    ``m != nxt``), all ``float32`` (the counts exact below 2^24, never wrapping). Costs about one read of ``m`` and ``g``: the pruned
     count and the gradient sums are one 3-operand reduction over ``F ≤ 16`` blocks of the
     leading axis, into which XLA fuses the ``where``/``square`` (separate reductions
     would each write their operand out first), then sums of that ``1/F``-size partial.
@@ -497,10 +498,10 @@ def _pruned_stats(m, g, nxt):
     part = jax.lax.reduce(ops, (np.float32(0),) * 3,
                           lambda a, b: tuple(x + y for x, y in zip(a, b)), (0,))
     if f * shape[-1] >= 2 ** 24:  # rows of the partial too long for exact float32 counts
-        n_pruned = jnp.sum(~m, dtype=jnp.int32)
+        n_pruned = count_true(~m, jnp.float32)
     else:
         n_pruned = _count(part[0])
-    n_flip = count_true(m != nxt)
+    n_flip = count_true(m != nxt, jnp.float32)
     return n_pruned, n_flip, jnp.sum(part[1]), jnp.sum(part[2])
 
 
@@ -631,7 +632,7 @@ def nm_sparse(inner: optax.GradientTransformation, rules: Sequence[SparsityRule]
             live = [(m, g, nxt) for m, g, nxt in zip(flat_m, treedef.flatten_up_to(grads),
                                                      treedef.flatten_up_to(nxt_masks))
                     if not is_unowned(m)]
-            size = max(sum(m.size for m, _, _ in live), 1)
+            size = float(max(sum(m.size for m, _, _ in live), 1))  # a Python int may pass 2^31
             stats = [_pruned_stats(m, g, nxt) for m, g, nxt in live]
             n_pruned = jnp.maximum(sum(s[0] for s in stats), 1)
             total = sum(s[2] for s in stats)

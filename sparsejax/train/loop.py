@@ -310,8 +310,8 @@ def sparsity_stats(opt_state) -> dict:
         stats.update(getattr(s, "diagnostics", {}))
         masks += [m for m in jax.tree.leaves(s.masks) if hasattr(m, "dtype")]
     if masks:
-        kept = sum(count_true(m).astype(jnp.float32) for m in masks)
-        stats["sparsity"] = 1.0 - kept / sum(m.size for m in masks)
+        kept = sum(count_true(m, jnp.float32) for m in masks)  # any size, no int32 total
+        stats["sparsity"] = 1.0 - kept / float(sum(m.size for m in masks))
     return stats
 
 
