@@ -64,7 +64,8 @@ import optax
 
 from sparsejax.base import (SparseTransformation, check_grads, check_inner_state, check_int,
                             check_static, forward)
-from sparsejax.masks import count_true, is_unowned, map_masked_by_path, topk_mask
+from sparsejax.masks import (count_true, is_unowned, map_masked_by_path, topk_mask,
+                             variadic_sums)
 from sparsejax.paths import (SparsityRule, match_rules, named_leaves, path_str, pattern_name,
                              rules_or_default, unbox)
 
@@ -483,16 +484,20 @@ def _count(x) -> jax.Array:
 
 def _pruned_stats(m, g, nxt):
     """``(#pruned, #flipped, Σ g, Σ g²)`` over one leaf's pruned entries (``~m``; flipped:
-    ``m != nxt``), all ``float32`` (the counts exact below 2^24, never wrapping). Costs about one read of ``m`` and ``g``: the pruned
-    count and the gradient sums are one 3-operand reduction over ``F ≤ 16`` blocks of the
-    leading axis, into which XLA fuses the ``where``/``square`` (separate reductions
+    ``m != nxt``), all ``float32`` (the counts exact below 2^24, never wrapping). With
+    more than one device these are four all-reducing sums. On one CPU device it costs
+    about one read of ``m`` and ``g``: the pruned count and the gradient sums are one
+    3-operand reduction over ``F ≤ 16`` blocks of the leading axis, into which XLA fuses the ``where``/``square`` (separate reductions
     would each write their operand out first), then sums of that ``1/F``-size partial.
     The flips are counted apart (``count_true``: an integer reduction, which XLA:CPU
     vectorises, and no float copy of the flips), so that the float partial sums do not
     carry the mask computation that XLA fuses into the count."""
+    gp = jnp.where(m, 0.0, g.astype(jnp.float32))
+    n_flip = count_true(m != nxt, jnp.float32)
+    if not variadic_sums():  # all-reducing sums: no all-gather when sharded
+        return count_true(~m, jnp.float32), n_flip, jnp.sum(gp), jnp.sum(gp * gp)
     shape = m.shape if m.ndim else (1,)
     f = next(f for f in (16, 8, 4, 2, 1) if shape[0] % f == 0)
-    gp = jnp.where(m, 0.0, g.astype(jnp.float32))
     ops = tuple(x.reshape(f, shape[0] // f, *shape[1:]) for x in
                 ((~m).astype(jnp.float32), gp, gp * gp))
     part = jax.lax.reduce(ops, (np.float32(0),) * 3,
@@ -501,7 +506,6 @@ def _pruned_stats(m, g, nxt):
         n_pruned = count_true(~m, jnp.float32)
     else:
         n_pruned = _count(part[0])
-    n_flip = count_true(m != nxt, jnp.float32)
     return n_pruned, n_flip, jnp.sum(part[1]), jnp.sum(part[2])
 
 
