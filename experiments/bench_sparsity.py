@@ -87,7 +87,7 @@ flags.DEFINE_integer("batch_size", 256, "train-step batch size")
 flags.DEFINE_float("sparsity", 0.9, "sparsity of the sparse variants and the mask update")
 flags.DEFINE_integer("steps", 4, "steps per timed window (non-update variants)")
 flags.DEFINE_integer("update_steps", 2, "steps per timed window of 'rigl_update'")
-flags.DEFINE_integer("rounds", 24, "interleaved rounds of windows (medians are reported)")
+flags.DEFINE_integer("rounds", 48, "interleaved rounds of windows (medians are reported)")
 flags.DEFINE_list("sizes_m", ["1", "4", "16", "64", "100"],
                   "layer sizes for the mask-update part, in millions of parameters")
 flags.DEFINE_list("methods", ["threshold", "sort"], "topk_mask selection methods to time")
@@ -131,6 +131,7 @@ TARGETS = {"trainer": _WEIGHT_TARGETS,
 """Step-time targets over dense (``paired_ratio``) per loop, the step-cost issue's: the
 weight transforms' non-update steps in both loops, N:M on its benchmark (the user
 loop)."""
+UPDATE_TARGET_S = 2.0  # the same issue's: one mask update at 10**8 parameters below this
 NEVER_UPDATES = ("static", "one_shot", "gradual", "set", "rigl", "rigl_cond",
                  "jaxpruner_static", "jaxpruner_magnitude", "jaxpruner_set", "jaxpruner_rigl")
 
@@ -686,6 +687,13 @@ def main(argv):
             print("* one call (the warm-up) used the point budget and is the only sample")
         out["mask_update"] = rows
         out["all_masks_identical_and_exact"] = ok
+        at_100m = [r for r in rows if r["params"] == 10**8]
+        if at_100m:  # the step-cost issue's target: one update at 100M below 2 s
+            s = at_100m[0]["methods"][FLAGS.methods[0]]["median_s"]
+            out["mask_update_target"] = {"params": 10**8, "target_s": UPDATE_TARGET_S,
+                                         "median_s": s, "meets": s < UPDATE_TARGET_S}
+            print(f"  100M update {s:.2f} s: {'below' if s < UPDATE_TARGET_S else 'NOT below'}"
+                  f" the {UPDATE_TARGET_S:.0f} s target", flush=True)
 
     out["total_s"] = time.perf_counter() - t_start
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB
