@@ -1,6 +1,6 @@
 """What weight sparsity costs: masked vs dense train steps, and mask-update time vs size.
 
-    python -m experiments.bench_sparsity                      # default run (~4 min, 2-core CPU)
+    python -m experiments.bench_sparsity                      # default run (~10 min, 2-core CPU)
     python -m experiments.bench_sparsity --quick              # smoke run (< 2 min on CPU)
     python -m experiments.bench_sparsity --out=experiments/results/bench_sparsity_cpu.json
     python -m experiments.bench_sparsity --skip_update --loops=user --variants=dense,rigl
