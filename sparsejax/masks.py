@@ -462,6 +462,7 @@ def variadic_sums() -> bool:
 
     Example:
 
+        >>> import jax
         >>> from sparsejax.masks import variadic_sums
         >>> variadic_sums() == (jax.default_backend() == 'cpu' and jax.device_count() == 1)
         True
