@@ -7,6 +7,13 @@
 
 N:M applies to the attention projections and FFN kernels of every block.
 
+At scale (docs/architecture.md, "Models at scale"): ``model.dtype='bfloat16'`` computes
+in bfloat16 with float32 parameters (``model.param_dtype``), ``model.scan_layers=True``
+stacks the blocks under ``nnx.scan`` with ``model.remat`` as each block's remat policy,
+``model.attention='gqa'`` (``attention_options={'num_kv_heads': ...}``) is head-aligned
+grouped-query attention, and ``loss_chunk=512`` computes the logits 512 positions at a
+time (0: all at once).
+
 For byte-level LM on any text file:
     --config.data.name=text --config.data.path=README.md
 """
@@ -22,11 +29,13 @@ def get_config(arg=None):
         arg, model_name="lm",
         model=dict(d_model=128, num_heads=4, num_layers=2, d_ff=512, activation="gelu",
                    attention="dense", attention_options=placeholder(object), ffn="dense",
-                   ffn_options=placeholder(object)),
+                   ffn_options=placeholder(object), dtype="float32", param_dtype="float32",
+                   scan_layers=False, remat="none"),
         method=dict(rules=((r"head/kernel", "dense"), (r"blocks/.*kernel", "sparse"))),
         data=ml_collections.ConfigDict(dict(name="associative_recall", num_pairs=8,
                                             num_keys=16, num_values=16, train_size=20000,
                                             eval_size=1000, seed=0, path="", seq_len=128)))
     c.num_steps = 3000
+    c.loss_chunk = 0  # train.loop.model_loss: > 0 computes the logits in chunks
     c.optimizer.learning_rate = 1e-3
     return common.finalize(c, arg)

@@ -72,7 +72,7 @@ def test_ffn_is_replaceable_by_passing_the_class():
     x = jnp.ones((1, 16))
     np.testing.assert_allclose(swapped.blocks[0].mlp(x), 2 * base.blocks[0].mlp(x), rtol=1e-6)
     # names come from fixed tables, and options are the module's own keywords
-    assert set(ATTENTIONS) == {"dense", "spark", "sparse"}
+    assert set(ATTENTIONS) == {"dense", "spark", "sparse", "gqa"}
     assert set(FFNS) == {"dense", "topk", "stopk", "spark", "block"}
     spark = DecoderLM(ffn="spark", ffn_options={"density": 0.2}, rngs=nnx.Rngs(0), **kw)
     assert spark.blocks[0].mlp.density == 0.2

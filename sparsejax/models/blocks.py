@@ -22,12 +22,12 @@ import functools
 import inspect
 from typing import Callable, Mapping
 
-from sparsejax.nn.layers import FFN, Attention
+from sparsejax.nn.layers import FFN, Attention, GroupedQueryAttention
 from sparsejax.nn.sparse_attention import SparseAttention
 from sparsejax.nn.spark import BlockSparseFFN, SparkAttention, SparkFFN, StatisticalTopKFFN, TopKFFN
 
 ATTENTIONS: dict[str, type] = {"dense": Attention, "spark": SparkAttention,
-                               "sparse": SparseAttention}
+                               "sparse": SparseAttention, "gqa": GroupedQueryAttention}
 FFNS: dict[str, type] = {"dense": FFN, "topk": TopKFFN, "stopk": StatisticalTopKFFN,
                          "spark": SparkFFN, "block": BlockSparseFFN}
 
@@ -41,15 +41,17 @@ def init_parameters(cls) -> dict[str, inspect.Parameter]:
         >>> from sparsejax.models.blocks import init_parameters
         >>> from sparsejax.nn.layers import FFN
         >>> list(init_parameters(FFN))
-        ['d_model', 'd_ff', 'activation', 'rngs']
+        ['d_model', 'd_ff', 'activation', 'rngs', 'dtype', 'param_dtype']
     """
     params = dict(inspect.signature(cls.__init__).parameters)
     params.pop("self", None)
     return params
 
 
-# Arguments the block supplies itself; the rest of a module's keywords are its options.
-_SUPPLIED = {"d_model", "num_heads", "d_ff", "activation", "causal", "rngs"}
+# Arguments the block supplies itself (the dtypes: the model's); the rest of a module's
+# keywords are its options.
+_SUPPLIED = {"d_model", "num_heads", "d_ff", "activation", "causal", "rngs", "dtype",
+             "param_dtype"}
 
 
 def block_factory(table: Mapping[str, type], kind: str, choice: str | Callable,

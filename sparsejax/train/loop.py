@@ -78,6 +78,83 @@ def weighted_cross_entropy(logits: jax.Array, batch: dict) -> tuple[jax.Array, d
     return stats["loss_sum"] / jnp.maximum(total, 1.0), stats
 
 
+def chunked_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Array],
+                          batch: dict, chunk: int) -> tuple[jax.Array, dict]:
+    """``weighted_cross_entropy(head(hidden), batch)`` without ever holding the full
+    ``[B, T, V]`` logits: ``hidden`` ``[B, T, D]`` goes through ``head`` ``chunk``
+    positions at a time (``lax.scan``), each chunk's logits in the head's dtype and upcast
+    to float32 only for that chunk's log-softmax, under ``jax.checkpoint`` so the backward
+    recomputes them. Same loss, statistics and gradients up to summation order. A
+    sequence that ``chunk`` does not divide is padded with zero-weight positions.
+
+    Example:
+
+        >>> import jax, jax.numpy as jnp
+        >>> from sparsejax.train.loop import chunked_cross_entropy, weighted_cross_entropy
+        >>> h = jax.random.normal(jax.random.key(0), (2, 6, 4))
+        >>> kernel = jax.random.normal(jax.random.key(1), (4, 10))
+        >>> batch = {'targets': jnp.arange(12).reshape(2, 6) % 10, 'weights': jnp.ones((2, 6))}
+        >>> loss, stats = chunked_cross_entropy(h, lambda x: x @ kernel, batch, chunk=4)
+        >>> ref, ref_stats = weighted_cross_entropy(h @ kernel, batch)
+        >>> bool(jnp.allclose(loss, ref)), float(stats['weight'])
+        (True, 12.0)
+    """
+    check_int(chunk=chunk)
+    b, t = hidden.shape[:2]
+    chunk = min(chunk, t)
+    n = -(-t // chunk)
+    y, w = batch["targets"], batch["weights"].astype(jnp.float32)
+    if n * chunk != t:  # zero-weight padding: the statistics are unchanged
+        pad = n * chunk - t
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        y, w = jnp.pad(y, ((0, 0), (0, pad))), jnp.pad(w, ((0, 0), (0, pad)))
+
+    def chunks(a):  # [B, n*c, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def sums(h, y, w):
+        logits = head(h)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+        correct = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
+        return jnp.sum(nll * w), jnp.sum(correct * w)
+
+    def body(carry, xs):
+        loss_sum, correct = sums(*xs)
+        return (carry[0] + loss_sum, carry[1] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss_sum, correct), _ = jax.lax.scan(body, (zero, zero), (chunks(hidden), chunks(y),
+                                                               chunks(w)))
+    total = jnp.sum(w)
+    stats = {"loss_sum": loss_sum, "correct": correct, "weight": total}
+    return loss_sum / jnp.maximum(total, 1.0), stats
+
+
+def model_loss(model, batch: dict, loss_chunk: int = 0) -> tuple[jax.Array, dict]:
+    """The loop's loss of ``model`` on ``batch``: ``weighted_cross_entropy`` of its output,
+    or with ``loss_chunk > 0`` (``config.loss_chunk``; a model with ``hidden`` and
+    ``head``, the decoder LM) ``chunked_cross_entropy`` of its hidden states.
+
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from sparsejax.models import DecoderLM
+        >>> from sparsejax.train.loop import model_loss
+        >>> lm = DecoderLM(vocab_size=16, max_len=8, rngs=nnx.Rngs(0))
+        >>> batch = {'inputs': jnp.zeros((2, 8), jnp.int32),
+        ...          'targets': jnp.ones((2, 8), jnp.int32), 'weights': jnp.ones((2, 8))}
+        >>> bool(jnp.allclose(model_loss(lm, batch, 3)[0], model_loss(lm, batch)[0]))
+        True
+    """
+    if loss_chunk:
+        return chunked_cross_entropy(model.hidden(batch["inputs"]), model.head, batch,
+                                     loss_chunk)
+    return weighted_cross_entropy(model(batch["inputs"]), batch)
+
+
 class Trainer(NamedTuple):
     """The compiled pieces of a run, built by ``make_trainer`` before any file is touched.
 
@@ -174,7 +251,8 @@ def _check_config(config) -> None:
     check_int(**{f"config.{k}": config.get(k, 1)
                  for k in ("num_steps", "batch_size", "max_checkpoints")})
     check_int(0, **{f"config.{k}": config.get(k, 0) for k in (
-        "log_every", "eval_every", "checkpoint_every", "max_consecutive_skips")})
+        "log_every", "eval_every", "checkpoint_every", "max_consecutive_skips",
+        "loss_chunk")})
     if config.get("on_nonfinite", "stop") not in ON_NONFINITE:
         raise ValueError(f"config.on_nonfinite must be one of {ON_NONFINITE}, got "
                          f"{config.on_nonfinite!r}")
@@ -218,6 +296,11 @@ def make_trainer(config, tx=None) -> Trainer:
     make_model, tx = built.make_model, built.tx
 
     abstract_model = nnx.eval_shape(lambda: make_model(jax.random.PRNGKey(0)))
+    loss_chunk = config.get("loss_chunk", 0)  # > 0: the loss computes the logits in chunks
+    if loss_chunk and not (hasattr(abstract_model, "hidden") and hasattr(abstract_model, "head")):
+        raise ValueError(f"config.loss_chunk={loss_chunk} needs a model with hidden() and "
+                         f"head (the 'lm' model), not {type(abstract_model).__name__}; "
+                         "set config.loss_chunk=0")
     graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
     abstract_model.eval()
     eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
@@ -249,7 +332,7 @@ def make_trainer(config, tx=None) -> Trainer:
         def loss_fn(params):
             model = nnx.merge(graphdef, forward(params, state.opt_state, params_masked=True),
                               state.rest)
-            loss, stats = weighted_cross_entropy(model(batch["inputs"]), batch)
+            loss, stats = model_loss(model, batch, loss_chunk)
             _, _, rest = nnx.split(model, nnx.Param, ...)
             return loss, (stats, nnx.to_pure_dict(rest))
 
@@ -272,7 +355,7 @@ def make_trainer(config, tx=None) -> Trainer:
     def eval_step(state: TrainState, batch: dict):
         model = nnx.merge(eval_graphdef,
                           forward(state.params, state.opt_state, params_masked=True), state.rest)
-        return weighted_cross_entropy(model(batch["inputs"]), batch)[1]
+        return model_loss(model, batch, loss_chunk)[1]
 
     return Trainer(
         mesh=mesh, dataset=dataset, tx=tx, graphdef=graphdef,
