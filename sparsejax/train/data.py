@@ -8,9 +8,14 @@ resumed run reads exactly the batches it would have read, and each process takes
 own contiguous slice of the global batch (``process_index``).
 
 Embedded defaults: ``digits`` (scikit-learn's 8×8 handwritten digits, shipped with the
-package), ``synthetic_images`` (random, for benchmarks), ``associative_recall`` and ``copy`` (synthetic sequence tasks), and ``text``
+package), ``synthetic_images`` and ``synthetic_tokens`` (random, for benchmarks), ``associative_recall`` and ``copy`` (synthetic sequence tasks), and ``text``
 (bytes of any plain text file). Real datasets: ``tfds`` (``tfds.data_source``, so no
-TensorFlow is needed; prepare with ``--file_format=array_record``).
+TensorFlow is needed; prepare with ``--file_format=array_record``) and ``tokens`` (a corpus
+through a BPE tokenizer into ArrayRecord shards, ``train.tokens``).
+
+A source stored in shards may give each process only its own (``HostSharded``): then
+each process draws its share of every global batch from its own records, by the same
+``(seed, step)`` rule, and ``eval_batches`` walks its own records.
 
 Example:
 
@@ -28,6 +33,8 @@ from __future__ import annotations
 from typing import Iterator, NamedTuple, Protocol
 
 import numpy as np
+
+from sparsejax.base import check_int
 
 Batch = dict[str, np.ndarray]
 
@@ -59,6 +66,43 @@ class Source(Protocol):
     def __len__(self) -> int: ...
 
     def get(self, indices: np.ndarray) -> Batch: ...
+
+
+class HostSharded(Protocol):
+    """A ``Source`` whose records are split between processes (``tokens.TokenSource``).
+
+    ``host_view(p, P)`` is the ``Source`` of process ``p``'s own records, and
+    ``host_lengths(P)`` every process's record count. ``BatchIterator`` and
+    ``eval_batches`` read only the view of their process, so a process never opens
+    another's shards; with one process the view is the whole source, in order, and
+    batches equal those of any other source of the same records.
+
+    Example:
+
+        >>> import numpy as np
+        >>> from sparsejax.train.data import ArraySource, BatchIterator
+        >>> class Halves(ArraySource):   # process p holds the p-th half
+        ...     def host_view(self, p, count):
+        ...         n = len(self) // count
+        ...         return ArraySource(self.get(np.arange(p * n, (p + 1) * n)))
+        ...     def host_lengths(self, count):
+        ...         return [len(self) // count] * count
+        >>> src = Halves({'inputs': np.arange(8), 'targets': np.arange(8), 'weights': np.ones(8)})
+        >>> [next(BatchIterator(src, 4, seed=0, process_index=p, process_count=2))['inputs'].tolist()
+        ...  for p in range(2)]
+        [[0, 2], [4, 6]]
+    """
+
+    def host_view(self, process_index: int, process_count: int) -> Source: ...
+
+    def host_lengths(self, process_count: int) -> list[int]: ...
+
+
+def _host_view(source: Source, process_index: int, process_count: int) -> Source | None:
+    """The process's own view of a ``HostSharded`` source, None for any other source."""
+    if not hasattr(source, "host_view"):
+        return None
+    return source.host_view(process_index, process_count)
 
 
 class ArraySource:
@@ -169,21 +213,32 @@ class BatchIterator:
         self.source, self.global_batch, self.seed = source, global_batch, seed
         self.position = position
         self._slice = local_slice(global_batch, process_index, process_count)
-        batch_indices(len(source), global_batch, seed, 0)  # validates the sizes now
+        self._local = _host_view(source, process_index, process_count)
+        if self._local is None:
+            batch_indices(len(source), global_batch, seed, 0)  # validates the sizes now
+        elif len(self._local) < global_batch // process_count:
+            raise ValueError(f"the per-process batch {global_batch // process_count} exceeds "
+                             f"the {len(self._local)} examples of process {process_index}'s "
+                             "shards")
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
-        idx = batch_indices(len(self.source), self.global_batch, self.seed, self.position)
-        self.position += 1
+        step, self.position = self.position, self.position + 1
+        if self._local is not None:  # this process's own records, its share of the batch
+            per = self._slice.stop - self._slice.start
+            return self._local.get(np.sort(batch_indices(len(self._local), per, self.seed, step)))
+        idx = batch_indices(len(self.source), self.global_batch, self.seed, step)
         return self.source.get(np.sort(idx[self._slice]))
 
 
 def eval_batches(source: Source, global_batch: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[Batch]:
     """Every eval example exactly once, in order; the last batch is padded with
-    weight-0 copies of example 0 so all batches have the same shape.
+    weight-0 copies of example 0 so all batches have the same shape. A ``HostSharded``
+    source gives each process its own records in order, padded to as many batches as
+    the process with the most records needs.
 
     Example:
 
@@ -197,8 +252,15 @@ def eval_batches(source: Source, global_batch: int, process_index: int = 0,
     """
     n = len(source)
     sl = local_slice(global_batch, process_index, process_count)
-    for start in range(0, n, global_batch):
-        idx = np.arange(start, start + global_batch)[sl]
+    local = _host_view(source, process_index, process_count)
+    if local is None:
+        spans = (np.arange(s, s + global_batch)[sl] for s in range(0, n, global_batch))
+    else:  # this process's own records; every process yields as many batches
+        per = sl.stop - sl.start
+        spans = (np.arange(s, s + per)
+                 for s in range(0, max(source.host_lengths(process_count)), per))
+        source, n = local, len(local)
+    for idx in spans:
         valid = idx < n
         batch = source.get(np.where(valid, idx, 0))
         w = batch["weights"]
@@ -271,6 +333,32 @@ def _lm_source(seqs: np.ndarray, weights: np.ndarray) -> ArraySource:
     return ArraySource({"inputs": seqs[:, :-1].astype(np.int32),
                         "targets": seqs[:, 1:].astype(np.int32),
                         "weights": weights.astype(np.float32)})
+
+
+def synthetic_tokens(cfg) -> Dataset:
+    """Random token sequences, for benchmarks and compile-only runs at any vocabulary and
+    length (``vocab_size``, ``seq_len``; no signal to learn).
+
+    Example:
+
+        >>> from ml_collections import ConfigDict
+        >>> from sparsejax.train.data import synthetic_tokens
+        >>> ds = synthetic_tokens(ConfigDict({'vocab_size': 32000, 'seq_len': 1024,
+        ...                                   'train_size': 64, 'eval_size': 8}))
+        >>> ds.info, ds.train.get([0])['inputs'].shape, int(ds.train.get([0])['inputs'].max()) < 32000
+        (DataInfo(task='lm', input_shape=(1024,), num_classes=32000), (1, 1024), True)
+    """
+    vocab, seq_len = cfg.get("vocab_size", 256), cfg.get("seq_len", 128)
+    check_int(**{"data.vocab_size": vocab, "data.seq_len": seq_len})
+
+    def make(n, seed):
+        seqs = np.random.default_rng(seed).integers(0, vocab, (n, seq_len + 1), np.int32)
+        return _lm_source(seqs, np.ones((n, seq_len), np.float32))
+
+    seed = cfg.get("seed", 0)
+    return Dataset(make(cfg.get("train_size", 256), [seed, 0]),
+                   make(cfg.get("eval_size", 64), [seed, 1]),
+                   DataInfo("lm", (seq_len,), vocab))
 
 
 def associative_recall(cfg) -> Dataset:
@@ -472,9 +560,33 @@ def tfds_dataset(cfg) -> Dataset:
     return Dataset(splits["train_split"], splits["eval_split"], info)
 
 
+def tokens(cfg) -> Dataset:
+    """A corpus through a byte-level BPE tokenizer, read from ArrayRecord shards, each
+    process reading its own (``train.tokens.tokens_dataset``, which lists the keys).
+
+    Example:
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from ml_collections import ConfigDict
+        >>> from sparsejax.train.data import tokens
+        >>> d = Path(tempfile.mkdtemp())
+        >>> for i in range(3):
+        ...     _ = (d / f'{i}.txt').write_text(f'a{i} = b + {i}\\n' * 50)
+        >>> ds = tokens(ConfigDict({'corpus': str(d / '*.txt'), 'vocab_size': 270,
+        ...                         'seq_len': 8, 'num_shards': 2, 'data_dir': str(d / 'data')}))
+        >>> ds.info, len(ds.eval) > 0
+        (DataInfo(task='lm', input_shape=(8,), num_classes=270), True)
+    """
+    from sparsejax.train.tokens import tokens_dataset
+
+    return tokens_dataset(cfg)
+
+
 DATASETS = {"digits": digits, "synthetic_images": synthetic_images,
+            "synthetic_tokens": synthetic_tokens,
             "associative_recall": associative_recall, "copy": copy_task, "text": text_file,
-            "tfds": tfds_dataset}
+            "tfds": tfds_dataset, "tokens": tokens}
 
 
 def get_dataset(cfg) -> Dataset:
