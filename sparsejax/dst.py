@@ -62,10 +62,10 @@ from sparsejax.base import (SparseTransformation, check_grads, check_inner_state
                             check_static, forward)
 from sparsejax.distributions import Distribution, as_distribution, layer_counts
 from sparsejax.masks import (SELECTION_METHODS, apply_masks, count_true, global_magnitude_masks,
-                             is_unowned, like_param, magnitude_score, map_masked,
-                             masked_with_dense_grad, random_score, resolve_rules, tie_noise,
-                             topk_mask)
-from sparsejax.paths import SparsityRule, named_leaves, path_str, unbox
+                             is_unowned, layer_topk_masks, like_param, magnitude_score,
+                             map_masked, masked_with_dense_grad, random_score, resolve_rules,
+                             tie_noise)
+from sparsejax.paths import SparsityRule, match_rules, named_leaves, path_str, unbox
 from sparsejax.schedules import drop_fraction_schedule, gradual_sparsity, is_update_step
 
 
@@ -160,9 +160,36 @@ def mask_param_state(inner_state, keep, params):
                         if params_like(x) else x, inner_state, is_leaf=params_like)
 
 
+def stacked_paths(params, stacked: str | Sequence[str] = ()) -> frozenset[str]:
+    """The parameter paths whose leading axis stacks layers (``nnx.scan`` over layers):
+    every regex in ``stacked`` must fully match at least one path.
+
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.dst import stacked_paths
+        >>> params = {'blocks': {'w': jnp.ones((4, 8, 8))}, 'head': {'w': jnp.ones((8, 2))}}
+        >>> sorted(stacked_paths(params, [r'blocks/.*']))
+        ['blocks/w']
+    """
+    if isinstance(stacked, str):
+        stacked = (stacked,)
+    if not stacked:
+        return frozenset()
+    return frozenset(path for path, _, pattern, _ in
+                     match_rules(params, [(s, True) for s in stacked], "stacked-layer")
+                     if pattern is not None)
+
+
 def sparse_layer_counts(params, sparsity: float, distribution: Distribution,
-                        rules: Sequence[SparsityRule] | None = None) -> dict[str, int]:
+                        rules: Sequence[SparsityRule] | None = None,
+                        stacked: str | Sequence[str] = ()) -> dict[str, Any]:
     """Exact nonzero count of every sparse leaf, from path rules and a distribution.
+
+    A ``stacked`` leaf (regexes, see ``stacked_paths``) is a stack of layers along its
+    leading axis: each slice is its own layer for the distribution (ERK sees the slice's
+    shape), and its count is an ``int`` array with one entry per slice. Slices enter the
+    solve layer by layer, as an unscanned model's layers do, so both give equal counts.
 
     Example:
 
@@ -173,20 +200,50 @@ def sparse_layer_counts(params, sparsity: float, distribution: Distribution,
         ...           'l2': {'kernel': jnp.ones((8, 4))}}
         >>> sparse_layer_counts(params, 0.9, sparsejax.erk())   # 10% of 160 weights, by ERK
         {'l1/kernel': 11, 'l2/kernel': 5}
+        >>> stack = {'blocks': {'kernel': jnp.ones((2, 16, 8))}}   # two layers, stacked
+        >>> sparse_layer_counts(stack, 0.9, sparsejax.erk(), stacked='blocks/.*')
+        {'blocks/kernel': array([13, 13])}
     """
     _check_sparsity(sparsity)
     specs = resolve_rules(params, rules)
-    shapes = {p: tuple(x.shape) for p, x in named_leaves(params) if specs[p] != "dense"}
-    custom = {p: s for p, s in specs.items() if isinstance(s, float)}
-    return layer_counts(distribution, shapes, sparsity, custom)
+    stacks = stacked_paths(params, stacked)
+    leaves = [(p, x) for p, x in named_leaves(params) if specs[p] != "dense"]
+    for p, x in leaves:
+        _check(p not in stacks or np.ndim(x) >= 2,
+               f"stacked parameter {p!r} of shape {tuple(np.shape(x))} has no layer axis and "
+               "kernel dims: a stacked sparse leaf needs at least 2 dimensions")
+    shapes, custom, names = {}, {}, {}
+    grouped = [(p, x) for p, x in leaves if p in stacks]
+    depth = max([np.shape(x)[0] for _, x in grouped], default=0)
+    for p, x in leaves:
+        if p in stacks:
+            if p != grouped[0][0]:
+                continue
+            for layer in range(depth):  # slices layer-major, like an unscanned model
+                for q, y in grouped:
+                    if layer < np.shape(y)[0]:
+                        shapes[f"{q}[{layer}]"] = tuple(np.shape(y)[1:])
+                        names.setdefault(q, []).append(f"{q}[{layer}]")
+        else:
+            shapes[p] = tuple(np.shape(x))
+            names[p] = [p]
+    for p, _ in leaves:
+        if isinstance(specs[p], float):
+            custom.update({n: specs[p] for n in names[p]})
+    counts = layer_counts(distribution, shapes, sparsity, custom)
+    return {p: np.array([counts[n] for n in names[p]]) if p in stacks else counts[p]
+            for p, _ in leaves}
 
 
 def _flat_masks(masks):
     return jax.tree_util.tree_flatten(masks, is_leaf=is_unowned)
 
 
-def init_masks(params, counts: dict[str, int], how: str, key, selection: str = "threshold"):
+def init_masks(params, counts: dict[str, Any], how: str, key, selection: str = "threshold"):
     """Masks with exactly ``counts[path]`` nonzeros: 'random' or 'magnitude' (largest |w|).
+    A count array (one per layer, ``sparse_layer_counts`` of a stacked leaf) selects each
+    slice of that leaf on its own. All layers are selected together
+    (``masks.layer_topk_masks``).
 
     Example:
 
@@ -201,16 +258,23 @@ def init_masks(params, counts: dict[str, int], how: str, key, selection: str = "
     _check(how in ("random", "magnitude"), f"unknown mask_init {how!r}; known: "
                                             "['magnitude', 'random']")
     flat, treedef = jax.tree_util.tree_flatten_with_path(unbox(params), is_leaf=is_unowned)
-    out = []
+    scores, ks, stacks = [], [], set()
     for i, (path, w) in enumerate(flat):
         name = path_str(path)
         if is_unowned(w) or name not in counts:
-            out.append(w if is_unowned(w) else None)  # keep optax.MaskedNode
+            scores.append(w if is_unowned(w) else None)  # keep optax.MaskedNode
+            ks.append(None)
             continue
-        score = (random_score(jax.random.fold_in(key, i), w.shape) if how == "random"
-                 else magnitude_score(w))
-        out.append(like_param(topk_mask(score, counts[name], method=selection), w))
-    return jax.tree_util.tree_unflatten(treedef, out)
+        scores.append(random_score(jax.random.fold_in(key, i), w.shape) if how == "random"
+                      else magnitude_score(w))
+        ks.append(counts[name])
+        if np.ndim(counts[name]):
+            stacks.add(name)
+    masks = layer_topk_masks(jax.tree_util.tree_unflatten(treedef, scores),
+                             jax.tree_util.tree_unflatten(treedef, ks), method=selection,
+                             stacked=stacks)
+    return jax.tree.map(lambda m, w: m if is_unowned(m) else like_param(m, w), masks,
+                        unbox(params), is_leaf=is_unowned)
 
 
 def _poison_if_due(updates, due):
@@ -299,8 +363,8 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
 
 def static_sparse(inner: optax.GradientTransformation, sparsity: float, *,
                   distribution: Distribution | str | None = None, rules: Sequence[SparsityRule] | None = None,
-                  mask_init: str = "random", seed: int = 0,
-                  selection: str = "threshold") -> SparseTransformation:
+                  mask_init: str = "random", seed: int = 0, selection: str = "threshold",
+                  stacked: str | Sequence[str] = ()) -> SparseTransformation:
     """Fixed masks for all of training: random (sparse-from-scratch, Liu et al. 2022's
     random pruning with ER/ERK ratios) or by magnitude at init.
 
@@ -316,13 +380,14 @@ def static_sparse(inner: optax.GradientTransformation, sparsity: float, *,
     _check_sparsity(sparsity)
     dist = as_distribution(distribution)
     return _sparse_transform(
-        inner, init_counts=lambda p: sparse_layer_counts(p, sparsity, dist, rules),
+        inner, init_counts=lambda p: sparse_layer_counts(p, sparsity, dist, rules, stacked),
         mask_init=mask_init, seed=seed, selection=selection)
 
 
 def one_shot_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
                        distribution: Distribution | str | None = None, rules: Sequence[SparsityRule] | None = None,
-                       scope: str = "layer", selection: str = "threshold") -> SparseTransformation:
+                       scope: str = "layer", selection: str = "threshold",
+                       stacked: str | Sequence[str] = ()) -> SparseTransformation:
     """Prune the smallest ``|w|`` of the params given to ``init`` once, then train the
     rest with fixed masks. ``scope='layer'`` follows ``distribution``; ``'global'``
     ranks all sparse layers together (one threshold, exact total count).
@@ -343,7 +408,7 @@ def one_shot_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
     dist = as_distribution(distribution)
     if scope == "layer":
         return _sparse_transform(
-            inner, init_counts=lambda p: sparse_layer_counts(p, sparsity, dist, rules),
+            inner, init_counts=lambda p: sparse_layer_counts(p, sparsity, dist, rules, stacked),
             mask_init="magnitude", seed=0, selection=selection)
     tx = _sparse_transform(inner, init_counts=lambda p: {}, mask_init="magnitude", seed=0,
                            selection=selection)
@@ -359,7 +424,8 @@ def one_shot_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
 def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
                       begin_step: int, end_step: int, update_every: int = 100,
                       initial_sparsity: float = 0.0, distribution: Distribution | str | None = None,
-                      rules: Sequence[SparsityRule] | None = None, selection: str = "threshold") -> SparseTransformation:
+                      rules: Sequence[SparsityRule] | None = None, selection: str = "threshold",
+                      stacked: str | Sequence[str] = ()) -> SparseTransformation:
     """Gradual magnitude pruning (Zhu & Gupta 2017): at ``t = t_0, t_0 + ΔT, … ≤ T`` and at
     ``T`` itself, prune the smallest active ``|w|`` of each layer to
     ``s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(T − t_0))³`` (per layer, with ``s_f`` that
@@ -386,28 +452,34 @@ def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
     ramp = gradual_sparsity(1.0, begin_step, end_step, 0.0)  # 1 − (1 − frac)³
 
     def init_counts(params):  # s_i everywhere, never below a layer's final count
-        final = sparse_layer_counts(params, sparsity, dist, rules)
-        sizes = dict((p, x.size) for p, x in named_leaves(params))
-        return {p: max(round((1.0 - initial_sparsity) * sizes[p]), final[p]) for p in final}
+        final = sparse_layer_counts(params, sparsity, dist, rules, stacked)
+        sizes = dict((p, x.size // (x.shape[0] if np.ndim(final.get(p, 0)) else 1))
+                     for p, x in named_leaves(params))  # per layer
+        return {p: np.maximum(round((1.0 - initial_sparsity) * sizes[p]), final[p])
+                for p in final}
 
     def mask_update(t, weights, grads, masks, key):
-        final = sparse_layer_counts(weights, sparsity, dist, rules)
+        final = sparse_layer_counts(weights, sparsity, dist, rules, stacked)
         flat, treedef = _flat_masks(masks)
         w_by = dict(named_leaves(weights))
         paths = [path_str(p) for p, _ in
                  jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_unowned)[0]]
-        out = []
+        scores, keeps = [], []
         for path, m in zip(paths, flat):
             if is_unowned(m):
-                out.append(m)
+                scores.append(m)
+                keeps.append(None)
                 continue
-            size = m.size
+            size = m.size // (m.shape[0] if np.ndim(final[path]) else 1)  # per layer
             s_final = 1.0 - final[path] / size
             s_t = initial_sparsity + (s_final - initial_sparsity) * ramp(t)
             keep = jnp.round((1.0 - s_t) * size).astype(jnp.int32)
-            keep = jnp.where(t >= end_step, final[path], jnp.maximum(keep, final[path]))
-            out.append(topk_mask(magnitude_score(w_by[path]), keep, eligible=m, method=selection))
-        new_masks = jax.tree_util.tree_unflatten(treedef, out)
+            keeps.append(jnp.where(t >= end_step, final[path], jnp.maximum(keep, final[path])))
+            scores.append(magnitude_score(w_by[path]))
+        new_masks = layer_topk_masks(
+            jax.tree_util.tree_unflatten(treedef, scores),
+            jax.tree_util.tree_unflatten(treedef, keeps), eligible=masks, method=selection,
+            stacked={p for p in paths if np.ndim(final.get(p, 0))})
         return new_masks, map_masked(jnp.zeros_like, new_masks)
 
     return _sparse_transform(
@@ -418,40 +490,50 @@ def gradual_magnitude(inner: optax.GradientTransformation, sparsity: float, *,
 
 
 def _drop_and_grow(grow: str, drop_fraction_fn, noise_std: float, selection: str,
-                   reinit_when_same: bool) -> MaskUpdate:
-    """Per layer: keep the largest active ``|w| + noise``, grow ``n_drop`` among the rest."""
+                   reinit_when_same: bool, stacked) -> MaskUpdate:
+    """Per layer (each slice of a stacked leaf): keep the largest active ``|w| + noise``,
+    grow ``n_drop`` among the rest. Two selections, each over all layers at once."""
 
     def mask_update(t, weights, grads, masks, key):
         f = drop_fraction_fn(t)
+        stacks = stacked_paths(weights, stacked)
         flat_m, treedef = _flat_masks(masks)
+        paths = [path_str(p) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_unowned)[0]]
         flat_w = treedef.flatten_up_to(weights)
         flat_g = treedef.flatten_up_to(grads)
-        new_m, new_c = [], []
-        for i, (m, w, g) in enumerate(zip(flat_m, flat_w, flat_g)):
+        drop, grow_s, n_keep, n_drop = [], [], [], []
+        for i, (path, m, w, g) in enumerate(zip(paths, flat_m, flat_w, flat_g)):
             if is_unowned(m):
-                new_m.append(m)
-                new_c.append(m)
+                drop.append(m), grow_s.append(m), n_keep.append(None), n_drop.append(None)
                 continue
             k_drop, k_grow = jax.random.split(jax.random.fold_in(key, i))
-            n_active = count_true(m)
-            n_drop = jnp.floor(f * n_active.astype(jnp.float32)).astype(jnp.int32)
-            drop_score = magnitude_score(w).astype(jnp.float32)
+            n_active = (jnp.sum(m, axis=tuple(range(1, m.ndim)), dtype=jnp.int32)
+                        if path in stacks else count_true(m))  # per layer
+            d = jnp.floor(f * n_active.astype(jnp.float32)).astype(jnp.int32)
+            score = magnitude_score(w).astype(jnp.float32)
             if noise_std:
-                drop_score = drop_score + noise_std * tie_noise(k_drop, w.shape)
-            kept = topk_mask(drop_score, n_active - n_drop, eligible=m, method=selection)
-            grow_score = (jnp.abs(g) if grow == "gradient" else random_score(k_grow, w.shape))
-            grown = topk_mask(grow_score, n_drop, eligible=~kept, method=selection)
-            new_m.append(kept | grown)
-            new_c.append(grown if reinit_when_same else grown & ~m)
-        return (jax.tree_util.tree_unflatten(treedef, new_m),
-                jax.tree_util.tree_unflatten(treedef, new_c))
+                score = score + noise_std * tie_noise(k_drop, w.shape)
+            drop.append(score)
+            grow_s.append(jnp.abs(g) if grow == "gradient" else random_score(k_grow, w.shape))
+            n_keep.append(n_active - d)
+            n_drop.append(d)
+        tree = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+        kept = layer_topk_masks(tree(drop), tree(n_keep), eligible=masks, method=selection,
+                                stacked=stacks)
+        grown = layer_topk_masks(tree(grow_s), tree(n_drop),
+                                 eligible=map_masked(jnp.logical_not, kept), method=selection,
+                                 stacked=stacks)
+        new_m = map_masked(jnp.logical_or, kept, grown)
+        new_c = grown if reinit_when_same else map_masked(lambda gr, m: gr & ~m, grown, masks)
+        return new_m, new_c
 
     return mask_update
 
 
 def _dynamic(inner, sparsity, *, grow: str, distribution, rules, update_every, begin_step,
              end_step, drop_fraction, drop_fraction_anneal, skip_gradient_on_update,
-             mask_init, seed, selection, drop_noise_std, reinit_when_same):
+             mask_init, seed, selection, drop_noise_std, reinit_when_same, stacked):
     check_static(sparsity=sparsity, update_every=update_every, begin_step=begin_step,
                  end_step=end_step, drop_fraction=drop_fraction, drop_noise_std=drop_noise_std,
                  seed=seed)
@@ -461,9 +543,10 @@ def _dynamic(inner, sparsity, *, grow: str, distribution, rules, update_every, b
     dist = as_distribution(distribution)
     f = drop_fraction_schedule(drop_fraction, drop_fraction_anneal, max(end_step, 1))
     return _sparse_transform(
-        inner, init_counts=lambda p: sparse_layer_counts(p, sparsity, dist, rules),
+        inner, init_counts=lambda p: sparse_layer_counts(p, sparsity, dist, rules, stacked),
         mask_init=mask_init, seed=seed, selection=selection,
-        mask_update=_drop_and_grow(grow, f, drop_noise_std, selection, reinit_when_same),
+        mask_update=_drop_and_grow(grow, f, drop_noise_std, selection, reinit_when_same,
+                                   stacked),
         update_due=lambda t: is_update_step(t, update_every, begin_step, end_step),
         skip_gradient_on_update=skip_gradient_on_update)
 
@@ -473,7 +556,7 @@ def set_(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
          begin_step: int = 0, drop_fraction: float = 0.3, drop_fraction_anneal: str = "cosine",
          skip_gradient_on_update: bool = False, mask_init: str = "random", seed: int = 0,
          selection: str = "threshold", drop_noise_std: float = 1e-5,
-         reinit_when_same: bool = False) -> SparseTransformation:
+         reinit_when_same: bool = False, stacked: str | Sequence[str] = ()) -> SparseTransformation:
     """SET (Mocanu et al. 2018): drop the smallest active ``|w|``, regrow at random.
 
     Named ``set_`` because ``set`` is a Python builtin. The gradient step is applied on
@@ -493,7 +576,7 @@ def set_(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
                     drop_fraction=drop_fraction, drop_fraction_anneal=drop_fraction_anneal,
                     skip_gradient_on_update=skip_gradient_on_update, mask_init=mask_init,
                     seed=seed, selection=selection, drop_noise_std=drop_noise_std,
-                    reinit_when_same=reinit_when_same)
+                    reinit_when_same=reinit_when_same, stacked=stacked)
 
 
 def rigl(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
@@ -501,7 +584,7 @@ def rigl(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
          begin_step: int = 0, drop_fraction: float = 0.3, drop_fraction_anneal: str = "cosine",
          skip_gradient_on_update: bool = True, mask_init: str = "random", seed: int = 0,
          selection: str = "threshold", drop_noise_std: float = 1e-5,
-         reinit_when_same: bool = False) -> SparseTransformation:
+         reinit_when_same: bool = False, stacked: str | Sequence[str] = ()) -> SparseTransformation:
     """RigL (Evci et al. 2020): drop the smallest active ``|w|``, grow the largest dense
     ``|∂L/∂(W⊙m)|``. ``f_t = f_0·½(1 + cos(πt/T_end))`` by default; on update steps the
     gradient step is skipped, as in the reference code.
@@ -521,8 +604,9 @@ def rigl(inner: optax.GradientTransformation, sparsity: float, *, end_step: int,
                     drop_fraction=drop_fraction, drop_fraction_anneal=drop_fraction_anneal,
                     skip_gradient_on_update=skip_gradient_on_update, mask_init=mask_init,
                     seed=seed, selection=selection, drop_noise_std=drop_noise_std,
-                    reinit_when_same=reinit_when_same)
+                    reinit_when_same=reinit_when_same, stacked=stacked)
 
 
 __all__ = ["SparseState", "gradual_magnitude", "init_masks", "mask_param_state",
-           "one_shot_magnitude", "rigl", "set_", "sparse_layer_counts", "static_sparse"]
+           "one_shot_magnitude", "rigl", "set_", "sparse_layer_counts", "stacked_paths",
+           "static_sparse"]

@@ -39,7 +39,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -431,18 +431,6 @@ def sort_key(scores: jax.Array, eligible: jax.Array | None = None) -> jax.Array:
     return key
 
 
-def _sort_select(keys: list[jax.Array], k) -> list[jax.Array]:
-    flat = jnp.concatenate([x.reshape(-1) for x in keys])
-    order = jnp.argsort(~flat, stable=True)  # descending key, ties: lower index first
-    ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
-    chosen = ranks < k
-    out, start = [], 0
-    for x in keys:
-        out.append(chosen[start:start + x.size].reshape(x.shape))
-        start += x.size
-    return out
-
-
 def _digit_bits() -> int:
     """Key bits settled per counting pass of the radix select. A pass with ``2**b − 1``
     thresholds streams the keys once; on a CPU it is memory-bound up to 3 thresholds and
@@ -548,145 +536,195 @@ def count_true(mask: jax.Array, dtype=jnp.int32) -> jax.Array:
     return ((n_true + (m.size - n_false)) // 2).astype(dtype)  # = n_true; both outputs used
 
 
-def _counts(keys: list[jax.Array], preds) -> jax.Array:
-    """``int32[m]``: entries satisfying each of the ``m >= 2`` predicates ``preds(x)``
-    (bool arrays shaped like leaf ``x``), summed over leaves."""
-    return sum(jnp.stack(_sums(preds(x), range(x.ndim))) for x in keys)
+# Selection runs over units: a unit keeps its own k entries. Every key array is given
+# with a leading row axis (a stacked kernel's layer axis, or a new axis of 1), and row
+# ``r`` of leaf ``i`` belongs to unit ``rows[i][r]``, where it starts at flat index
+# ``offsets[i][r]`` of the unit (leaves in order, row-major within a leaf). Per-layer
+# selection makes every row its own unit; global selection puts everything in unit 0.
 
 
-def _iota_index(x: jax.Array, axes) -> jax.Array:
-    """``int32`` row-major index of every entry of ``x`` over ``axes`` (fused, not stored)."""
-    idx = jnp.zeros(x.shape, jnp.int32)
-    for d in axes:
-        stride = int(np.prod([x.shape[e] for e in axes if e > d]))
-        idx = idx + jax.lax.broadcasted_iota(jnp.int32, x.shape, d) * stride
-    return idx
+class _Layout(NamedTuple):
+    rows: tuple  # per leaf: np.int32[rows], the unit of each row
+    offsets: tuple  # per leaf: np.int64[rows], each row's first flat index in its unit
+    sizes: np.ndarray  # np.int64[units], entries per unit
 
 
-def _split_ties(keys: list[jax.Array], t, need) -> list[jax.Array]:
-    """Per-leaf cutoffs ``p``: the ties (``key == t``) at local flat index ``<= p`` are the
-    first ``need`` ties in flat order, leaves in order (``1 <= need < #ties``).
-
-    A row is all axes but the last. One pass counts every row's ties; a radix search
-    over the global row index, b bits a pass of scalar sums over those small per-row
-    counts, finds the row holding the need-th tie; and ⌈log2(columns) / b⌉ masked passes
-    over that row's leaf settle its column. Only scalar sums cross devices (all-reduces
-    when sharded): no cumulative sum or dynamic slice, which would gather the counts or
-    the leaf.
-    """
-    digit = _digit_bits()
-    # Ties counted as #(key >= t) − #(key > t): a reduction that is not to a scalar
-    # fuses its producer on XLA:CPU only when it has two used outputs; a lone
-    # ``sum(x == t)`` materialises an int32 copy of the leaf, whose buffer is allocated
-    # on every call, even those where _threshold_select's lax.cond skips this branch.
-    rows = [a - b for x in keys for a, b in [_sums([x >= t, x > t], [x.ndim - 1])]]
-    starts = np.cumsum([0] + [r.size for r in rows])
-
-    def before(r):  # ties in the global rows < r
-        return sum(jnp.sum(jnp.where(_iota_index(c, range(c.ndim)) < r - int(s0), c, 0))
-                   for c, s0 in zip(rows, starts))
-
-    # g: the global row of the need-th tie, the largest r with before(r) < need
-    g = jnp.int32(0)
-    for shift in range(-(-max(1, (int(starts[-1]) - 1).bit_length()) // digit) * digit
-                       - digit, -1, -digit):
-        f = jnp.stack([before(g + (j << shift)) for j in range(1, 2**digit)])
-        g = g + (jnp.sum(f < need, dtype=jnp.int32) << shift)
-    in_row = need - before(g)  # its rank among that row's ties (>= 1)
-    leaf = jnp.sum(g >= starts[1:-1], dtype=jnp.int32)  # the leaf holding row g
-
-    def column(i):
-        # The 0-based column p of the in_row-th tie of row g: the largest p with
-        # #(ties of row g at columns < p) < in_row, settled `digit` bits a pass from the
-        # top. Each pass counts every row along the last axis, then picks row g's count
-        # from the small per-row array: on XLA:CPU a row reduction with several outputs
-        # streams (0.016 s at 10**8 entries), while masking the big array to row g, or
-        # reducing over the leading axes, costs 5-10x more.
-        x = keys[i]
-        tie = x == t
-        col = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-        pick = lambda r: jnp.sum(jnp.where(_iota_index(r, range(r.ndim)) == g - int(starts[i]),
-                                           r, 0))  # row g's count, from the small count array
-        p = jnp.int32(0)
-        top = -(-max(1, (x.shape[-1] - 1).bit_length()) // digit) * digit
-        for shift in range(top - digit, -1, -digit):
-            c = [p + (j << shift) for j in range(1, 2**digit)]
-            f = jnp.stack([pick(r) for r in _sums([tie & (col < cj) for cj in c], [x.ndim - 1])])
-            p = p + (jnp.sum(f < in_row, dtype=jnp.int32) << shift)
-        return p
-
-    col = jax.lax.switch(leaf, [lambda i=i: column(i) for i in range(len(keys))])
-    return [jnp.where(leaf == i, (g - int(starts[i])) * x.shape[-1] + col,
-                      jnp.where(leaf > i, x.size, -1)) for i, x in enumerate(keys)]
-
-
-def _threshold_select(keys: list[jax.Array], k) -> list[jax.Array]:
-    # Radix select by counting. The k-th largest key t is settled b = _digit_bits() bits
-    # at a time from the top: each pass counts ``key >= prefix | j << shift`` for
-    # j = 1..2**b − 1 in one variadic reduction, 32 / b passes whatever the size. The
-    # counts just below and above the interval are carried along, so the number of ties
-    # at t comes for free; only when some of them are left out does _split_ties run.
-    n = sum(x.size for x in keys)
-    if n > _INT32_MAX:  # the counts are int32: refuse rather than wrap
-        raise OverflowError(f"threshold selection over {n} entries at once: its int32 "
+def _layout(shapes, one_unit: bool) -> _Layout:
+    rows, offsets, sizes, total = [], [], [], 0
+    for s in shapes:
+        n_rows, per_row = s[0], math.prod(s[1:])
+        if one_unit:
+            rows.append(np.zeros(n_rows, np.int32))
+            offsets.append(total + per_row * np.arange(n_rows, dtype=np.int64))
+            total += n_rows * per_row
+        else:
+            rows.append(np.arange(len(sizes), len(sizes) + n_rows, dtype=np.int32))
+            offsets.append(np.zeros(n_rows, np.int64))
+            sizes += [per_row] * n_rows
+    sizes = np.array([total] if one_unit else sizes, np.int64)
+    if sizes.size and sizes.max() > _INT32_MAX:  # the counts are int32: refuse, never wrap
+        raise OverflowError(f"selection over {int(sizes.max())} entries at once: its int32 "
                             "counts would wrap; select per layer (or per slice of a stacked "
                             "kernel), each below 2**31 entries")
+    return _Layout(tuple(rows), tuple(offsets), sizes)
+
+
+def _with_rows(x: jax.Array, stacked: bool) -> jax.Array:
+    """``x`` with its leading row axis: a stacked leaf's own, or a new one of size 1;
+    at least 2-D, so every row has entries to reduce over."""
+    if not stacked:
+        return x.reshape((1,) + x.shape + ((1,) if x.ndim == 0 else ()))
+    if x.ndim == 0:
+        raise ValueError("a stacked leaf needs a leading layer axis; got a scalar")
+    return x[:, None] if x.ndim == 1 else x
+
+
+def _per_row(v: jax.Array, rows: np.ndarray, x: jax.Array) -> jax.Array:
+    """Per-unit values ``v[units, ...]`` for the rows of ``x``, broadcastable against it."""
+    r = v[rows]
+    return r.reshape(r.shape[:1] + (1,) * (x.ndim - 1) + r.shape[1:])
+
+
+def _unit_counts(keys: list[jax.Array], layout: _Layout, preds) -> jax.Array:
+    """``int32[m, units]``: the entries of every unit satisfying each of the ``m >= 2``
+    predicates ``preds(i, x)`` (bool arrays shaped like leaf ``x``). One reduction per
+    leaf over all but the row axis, then a static scatter of the small per-row counts."""
+    total = 0
+    for i, x in enumerate(keys):
+        c = jnp.stack(_sums(preds(i, x), range(1, x.ndim)))  # [m, rows]
+        total = total + jnp.zeros((c.shape[0], layout.sizes.size), jnp.int32).at[
+            :, layout.rows[i]].add(c)
+    return total
+
+
+def _unit_index(i: int, x: jax.Array, layout: _Layout) -> jax.Array:
+    """``uint32``: every entry's flat index within its unit (fused, never stored)."""
+    idx = jnp.zeros(x.shape, jnp.int32)
+    for d in range(1, x.ndim):
+        stride = math.prod(x.shape[d + 1:])
+        idx = idx + jax.lax.broadcasted_iota(jnp.int32, x.shape, d) * stride
+    off = jnp.asarray(layout.offsets[i], jnp.uint32)
+    return idx.astype(jnp.uint32) + off.reshape(off.shape + (1,) * (x.ndim - 1))
+
+
+def _split_ties(keys: list[jax.Array], layout: _Layout, t, need) -> jax.Array:
+    """``uint32[units]``: per unit the largest flat index ``p`` with fewer than
+    ``need`` ties (``key == t``) before it, so the ties at indices ``<= p`` are the
+    first ``need`` in flat order. A radix search over the index, ``b`` bits a pass, all
+    units at once; only per-unit counts cross devices (all-reduces when sharded)."""
     digit = _digit_bits()
-    shapes = [x.shape for x in keys]
-    keys = [x.reshape(1) if x.ndim == 0 else x for x in keys]
-    n_ways = 2**digit - 1
-    ways = jnp.arange(1, n_ways + 1, dtype=jnp.uint32)
+    ways = jnp.arange(1, 2**digit, dtype=jnp.uint32)
+    bits = max(1, int(layout.sizes.max() - 1).bit_length())
+    passes = -(-bits // digit)
 
-    def ge_counts(prefix, shift, extra=()):
-        c = prefix | (ways << shift)
-        return _counts(keys, lambda x: [x >= c[j] for j in range(n_ways)] + [f(x) for f in extra])
+    def index_pass(j, p):
+        shift = jnp.uint32(digit * (passes - 1)) - jnp.uint32(digit) * j.astype(jnp.uint32)
+        c = p[:, None] + (ways[None, :] << shift)  # [units, ways] candidate cuts
 
-    # state: prefix of t, #(key >= low end), #(key > high end) of the interval holding t
-    def narrow(state, g, shift):
+        def preds(i, x):
+            tie, idx = x == _per_row(t, layout.rows[i], x), _unit_index(i, x, layout)
+            return [tie & (idx < _per_row(c[:, w], layout.rows[i], x)) for w in range(len(ways))]
+
+        f = _unit_counts(keys, layout, preds)  # [ways, units] ties before each candidate
+        return p + (jnp.sum(f < need[None], axis=0, dtype=jnp.uint32) << shift)
+
+    return jax.lax.fori_loop(0, passes, index_pass, jnp.zeros(layout.sizes.shape, jnp.uint32))
+
+
+def _threshold_select(keys: list[jax.Array], k: jax.Array, layout: _Layout) -> list[jax.Array]:
+    # Radix select by counting, every unit at once. Each unit's k-th largest key t is
+    # settled b = _digit_bits() bits at a time from the top: a pass counts, per unit,
+    # ``key >= prefix | j << shift`` for j = 1..2**b − 1, 32 / b passes in one loop
+    # whatever the size or the number of units. The counts just below and above the
+    # interval holding t are carried along, so the number of ties at t comes for free;
+    # only when some unit leaves some of them out does _split_ties run.
+    digit = _digit_bits()
+    ways = jnp.arange(1, 2**digit, dtype=jnp.uint32)
+    n_eligible = _unit_counts(keys, layout, lambda i, x: [x > 0, x == 0])[0]
+    k = jnp.clip(k, 0, n_eligible)
+
+    def key_pass(j, state):
         prefix, n_ge_lo, n_gt_hi = state
-        d = jnp.sum(g >= k, dtype=jnp.int32)  # counts fall as j grows, so this is a prefix
+        shift = jnp.uint32(32 - digit) - jnp.uint32(digit) * j.astype(jnp.uint32)
+        c = prefix[:, None] | (ways[None, :] << shift)  # [units, ways]
+        g = _unit_counts(keys, layout, lambda i, x: [
+            x >= _per_row(c[:, w], layout.rows[i], x) for w in range(len(ways))])
+        d = jnp.sum(g >= k[None], axis=0, dtype=jnp.int32)  # counts fall as j grows
         ext = jnp.concatenate([n_ge_lo[None], g, n_gt_hi[None]])
-        return prefix | (d.astype(jnp.uint32) << shift), ext[d], ext[d + 1]
+        pick = lambda e: jnp.take_along_axis(ext, e[None], axis=0)[0]
+        return prefix | (d.astype(jnp.uint32) << shift), pick(d), pick(d + 1)
 
-    top = jnp.uint32(32 - digit)
-    g = ge_counts(jnp.uint32(0), top, extra=(lambda x: x > 0,))  # + #eligible, same pass
-    k = jnp.clip(k, 0, g[-1])
-    state = narrow((jnp.uint32(0), jnp.int32(n), jnp.int32(0)), g[:-1], top)
+    units = layout.sizes.size
+    t, n_ge, n_gt = jax.lax.fori_loop(
+        0, 32 // digit, key_pass, (jnp.zeros(units, jnp.uint32),
+                                   jnp.asarray(layout.sizes, jnp.int32), jnp.zeros(units, jnp.int32)))
+    need = k - n_gt  # ties (key == t) to keep per unit: the first `need` in flat order
+    split = (k > 0) & (need < n_ge - n_gt)
+    cut = jax.lax.cond(jnp.any(split),
+                       lambda: _split_ties(keys, layout, t, jnp.where(split, need, n_ge - n_gt)),
+                       lambda: jnp.full(units, 0xFFFFFFFF, jnp.uint32))
+    out = []
+    for i, x in enumerate(keys):
+        t_i = _per_row(t, layout.rows[i], x)
+        keep = (x > t_i) | ((x == t_i) & (_unit_index(i, x, layout) <= _per_row(
+            cut, layout.rows[i], x)))
+        out.append(keep & _per_row(k > 0, layout.rows[i], x))
+    return out
 
-    def key_pass(i, state):
-        shift = top - jnp.uint32(digit) * i.astype(jnp.uint32)
-        return narrow(state, ge_counts(state[0], shift), shift)
 
-    t, n_ge, n_gt = jax.lax.fori_loop(1, 32 // digit, key_pass, state)
-    need = k - n_gt  # ties (key == t) to keep: the first `need` in flat order
-    cut = jax.lax.cond((k > 0) & (need < n_ge - n_gt), lambda: _split_ties(keys, t, need),
-                       lambda: [jnp.int32(x.size) for x in keys])
-    return [(((x > t) | ((x == t) & (_iota_index(x, range(x.ndim)) <= p))) & (k > 0)).reshape(s)
-            for x, p, s in zip(keys, cut, shapes)]
+def _sort_select(keys: list[jax.Array], k: jax.Array, layout: _Layout) -> list[jax.Array]:
+    # A stable argsort per unit (descending key, ties: lower flat index first): the
+    # rows of one leaf side by side when each is its own unit, everything in one row
+    # when there is one unit.
+    one_unit = layout.sizes.size == 1 and len(keys) > 1
+
+    def rank_select(x2, k_rows):  # x2: [rows, n]
+        ranks = jnp.argsort(jnp.argsort(~x2, axis=1, stable=True), axis=1)
+        n_eligible = jnp.sum(x2 > 0, axis=1, dtype=jnp.int32)
+        return ranks < jnp.clip(k_rows, 0, n_eligible)[:, None]
+
+    if one_unit:
+        chosen = rank_select(jnp.concatenate([x.reshape(1, -1) for x in keys], 1), k)[0]
+        starts = np.cumsum([0] + [x.size for x in keys])
+        return [chosen[a:b].reshape(x.shape) for x, a, b in zip(keys, starts, starts[1:])]
+    return [rank_select(x.reshape(x.shape[0], -1), k[layout.rows[i]]).reshape(x.shape)
+            for i, x in enumerate(keys)]
 
 
 SELECTION_METHODS = ("sort", "threshold")
 
 
-def _select(scores: list[jax.Array], k, eligible: list | None, method: str) -> list[jax.Array]:
+def _select(scores: list[jax.Array], k, eligible: list | None, method: str,
+            stacked: Sequence[bool] | None = None) -> list[jax.Array]:
+    """Masks keeping the top ``k`` keys. ``k`` a scalar: one unit over every leaf
+    (global selection). ``k`` a list, one entry per leaf (a scalar, or one per layer of
+    a ``stacked`` leaf): every leaf, and every layer of a stacked one, its own unit."""
     if method not in SELECTION_METHODS:
         raise ValueError(f"unknown selection method {method!r}; known: {SELECTION_METHODS}")
-    if eligible is None:
-        eligible = [None] * len(scores)
-    keys = [sort_key(s, e) for s, e in zip(scores, eligible)]
-    k = jnp.asarray(k, jnp.int32)
-    if method == "threshold":
-        return _threshold_select(keys, k)  # counts the eligible entries in its first pass
-    n_eligible = sum(jnp.sum(x > 0, dtype=jnp.int32) for x in keys)
-    return _sort_select(keys, jnp.clip(k, 0, n_eligible))
+    if not scores:
+        return []
+    eligible = [None] * len(scores) if eligible is None else eligible
+    stacked = [False] * len(scores) if stacked is None else list(stacked)
+    keys = [_with_rows(sort_key(s, e), st) for s, e, st in zip(scores, eligible, stacked)]
+    one_unit = not isinstance(k, (list, tuple))
+    layout = _layout([x.shape for x in keys], one_unit)
+    if one_unit:
+        k = jnp.asarray(k, jnp.int32).reshape(1)
+    else:
+        k = jnp.concatenate([jnp.broadcast_to(jnp.asarray(kk, jnp.int32), (x.shape[0],))
+                             for kk, x in zip(k, keys)])
+    chosen = (_threshold_select if method == "threshold" else _sort_select)(keys, k, layout)
+    return [c.reshape(jnp.shape(s)) for c, s in zip(chosen, scores)]
 
 
 def topk_mask(scores: jax.Array, k, eligible: jax.Array | None = None,
-              method: str = "sort") -> jax.Array:
+              method: str = "sort", stacked: bool = False) -> jax.Array:
     """Boolean mask of the ``k`` highest scores (exactly ``min(k, #eligible)`` True).
 
     ``k`` may be traced. Ties go to the lower flat index; NaN ranks as -inf; only
     ``eligible`` entries can be chosen. ``method`` is 'sort' or 'threshold' (same mask).
+    ``stacked``: the leading axis stacks layers (``nnx.scan``); each slice keeps its own
+    ``k`` (a scalar for all, or one per slice).
 
     Example:
 
@@ -694,8 +732,58 @@ def topk_mask(scores: jax.Array, k, eligible: jax.Array | None = None,
         >>> from sparsejax.masks import topk_mask
         >>> topk_mask(jnp.array([3., 1., 3., 2.]), 2).tolist()
         [True, False, True, False]
+        >>> topk_mask(jnp.array([[3., 1., 2.], [0., 5., 4.]]), jnp.array([1, 2]),
+        ...           stacked=True).tolist()                  # per layer: 1 of row 0, 2 of row 1
+        [[True, False, False], [False, True, True]]
     """
-    return _select([scores], k, None if eligible is None else [eligible], method)[0]
+    return _select([scores], [k], None if eligible is None else [eligible], method,
+                   [stacked])[0]
+
+
+def _select_tree(scores, k, eligible, method: str, stacked=None):
+    """``_select`` on a tree: ``stacked`` (one bool per leaf) given: per layer, ``k`` a
+    tree like ``scores``; else global, ``k`` a scalar."""
+    flat, treedef = jax.tree_util.tree_flatten(scores, is_leaf=is_unowned)
+    el = [None] * len(flat) if eligible is None else treedef.flatten_up_to(eligible)
+    live = [i for i, s in enumerate(flat) if not is_unowned(s)]
+    st = None
+    if stacked is not None:
+        k_flat = treedef.flatten_up_to(k)
+        k, st = [k_flat[i] for i in live], [stacked[i] for i in live]
+    chosen = _select([flat[i] for i in live], k, [el[i] for i in live], method, st)
+    out = list(flat)
+    for i, c in zip(live, chosen):
+        out[i] = c
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def layer_topk_masks(scores, k, eligible=None, method: str = "threshold", stacked=()):
+    """``topk_mask`` on every leaf of a pytree, all layers in one selection: one loop of
+    counting passes whose every pass reduces each leaf once, so a mask update compiles
+    and communicates (all-reduces of per-layer counts) once, however deep the model.
+    ``k`` is a tree like ``scores`` (an int, or one per layer of a stacked leaf);
+    ``stacked`` holds the paths whose leading axis stacks layers (each slice is then
+    its own layer). ``None`` leaves are skipped and stay ``None``.
+
+    Example:
+
+        >>> import jax.numpy as jnp
+        >>> from sparsejax.masks import layer_topk_masks
+        >>> scores = {'a': jnp.array([0.5, 3.0, 1.0]), 'b': jnp.array([[2., 1.], [0., 4.]]),
+        ...           'c': None}
+        >>> m = layer_topk_masks(scores, {'a': 1, 'b': jnp.array([1, 1]), 'c': None},
+        ...                      stacked={'b'})
+        >>> m['a'].tolist(), m['b'].tolist(), m['c']
+        ([False, True, False], [[True, False], [False, True]], None)
+    """
+    paths = [path_str(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(scores, is_leaf=is_unowned)[0]]
+    stacked = set(stacked)
+    unknown = sorted(stacked - set(paths))
+    if unknown:
+        raise ValueError(f"stacked paths {unknown} name no leaf; leaf paths look like "
+                         f"{paths[:4]}")
+    return _select_tree(scores, k, eligible, method, [p in stacked for p in paths])
 
 
 def global_topk_masks(scores, k, eligible=None, method: str = "sort"):
@@ -711,14 +799,7 @@ def global_topk_masks(scores, k, eligible=None, method: str = "sort"):
         >>> m['a'].tolist(), m['b'].tolist()
         ([False, True], [[True, False], [False, True]])
     """
-    flat, treedef = jax.tree_util.tree_flatten(scores, is_leaf=is_unowned)
-    el = [None] * len(flat) if eligible is None else treedef.flatten_up_to(eligible)
-    live = [i for i, s in enumerate(flat) if s is not None]
-    chosen = _select([flat[i] for i in live], k, [el[i] for i in live], method)
-    out = list(flat)
-    for i, c in zip(live, chosen):
-        out[i] = c
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return _select_tree(scores, jnp.asarray(k, jnp.int32), eligible, method)
 
 
 def global_magnitude_masks(params, sparsity: float, rules=None, method: str = "sort"):

@@ -19,12 +19,25 @@ from sparsejax import masks, nm
 from sparsejax.train import make_trainer
 
 
+_OPS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
 def collectives(hlo: str) -> dict[str, Counter]:
-    """``{op: Counter(result shapes)}`` of the collectives in compiled HLO text."""
+    """``{op: Counter(operand result shapes)}`` of the collectives in compiled HLO text.
+    XLA combines several reductions into one op with a tuple result (``(s32[], f32[4])
+    all-reduce(...)``): each element counts as one shape; ``ops`` below counts the ops."""
     out = {}
-    for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute"):
-        out[op] = Counter(re.findall(rf"= (\S+?\[[0-9,]*\])\S* {op}(?:-start)?\(", hlo))
+    for op in _OPS:
+        shapes = Counter()
+        for result in re.findall(rf"= (\(.*?\)|\S+) {op}(?:-start)?\(", hlo):
+            shapes.update(re.findall(r"[a-z]+[0-9]*\[[0-9,]*\]", result))
+        out[op] = shapes
     return out
+
+
+def ops(hlo: str, op: str) -> int:
+    """How many ``op`` instructions compiled HLO text holds (a tuple op counts once)."""
+    return len(re.findall(rf"= (?:\(.*?\)|\S+) {op}(?:-start)?\(", hlo))
 
 
 def compiled_steps(method: str, rules) -> dict[str, dict]:
@@ -49,9 +62,36 @@ def test_nm_and_mask_update_steps_add_no_all_gather(spec):
     for method in ("sr_ste,2:4", "rigl,0.9"):
         for name, got in compiled_steps(method, rules).items():
             assert got["all-gather"] == dense["all-gather"], (method, name, got["all-gather"])
-            # what a sparse step adds crosses as scalar counts and sums only
+            # what a sparse step adds crosses as counts and sums only: scalars, or one
+            # per layer (selection counts every layer at once)
             extra = got["all-reduce"] - dense["all-reduce"]
-            assert all(re.fullmatch(r"(s32|f32|pred|u32)\[\]", s) for s in extra), (method, name, extra)
+            assert all(re.fullmatch(r"(s32|f32|pred|u32)\[[0-9,]*\]", s) and _size(s) <= 64
+                       for s in extra), (method, name, extra)
+
+
+def _size(shape: str) -> int:
+    dims = re.search(r"\[([0-9,]*)\]", shape).group(1)
+    return int(np.prod([int(d) for d in dims.split(",") if d]))
+
+
+def test_mask_update_all_reduces_do_not_grow_with_depth():
+    """Selection runs for every layer at once: the RigL mask update adds the same
+    number of all-reduce ops to the step at 2 and at 8 layers (at most 64), and no
+    all-gather."""
+    rules = ((r"layers/.*/kernel", (None, "model")),)
+    added = {}
+    for depth in (2, 8):
+        c = quickstart.get_config("rigl,0.9")
+        c.model.hidden, c.batch_size, c.method.update_every = (64,) * depth, 16, 1
+        c.mesh.shape, c.sharding_rules = (2, 4), rules
+        t = make_trainer(c)
+        with jax.set_mesh(t.mesh):
+            batch = t.device_batch(t.dataset.train.get(np.arange(16)))
+            hlo = {f: t.step.lower(t.abstract_state, batch, f).compile().as_text()
+                   for f in (False, True)}
+        assert ops(hlo[True], "all-gather") == ops(hlo[False], "all-gather")
+        added[depth] = ops(hlo[True], "all-reduce") - ops(hlo[False], "all-reduce")
+    assert added[2] == added[8] and 0 < added[8] <= 64, added
 
 
 def reference_topk(x: np.ndarray, k: int) -> np.ndarray:

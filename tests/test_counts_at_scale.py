@@ -48,7 +48,7 @@ def test_counts_past_int32_need_no_memory_and_never_wrap():
     assert jax.eval_shape(lambda m: masks.count_true(m, jnp.float32), huge).dtype == jnp.float32
     with pytest.raises(OverflowError, match="a mask of 2147483649 entries"):
         jax.eval_shape(masks.count_true, huge)
-    with pytest.raises(OverflowError, match="threshold selection over 2147483649 entries"):
+    with pytest.raises(OverflowError, match="selection over 2147483649 entries"):
         jax.eval_shape(lambda s: masks.topk_mask(s, 10, method="threshold"),
                        jax.ShapeDtypeStruct((2**31 + 1,), jnp.float32))
 

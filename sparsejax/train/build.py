@@ -236,7 +236,9 @@ def build(config, info: DataInfo, tx=None) -> Built:
 
     ``tx`` overrides the configured transform (a ``SparseTransformation`` or any plain
     optax transformation, wrapped in ``sparsejax.dense``); otherwise Sparse-IFT's rules,
-    when it is on, replace ``config.method.rules``.
+    when it is on, replace ``config.method.rules``. A model with ``stacked_paths`` (a
+    scanned ``DecoderLM``) hands them to the transform, so that each layer slice of a
+    stacked kernel is sparsified as its own layer (``make_transform``).
 
     Example:
 
@@ -253,7 +255,6 @@ def build(config, info: DataInfo, tx=None) -> Built:
     """
     plan = sparse_ift_plan(config, info)
     model_kwargs(config.model_name, plan.model, info)  # a bad key fails here, not in the loop
-    tx = as_sparse_transformation(tx) if tx is not None else make_transform(config, plan.rules)
     c = config.ift
 
     def make_model(key) -> nnx.Module:
@@ -264,7 +265,11 @@ def build(config, info: DataInfo, tx=None) -> Built:
                           rngs=nnx.Rngs(params=jax.random.fold_in(key, 1)))
         return model
 
-    return Built(make_model, tx, plan)
+    if tx is None:  # a scanned model's stacked layers are selected slice by slice
+        stacked = getattr(nnx.eval_shape(lambda: make_model(jax.random.key(0))),
+                          "stacked_paths", ())
+        tx = make_transform(config, plan.rules, stacked)
+    return Built(make_model, as_sparse_transformation(tx), plan)
 
 
 __all__ = ["Built", "IFTPlan", "build", "build_model", "data_kwargs", "example_call",

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import optax
 
@@ -181,10 +181,13 @@ def make_optimizer(*, name: str = "adamw", learning_rate: float = 1e-3,
     return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip else opt
 
 
-def make_transform(config, rules=None) -> SparseTransformation:
+def make_transform(config, rules=None, stacked: Sequence[str] = ()) -> SparseTransformation:
     """``TRANSFORMS[config.method.name](optimizer, **config.method)``; ``rules``
     replaces ``config.method.rules`` (Sparse-IFT brings its own; ``[]``, nothing sparse,
-    gives the dense baseline).
+    gives the dense baseline). ``stacked``: the model's layer-stacked parameter paths
+    (``DecoderLM.stacked_paths`` of a scanned model), given to a method that selects per
+    layer (``stacked=``) unless ``config.method.stacked`` is set; a method whose
+    selection does not depend on layers (N:M groups, global pruning) ignores them.
 
     Example:
 
@@ -216,6 +219,8 @@ def make_transform(config, rules=None) -> SparseTransformation:
         kwargs["rules"] = rules
     if "rules" in kwargs and kwargs["rules"] is not None:
         kwargs["rules"] = tuple(tuple(r) for r in kwargs["rules"])
+    if stacked and "stacked" in accepted and not kwargs.get("stacked"):
+        kwargs["stacked"] = tuple(stacked)
     missing = sorted(k for k, v in accepted.items() if v is REQUIRED and k not in kwargs)
     if missing:
         raise ValueError(f"config.method (name={name!r}) must set {missing}; choose the method "
