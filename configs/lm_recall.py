@@ -11,7 +11,8 @@ At scale (docs/architecture.md, "Models at scale"): ``model.dtype='bfloat16'`` c
 in bfloat16 with float32 parameters (``model.param_dtype``), ``model.scan_layers=True``
 stacks the blocks under ``nnx.scan`` with ``model.remat`` as each block's remat policy,
 ``model.attention='gqa'`` (``attention_options={'num_kv_heads': ...}``) is head-aligned
-grouped-query attention, and ``loss_chunk=512`` computes the logits 512 positions at a
+grouped-query attention, ``model.activation_sharding=('data', None, None)`` keeps the
+residual stream batch-sharded under FSDP rules, and ``loss_chunk=512`` computes the logits 512 positions at a
 time (0: all at once).
 
 For byte-level LM on any text file:
@@ -30,7 +31,7 @@ def get_config(arg=None):
         model=dict(d_model=128, num_heads=4, num_layers=2, d_ff=512, activation="gelu",
                    attention="dense", attention_options=placeholder(object), ffn="dense",
                    ffn_options=placeholder(object), dtype="float32", param_dtype="float32",
-                   scan_layers=False, remat="none"),
+                   scan_layers=False, remat="none", activation_sharding=()),
         method=dict(rules=((r"head/kernel", "dense"), (r"blocks/.*kernel", "sparse"))),
         data=ml_collections.ConfigDict(dict(name="associative_recall", num_pairs=8,
                                             num_keys=16, num_values=16, train_size=20000,

@@ -31,8 +31,8 @@ from sparsejax.nm import (NMCompressed, NMState, compress_nm, decompress_nm, exp
                           import_nm, mdgf, nm_mask, nm_masks_from_params, nm_sparse,
                           nm_ste, sdgf, sr_ste)
 from sparsejax.surgery import default_rules
-from sparsejax.masks import (apply_masks, global_sparsity, global_topk_masks, mask_counts,
-                             pack_masks, resolve_rules, topk_mask, unpack_masks)
+from sparsejax.masks import (apply_masks, global_sparsity, global_topk_masks, layer_topk_masks,
+                             mask_counts, pack_masks, resolve_rules, topk_mask, unpack_masks)
 
 __version__ = "0.1.0"
 
@@ -46,7 +46,7 @@ __all__ = [
     "Distribution", "SparseState", "SparseTransformation", "apply_masks",
     "as_sparse_transformation", "densities_from_masks", "dense", "er", "erk", "get_distribution", "global_sparsity",
     "global_topk_masks", "gradual_magnitude", "init_masks", "layer_counts", "layer_densities",
-    "layer_flops", "mask_counts", "model_flops", "one_shot_magnitude", "pack_masks", "resolve_rules", "rigl", "set_",
+    "layer_flops", "layer_topk_masks", "mask_counts", "model_flops", "one_shot_magnitude", "pack_masks", "resolve_rules", "rigl", "set_",
     "sparse_flops", "sparse_layer_counts", "static_sparse", "topk_mask",
     "training_flops_per_step", "uniform", "unpack_masks",
 ]

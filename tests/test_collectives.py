@@ -15,29 +15,21 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs import quickstart
+from experiments import aot_scale
 from sparsejax import masks, nm
 from sparsejax.train import make_trainer
 
 
-_OPS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-
-
 def collectives(hlo: str) -> dict[str, Counter]:
-    """``{op: Counter(operand result shapes)}`` of the collectives in compiled HLO text.
-    XLA combines several reductions into one op with a tuple result (``(s32[], f32[4])
-    all-reduce(...)``): each element counts as one shape; ``ops`` below counts the ops."""
-    out = {}
-    for op in _OPS:
-        shapes = Counter()
-        for result in re.findall(rf"= (\(.*?\)|\S+) {op}(?:-start)?\(", hlo):
-            shapes.update(re.findall(r"[a-z]+[0-9]*\[[0-9,]*\]", result))
-        out[op] = shapes
-    return out
+    """``{op: Counter(operand result shapes)}`` of the collectives in compiled HLO text
+    (``experiments.aot_scale.collectives``: XLA combines reductions into one op with a
+    tuple result, whose every element counts as one shape)."""
+    return {op: Counter(v["shapes"]) for op, v in aot_scale.collectives(hlo).items()}
 
 
 def ops(hlo: str, op: str) -> int:
     """How many ``op`` instructions compiled HLO text holds (a tuple op counts once)."""
-    return len(re.findall(rf"= (?:\(.*?\)|\S+) {op}(?:-start)?\(", hlo))
+    return aot_scale.collectives(hlo)[op]["ops"]
 
 
 def compiled_steps(method: str, rules) -> dict[str, dict]:

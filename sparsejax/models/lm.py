@@ -13,10 +13,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sparsejax.base import check_int
 from sparsejax.models.blocks import ATTENTIONS, FFNS, block_factory
@@ -39,7 +40,13 @@ class DecoderLM(nnx.Module):
     whose leading axis is the layer axis (empty when unscanned), and
     ``nn.scan.stack_layers``/``unstack_layers`` convert parameters between the two
     layouts. ``remat`` names each block's rematerialisation policy
-    (``nn.scan.REMAT_NAMES``; ``'none'``: keep every activation). ``hidden(tokens)`` is the
+    (``nn.scan.REMAT_NAMES``; ``'none'``: keep every activation). ``activation_sharding``
+    (mesh axes per dimension of the ``[batch, seq, d_model]`` residual stream, e.g.
+    ``('data', None, None)``; empty: none) pins the stream's sharding at the embedding and
+    after every block (``jax.lax.with_sharding_constraint`` under the ``jax.set_mesh``
+    the loop runs in): with kernels sharded over the data axis (FSDP) it keeps the
+    batch split instead of letting the partitioner split the model dimension and
+    replicate the batch. ``hidden(tokens)`` is the
     final-LayerNorm output the ``head`` reads, for a loss that computes the logits in
     chunks (``train.loop.chunked_cross_entropy``).
 
@@ -72,13 +79,17 @@ class DecoderLM(nnx.Module):
                  attention_options: dict | None = None, ffn: str | Callable = "dense",
                  ffn_options: dict | None = None, dtype: Any = "float32",
                  param_dtype: Any = "float32", scan_layers: bool = False,
-                 remat: str = "none", rngs: nnx.Rngs):
+                 remat: str = "none", activation_sharding: Sequence = (), rngs: nnx.Rngs):
         check_int(vocab_size=vocab_size, max_len=max_len, d_model=d_model, num_heads=num_heads,
                   num_layers=num_layers, d_ff=d_ff)
         self.remat = check_remat(remat)
         dtype, param_dtype = resolve_dtype(dtype), resolve_dtype(param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.max_len, self.dtype, self.scan_layers = max_len, dtype, bool(scan_layers)
+        if activation_sharding and len(activation_sharding) != 3:
+            raise ValueError("activation_sharding names the mesh axes of [batch, seq, "
+                             f"d_model]: 3 entries, got {tuple(activation_sharding)!r}")
+        self.activation_sharding = tuple(activation_sharding)
         self.embed = nnx.Embed(vocab_size, d_model, **kw, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model),
                                                       param_dtype))
@@ -111,8 +122,8 @@ class DecoderLM(nnx.Module):
         t = tokens.shape[-1]
         if t > self.max_len:
             raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}")
-        x = self.embed(tokens) + self.pos[:t].astype(self.dtype)
-        call = lambda block, x: block(x)  # noqa: E731
+        x = self._pin(self.embed(tokens) + self.pos[:t].astype(self.dtype))
+        call = lambda block, x: self._pin(block(x))  # noqa: E731
         if self.scan_layers:
             x = scan(call, self.blocks, x, remat=self.remat)
         else:
@@ -120,6 +131,11 @@ class DecoderLM(nnx.Module):
             for block in self.blocks:
                 x = call(block, x)
         return self.ln(x)
+
+    def _pin(self, x: jax.Array) -> jax.Array:
+        if not self.activation_sharding:
+            return x
+        return jax.lax.with_sharding_constraint(x, P(*self.activation_sharding))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return self.head(self.hidden(tokens))
