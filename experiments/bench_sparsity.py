@@ -496,7 +496,7 @@ def drop_and_grow(w, g, m, key, *, method: str, drop_fraction: float,
         kept, grown = drop_and_grow(w, g, m, key, method='threshold', drop_fraction=0.3)
     """
     update = _drop_and_grow("gradient", lambda t: drop_fraction, noise_std, method,
-                            reinit_when_same=True)
+                            reinit_when_same=True, stacked=())
     new, grown = update(0, {"w": w}, {"w": g}, {"w": m}, key)
     return new["w"] & ~grown["w"], grown["w"]
 
