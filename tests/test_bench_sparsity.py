@@ -58,3 +58,27 @@ def test_paired_ratio_and_target_verdict():
     assert "meets" not in bench._paired([12], [10], None)
     assert bench.TARGETS["trainer"]["rigl"] == bench.TARGETS["user"]["rigl"] == 1.03
     assert bench.TARGETS["user"]["sr_ste_1:32"] == 1.3
+
+
+@pytest.mark.parametrize("method", ["threshold", "sort"])
+def test_timed_mask_update_is_rigl_drop_and_grow(method):
+    """Part 2's timed update against a numpy RigL reference: keep the largest active
+    ``|w|``, grow the largest ``|g|`` among the rest (distinct values: no ties)."""
+    rng = np.random.default_rng(0)
+    w = rng.permutation(2000).reshape(40, 50).astype(np.float32) + 1
+    g = rng.permutation(2000).reshape(40, 50).astype(np.float32)
+    m = np.zeros(2000, bool)
+    m[rng.choice(2000, 200, replace=False)] = True
+    m = m.reshape(40, 50)
+    kept, grown = bench.drop_and_grow(jnp.asarray(w), jnp.asarray(g), jnp.asarray(m),
+                                      jax.random.PRNGKey(0), method=method,
+                                      drop_fraction=0.3, noise_std=0.0)
+    order = np.argsort(-np.where(m, np.abs(w), -1).ravel())[:140]   # 200 − 60 dropped
+    want_kept = np.zeros(2000, bool)
+    want_kept[order] = True
+    # 60 grown among all not kept (a dropped weight may come back)
+    order = np.argsort(-np.where(want_kept.reshape(m.shape), -1, np.abs(g)).ravel())[:60]
+    want_grown = np.zeros(2000, bool)
+    want_grown[order] = True
+    np.testing.assert_array_equal(np.asarray(kept).ravel(), want_kept)
+    np.testing.assert_array_equal(np.asarray(grown).ravel(), want_grown)
