@@ -220,12 +220,7 @@ def test_scanned_lm_is_causal():
 def scan_config(arg="tiny", **overrides):
     cfg = lm_recall.get_config(arg)
     cfg.model.scan_layers, cfg.model.remat = True, "full"
-    for k, v in overrides.items():
-        target = cfg
-        *parents, leaf = k.split(".")
-        for part in parents:
-            target = target[part]
-        target[leaf] = v
+    cfg.update_from_flattened_dict(overrides)  # dotted keys: 'model.num_layers'
     return cfg
 
 

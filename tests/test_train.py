@@ -22,12 +22,7 @@ def tiny(method="", **overrides):
     cfg = quickstart.get_config(f"{method},tiny")
     with cfg.unlocked():
         cfg.model.hidden = (64, 64)
-        for k, v in overrides.items():
-            target = cfg
-            *parents, leaf = k.split(".")
-            for p in parents:
-                target = target[p]
-            target[leaf] = v
+        cfg.update_from_flattened_dict(overrides)  # dotted keys: 'method.sparsity'
     return cfg
 
 
