@@ -174,7 +174,7 @@ def compile_row(size: str, variant: str, mesh: str, args) -> list[dict]:
                          t.dataset.train.get(np.arange(args.batch)))
     rows = []
     with jax.set_mesh(t.mesh):
-        for update in ([False, True] if t.tx.mask_update_due else [True]):
+        for update in ([False, "due"] if t.tx.mask_update_due else [True]):
             seconds = []
             for _ in range(max(getattr(args, "compile_repeats", 1), 1)):
                 jax.clear_caches()  # else a repeat (or the same program again) is a cache hit

@@ -66,17 +66,19 @@ class SparseTransformation(NamedTuple):
     parameters the model computes with (``W ⊙ m`` and any custom gradient). ``forward``
     is ``sparsejax.forward`` for every transform: the state says what to apply.
 
-    ``mask_update_due(count) -> bool`` is the mask-update schedule on the host, for a
-    transform whose masks change on a schedule (SET, RigL, gradual pruning): whether
-    the update that finds ``count`` in the state (its ``count`` field, the number of
-    updates applied before it) changes the masks. ``None`` where the masks never change
-    on a schedule (static, one-shot, N:M) or the schedule is not known (``dense`` around
-    a composed optimizer). Such a transform's ``update`` takes ``mask_update``: a loop
-    that passes ``mask_update=tx.mask_update_due(count)`` (a static argument of its
-    jitted step) compiles the step twice, and the non-update steps carry no mask-update
-    code at all (see ``sparsejax.dst``). ``count`` is the number of updates applied, so
-    a loop that skips steps counts applied ones; a False on a step whose update is due
-    makes that step's updates NaN rather than silently keep the old masks.
+    ``mask_update_due(count) -> 'due' | False`` is the mask-update schedule on the host,
+    for a transform whose masks change on a schedule (SET, RigL, gradual pruning):
+    whether the update that finds ``count`` in the state (its ``count`` field, the
+    number of updates applied before it) changes the masks, as the value to pass on.
+    ``None`` where the masks never change on a schedule (static, one-shot, N:M) or the
+    schedule is not known (``dense`` around a composed optimizer). Such a transform's
+    ``update`` takes ``mask_update``: True (the default) decides on the device, in one
+    program for every step; a loop that passes ``mask_update=tx.mask_update_due(count)``
+    (a static argument of its jitted step) compiles two programs: the non-update steps
+    carry no mask-update code at all, and the update steps no ``lax.cond`` (see
+    ``sparsejax.dst``). ``count`` is the number of updates applied, so a loop that skips
+    steps counts applied ones; a flag that contradicts the state's count makes that
+    step's updates NaN rather than silently keep the old masks or change them.
 
     Example:
 
@@ -87,6 +89,8 @@ class SparseTransformation(NamedTuple):
         >>> rigl = sparsejax.rigl(optax.sgd(0.1), 0.9, end_step=1000, update_every=100)
         >>> [t for t in range(350) if rigl.mask_update_due(t)]
         [0, 100, 200, 300]
+        >>> rigl.mask_update_due(100), rigl.mask_update_due(101)
+        ('due', False)
     """
 
     init: Callable[[Params], State]

@@ -580,21 +580,28 @@ def _with_rows(x: jax.Array, stacked: bool) -> jax.Array:
 
 
 def _per_row(v: jax.Array, rows: np.ndarray, x: jax.Array) -> jax.Array:
-    """Per-unit values ``v[units, ...]`` for the rows of ``x``, broadcastable against it."""
-    r = v[rows]
+    """Per-unit values ``v[units, ...]`` for the rows of ``x``, broadcastable against it.
+    A leaf's rows are all one unit or consecutive units (``_layout``): a broadcast or a
+    static slice, never a gather (one per leaf and threshold in every pass, which the
+    SPMD partitioner and XLA:CPU compile slowly)."""
+    lo = int(rows[0])
+    if np.all(rows == lo):
+        r = jnp.broadcast_to(jax.lax.index_in_dim(v, lo, keepdims=True),
+                             (rows.size,) + v.shape[1:])
+    else:
+        r = jax.lax.slice_in_dim(v, lo, lo + rows.size)
     return r.reshape(r.shape[:1] + (1,) * (x.ndim - 1) + r.shape[1:])
 
 
 def _unit_counts(keys: list[jax.Array], layout: _Layout, preds) -> jax.Array:
     """``int32[m, units]``: the entries of every unit satisfying each of the ``m >= 2``
     predicates ``preds(i, x)`` (bool arrays shaped like leaf ``x``). One reduction per
-    leaf over all but the row axis, then a static scatter of the small per-row counts."""
-    total = 0
-    for i, x in enumerate(keys):
-        c = jnp.stack(_sums(preds(i, x), range(1, x.ndim)))  # [m, rows]
-        total = total + jnp.zeros((c.shape[0], layout.sizes.size), jnp.int32).at[
-            :, layout.rows[i]].add(c)
-    return total
+    leaf over all but the row axis; the per-row counts are then summed (one unit) or
+    laid side by side (every row its own unit, in leaf order: ``_layout``)."""
+    per_leaf = [jnp.stack(_sums(preds(i, x), range(1, x.ndim))) for i, x in enumerate(keys)]
+    if layout.sizes.size == 1:
+        return sum(jnp.sum(c, axis=1, keepdims=True) for c in per_leaf)
+    return jnp.concatenate(per_leaf, axis=1)
 
 
 def _unit_index(i: int, x: jax.Array, layout: _Layout) -> jax.Array:

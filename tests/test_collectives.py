@@ -42,7 +42,8 @@ def compiled_steps(method: str, rules) -> dict[str, dict]:
     t = make_trainer(c)
     with jax.set_mesh(t.mesh):
         batch = t.device_batch(t.dataset.train.get(np.arange(16)))
-        flags = [False, True] if t.tx.mask_update_due else [True]
+        # what the loop dispatches (False, 'due'), and the single program (True)
+        flags = [False, "due", True] if t.tx.mask_update_due else [True]
         return {f"mask_update={f}": collectives(t.step.lower(t.abstract_state, batch, f)
                                                 .compile().as_text()) for f in flags}
 

@@ -104,12 +104,31 @@ def test_mask_update_false_when_due_gives_nan_never_the_old_masks():
     assert_same_run(fine, ref)
 
 
-def test_mask_update_must_be_a_python_bool():
+def test_mask_update_due_when_not_due_gives_nan_never_an_off_schedule_update():
+    """'due' (no cond around the update) on a step whose count is not due: NaN, not masks
+    changed off the schedule; on a due step, the cond program's result."""
+    tx = _transforms()["rigl"]  # due at count 0, 3, 6, ...
+    params = _params()
+    grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p, mask_update="due"))
+    state = tx.init(params)
+    got, s_got = update(grads, state, params)  # count 0: due
+    ref, s_ref = tx.update(grads, state, params)
+    assert_same_run((got, s_got), (ref, s_ref))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.masks),
+                                                        jax.tree.leaves(s_got.masks)))
+    off, _ = update(grads, s_ref, params)  # count 1: not due
+    assert all(np.isnan(np.asarray(u)).all() for u in jax.tree.leaves(off))
+
+
+@pytest.mark.parametrize("bad", [jnp.bool_(True), "yes", 1])
+def test_mask_update_must_be_a_python_bool_or_due(bad):
     tx, params = _transforms()["rigl"], _params()
     state = tx.init(params)
-    with pytest.raises(TypeError, match=r"mask_update must be a Python bool, got .*"
-                                        r"static argument"):
-        jax.jit(lambda s: tx.update(params, s, params, mask_update=jnp.bool_(True)))(state)
+    with pytest.raises(TypeError, match=r"mask_update must be a Python bool or 'due', got "
+                                        r".*static argument"):
+        jax.jit(lambda s: tx.update(params, s, params, mask_update=bad))(state)
+    assert state.count == 0  # nothing applied
     assert sparsejax.static_sparse(optax.sgd(0.1), 0.5).mask_update_due is None
 
 
