@@ -307,10 +307,10 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
     dispatches two programs. ``False`` leaves the mask-update code out: a cond holds its
     untaken branch's buffers on XLA:CPU, so those steps cost what masking costs.
     ``DUE`` updates the masks with no cond around the update: a cond is a fusion
-    barrier, and without it the update program has the plain step's ~700 fused kernels
-    plus the selection's, not a second copy of the step's update code inside a branch
-    (at 1B on 64 devices: 1.2× the dense step's compile time against 1.6× with the
-    cond). A static flag that contradicts the device's count is never silent: that
+    barrier, and without it the update program is the plain step's kernels plus the
+    selection's, not a second copy of the step's update code inside a branch (1B
+    decoder on FSDP-64: 1,032 generated kernels against 1,183 with the cond; the dense
+    step has 801). A static flag that contradicts the device's count is never silent: that
     step's updates are NaN (``_poison_where``), which a loop's finiteness check stops on.
     """
     mask_update_fn = mask_update

@@ -18,6 +18,7 @@ from sparsejax.train.sharding import make_mesh
 
 def tiny_args(tmp_path, **kw):
     base = dict(sizes="tiny", variants="dense,rigl,sr_ste", meshes="4x2", devices=8,
+                compile_repeats=1,
                 batch=8, seq_len=32, sparsity=0.9, loss_chunk=16,
                 out=str(tmp_path / "scale.json"), md=str(tmp_path / "scale.md"))
     return SimpleNamespace(**{**base, **kw})
@@ -35,6 +36,10 @@ def test_tiny_rows_meet_the_targets_and_are_recorded(tmp_path):
         assert r["args_extra_bytes"] >= r["sparse_local_params"]
     rigl = rows[2]
     assert 0 < rigl["all_reduces_added_by_update"] <= 64
+    # compile work: the update program generates more kernels than the plain step
+    assert rigl["kernels"] > rows[1]["kernels"] > 0
+    assert rigl["kernels_vs_dense"] == rigl["kernels"] / rows[0]["kernels"]
+    assert len(rigl["compile_rounds"]) == 1 and rigl["compile_s"] == rigl["compile_rounds"][0]
     # sparse kernels per device: 4×2 mesh, kernels split over both axes (8 ways)
     s = aot_scale.SIZES["tiny"]
     per_layer = (s["d_model"] * s["d_ff"] * 2 + s["d_model"] * s["num_heads"] * 16 * 2
@@ -43,6 +48,13 @@ def test_tiny_rows_meet_the_targets_and_are_recorded(tmp_path):
     saved = json.loads((tmp_path / "scale.json").read_text())
     assert saved["meta"]["devices"] == 8 and len(saved["rows"]) == 4
     assert aot_scale.table(saved["rows"]) in (tmp_path / "scale.md").read_text()
+
+
+def test_kernels_counts_fused_and_wrapped_computations():
+    hlo = ("%fused_computation.3 (p: f32[2]) -> f32[2] {\n}\n%region_0.1 (a: f32[]) {\n}\n"
+           "%wrapped_reduce_computation (x: s32[4]) -> s32[] {\n}\nENTRY %main {\n"
+           "  %fusion = f32[2] fusion(), calls=%fused_computation.3\n}\n")
+    assert aot_scale.kernels(hlo) == 2
 
 
 def test_a_row_that_cannot_compile_is_recorded_not_raised(tmp_path):

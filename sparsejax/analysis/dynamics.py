@@ -285,9 +285,9 @@ class MaskRecorder:
         >>> rec.turnover().columns
         ['step', 'layer', 'size', 'prev_active', 'next_active', 'dropped', 'grown', 'turnover']
         >>> rec.turnover().where(layer=TOTAL)['turnover']   # RigL: dropped == grown
-        [0.25, 0.25]
+        [0.28125, 0.25]
         >>> rec.ever_active().where(layer=TOTAL)['rate']
-        [0.5, 0.625, 0.703125]
+        [0.5, 0.640625, 0.75]
     """
 
     def __init__(self, every: int = 1):
