@@ -96,7 +96,7 @@ class SparseTransformation(NamedTuple):
     init: Callable[[Params], State]
     update: Callable[..., tuple[Params, State]]
     forward: Callable[[Params, State], Params]
-    mask_update_due: Callable[[int], bool] | None = None
+    mask_update_due: Callable[[int], bool | str] | None = None
 
 
 def is_sparsity_state(x) -> bool:

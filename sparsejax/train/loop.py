@@ -449,7 +449,7 @@ class MaskDispatch:
         (False, 'due')
     """
 
-    def __init__(self, due: Callable[[int], bool] | None, skipped: int = 0):
+    def __init__(self, due: Callable[[int], bool | str] | None, skipped: int = 0):
         self.due, self.skipped = due, skipped
 
     def count(self, step: int) -> int:
