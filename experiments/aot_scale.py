@@ -347,30 +347,34 @@ READING = """
 - **Everything compiles at 8B** on 64 devices: all three meshes, all three variants
   (before: `OverflowError` at 8B). With bfloat16 compute, full remat, the pinned
   residual stream and the chunked loss, the 8B step needs 3.7 GiB per device on
-  FSDP-64 (RigL's update program 4.2 GiB; target: under 40 GB), and 5.1–8.5 GiB on the
+  FSDP-64 (RigL's update program 3.8 GiB; target: under 40 GB), and 5.1–8.4 GiB on the
   data × model meshes.
 - **Arguments**: every sparse row adds 1.00 byte per local sparse parameter (the bool
   masks), plus a few scalars, to dense.
 - **Collectives**: no sparse program has an all-gather beyond dense (before: 144–327
-  per SR-STE step). RigL's mask update adds 4 all-reduce ops on FSDP and 15 on the
+  per SR-STE step). RigL's mask update adds 6 all-reduce ops on FSDP and 12 on the
   data × model meshes, the same at 12, 16 and 32 layers (before: 505–757 scalar
   all-reduces). Every count that crosses devices is a small vector, one entry per
-  layer. The loop constrains gradients to the params' shardings, which also took
-  10 all-gathers out of every step on the data × model meshes (33 → 23, 32 → 22).
+  layer: the selection runs in `jax.shard_map` over the params' shardings
+  (`masks.selection_shardings`), one `psum` per count. The loop constrains gradients
+  to the params' shardings, which also took 10 all-gathers out of every step on the
+  data × model meshes (33 → 23, 32 → 22).
+- **Update transient** (the update program's temporaries beyond the plain step's):
+  −5 to +51 MiB, within the masks' own size everywhere (76 MiB of masks per device at
+  8B, 10 MiB at 1B). It was +431–447 MiB at 8B before the update read its inputs
+  through a flag computed from every gradient (`dst._after_gradients`): XLA:CPU
+  drops optimization barriers before it schedules, and had started the update during
+  the backward pass, on top of its peak.
 - **Compile time** does not grow with depth (the layers are scanned, and one selection
   loop covers all layers, drop and grow). Ratios are medians of 3 round-robin rounds.
-  RigL's plain step compiles in 0.98–1.10× the dense step's time and SR-STE's in
-  1.08–1.37×. RigL's mask-update program (no `lax.cond`, what the loop dispatches on
-  update steps) takes 1.39–1.75×; at 1B 1.39× on FSDP, 1.75× on 16×4 and 1.64× on 8×8,
-  so the 1.5× target is met on FSDP only. It generates 1.29–1.43× the dense step's
-  kernels (deterministic, unlike the times; the `kernels` field of the JSON).
-- **Update transient**: the update's temporaries exceed the masks' size: +431–447 MiB
-  at 8B against 76 MiB of masks, +47–51 MiB at 1B against 10 MiB (target: the masks'
-  own size, missed). XLA:CPU rewrites every single-output reduction over more than 32
-  entries into a reduce-window and a reduce (its tree-reduction pass), which
-  materialises the selection's int32 predicates and uint32 keys for whole stacked
-  kernels; variadic reductions are exempt, but the SPMD partitioner all-gathers their
-  partials.
+  RigL's plain step compiles in 0.92–1.20× the dense step's time and SR-STE's in
+  1.02–1.31×. RigL's mask-update program (no `lax.cond`, what the loop dispatches on
+  update steps) takes 1.24–1.79×; at 1B 1.36× on FSDP and 1.49× on 16×4 (target 1.5×,
+  met) and 1.73× on 8×8 (missed). It generates 1.15–1.23× the dense step's kernels
+  (1.29–1.43× before the per-device counting; kernels are deterministic, the `kernels`
+  field of the JSON, while this machine's compile times vary by up to 1.6× between
+  rounds of the same program). About 0.2× of dense is the tie split's separate radix
+  loop, which runs only when a cut falls inside a run of equal keys.
 """
 
 

@@ -290,6 +290,23 @@ def _poison_where(updates, bad):
                         if jnp.issubdtype(u.dtype, jnp.floating) else u, updates)
 
 
+def _after_gradients(grads, tree):
+    """``tree``, unchanged, but computed only once all of ``grads`` is.
+
+    A mask update's inputs other than the gradients are ready when the step starts, so
+    XLA may start the update during the backward pass and add its temporaries to that
+    pass's peak; after it, they reuse its memory. An optimization barrier would say so
+    on accelerators, but XLA:CPU removes barriers before it schedules, so the order is a
+    data dependence: a flag computed from one max of ``|g|`` per leaf (an all-reduce of
+    scalars) that is always False (``x != x and x == x``), which XLA cannot know."""
+    leaves = [g for g in jax.tree.leaves(grads) if jnp.size(g)]
+    if not leaves:
+        return tree
+    g = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in leaves]))
+    never = (g != g) & (g == g)
+    return jax.tree.map(lambda x: jnp.where(never, jnp.zeros((), x.dtype), x), tree)
+
+
 #: The static ``mask_update`` of a step whose mask update the host schedule says is due
 #: (what ``SparseTransformation.mask_update_due`` returns for such a step).
 DUE = "due"
@@ -353,7 +370,8 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
                 base_updates, base_inner = step_updates, inner_state
             weights = optax.apply_updates(params, base_updates)
             key, sub = jax.random.split(state.key)
-            new_masks, new_conn = mask_update_fn(t, weights, grads, masks, sub)
+            w, m, sub = _after_gradients(grads, (weights, masks, sub))
+            new_masks, new_conn = mask_update_fn(t, w, grads, m, sub)
             keep = map_masked(lambda m, c: m & ~c, new_masks, new_conn)  # new ones start at 0
             updates = map_masked(lambda k, d, p: jnp.where(k, d, -p), keep, base_updates, params)
             return updates, mask_param_state(base_inner, keep, params), new_masks, key
@@ -562,7 +580,10 @@ def _drop_and_grow(grow: str, drop_fraction_fn, noise_std: float, selection: str
             return (tree(lambda i: jnp.where(first, chosen[i], kept[i])),
                     tree(lambda i: jnp.where(first, grown[i], chosen[i])))
 
-        kept, grown = jax.lax.fori_loop(0, 2, select, (masks, map_masked(jnp.zeros_like, masks)))
+        # grown starts as the masks, a value never read (drop leaves it, grow replaces it):
+        # zeros would be a constant XLA:CPU fills at the start of the step, before the
+        # backward pass's peak, where the masks are ready only with the gradients
+        kept, grown = jax.lax.fori_loop(0, 2, select, (masks, masks))
         new_m = map_masked(jnp.logical_or, kept, grown)
         new_c = grown if reinit_when_same else map_masked(lambda gr, m: gr & ~m, grown, masks)
         return new_m, new_c

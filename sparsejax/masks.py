@@ -38,6 +38,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -45,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparsejax.paths import (SparsityRule, match_rules, named_leaves, path_str, pattern_name,
                              rules_or_default, unbox)
@@ -458,12 +461,13 @@ def variadic_sums() -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
-def _sums(ops: list[jax.Array], axes) -> list[jax.Array]:
+def _sums(ops: list[jax.Array], axes, variadic: bool) -> list[jax.Array]:
     """``int32`` sums of same-shape arrays over ``axes``: one variadic reduction where
-    ``variadic_sums()`` (callers then give at least two operands even where they need
-    one sum), else one all-reducing sum each."""
+    ``variadic`` (``variadic_sums()``, or per device inside ``jax.shard_map``; callers
+    then give at least two operands even where they need one sum), else one sum each
+    (all-reducing when sharded)."""
     ops = tuple(o.astype(jnp.int32) for o in ops)
-    if not variadic_sums():
+    if not variadic:
         return [jnp.sum(o, axis=tuple(axes)) for o in ops]
     return list(jax.lax.reduce(ops, (jnp.int32(0),) * len(ops),
                                lambda a, b: tuple(u + v for u, v in zip(a, b)), tuple(axes)))
@@ -496,7 +500,7 @@ def row_counts(mask: jax.Array) -> jax.Array:
         m, rows = m.reshape(rows * f, -1), rows * f
     if not variadic_sums():
         return jnp.sum(m, axis=1, dtype=jnp.int32)
-    n_true, n_false = _sums([m, ~m], [1])
+    n_true, n_false = _sums([m, ~m], [1], True)
     return (n_true + (m.shape[1] - n_false)) // 2  # = n_true; both outputs used
 
 
@@ -532,7 +536,7 @@ def count_true(mask: jax.Array, dtype=jnp.int32) -> jax.Array:
     if not variadic_sums():
         return jnp.sum(m, dtype=jnp.int32).astype(dtype)
     m = m.reshape(1) if m.ndim == 0 else m
-    n_true, n_false = _sums([m, ~m], range(m.ndim))
+    n_true, n_false = _sums([m, ~m], range(m.ndim), True)
     return ((n_true + (m.size - n_false)) // 2).astype(dtype)  # = n_true; both outputs used
 
 
@@ -541,12 +545,19 @@ def count_true(mask: jax.Array, dtype=jnp.int32) -> jax.Array:
 # ``r`` of leaf ``i`` belongs to unit ``rows[i][r]``, where it starts at flat index
 # ``offsets[i][r]`` of the unit (leaves in order, row-major within a leaf). Per-layer
 # selection makes every row its own unit; global selection puts everything in unit 0.
+#
+# Under ``selection_shardings`` the threshold select runs inside ``jax.shard_map``:
+# the functions below then see each device's block of a key array, ``axes[i][d]`` names
+# the mesh axes that split dim ``d`` of leaf ``i``, and every count is a local variadic
+# reduction plus a ``psum`` of the ``[units]`` counts.
 
 
 class _Layout(NamedTuple):
     rows: tuple  # per leaf: np.int32[rows], the unit of each row
     offsets: tuple  # per leaf: np.int64[rows], each row's first flat index in its unit
     sizes: np.ndarray  # np.int64[units], entries per unit
+    shapes: tuple  # per leaf: the global shape of its key array
+    axes: tuple = ()  # inside shard_map, per leaf and dim: the mesh axes splitting it
 
 
 def _layout(shapes, one_unit: bool) -> _Layout:
@@ -566,7 +577,7 @@ def _layout(shapes, one_unit: bool) -> _Layout:
         raise OverflowError(f"selection over {int(sizes.max())} entries at once: its int32 "
                             "counts would wrap; select per layer (or per slice of a stacked "
                             "kernel), each below 2**31 entries")
-    return _Layout(tuple(rows), tuple(offsets), sizes)
+    return _Layout(tuple(rows), tuple(offsets), sizes, tuple(tuple(s) for s in shapes))
 
 
 def _with_rows(x: jax.Array, stacked: bool) -> jax.Array:
@@ -579,17 +590,33 @@ def _with_rows(x: jax.Array, stacked: bool) -> jax.Array:
     return x[:, None] if x.ndim == 1 else x
 
 
-def _per_row(v: jax.Array, rows: np.ndarray, x: jax.Array) -> jax.Array:
-    """Per-unit values ``v[units, ...]`` for the rows of ``x``, broadcastable against it.
-    A leaf's rows are all one unit or consecutive units (``_layout``): a broadcast or a
-    static slice, never a gather (one per leaf and threshold in every pass, which the
-    SPMD partitioner and XLA:CPU compile slowly)."""
+def _start(i: int, x: jax.Array, d: int, layout: _Layout):
+    """The global index of the first entry of ``x`` (leaf ``i``'s block) along dim ``d``:
+    0 unless a mesh axis splits that dim inside shard_map."""
+    axes = layout.axes[i][d] if layout.axes else ()
+    return jax.lax.axis_index(axes) * x.shape[d] if axes else 0
+
+
+def _local_rows(v, i: int, x: jax.Array, layout: _Layout) -> jax.Array:
+    """The entries of ``v`` (one per global row of leaf ``i``) for the rows of ``x``."""
+    v = jnp.asarray(v)
+    if v.shape[0] == x.shape[0]:
+        return v
+    return jax.lax.dynamic_slice_in_dim(v, _start(i, x, 0, layout), x.shape[0])
+
+
+def _per_row(v: jax.Array, i: int, x: jax.Array, layout: _Layout) -> jax.Array:
+    """Per-unit values ``v[units, ...]`` for the rows of ``x`` (leaf ``i``),
+    broadcastable against it. A leaf's rows are all one unit or consecutive units
+    (``_layout``): a broadcast or a slice, never a gather (one per leaf and threshold
+    in every pass, which the SPMD partitioner and XLA:CPU compile slowly)."""
+    rows = layout.rows[i]
     lo = int(rows[0])
     if np.all(rows == lo):
         r = jnp.broadcast_to(jax.lax.index_in_dim(v, lo, keepdims=True),
-                             (rows.size,) + v.shape[1:])
+                             (x.shape[0],) + v.shape[1:])
     else:
-        r = jax.lax.slice_in_dim(v, lo, lo + rows.size)
+        r = _local_rows(jax.lax.slice_in_dim(v, lo, lo + rows.size), i, x, layout)
     return r.reshape(r.shape[:1] + (1,) * (x.ndim - 1) + r.shape[1:])
 
 
@@ -597,20 +624,47 @@ def _unit_counts(keys: list[jax.Array], layout: _Layout, preds) -> jax.Array:
     """``int32[m, units]``: the entries of every unit satisfying each of the ``m >= 2``
     predicates ``preds(i, x)`` (bool arrays shaped like leaf ``x``). One reduction per
     leaf over all but the row axis; the per-row counts are then summed (one unit) or
-    laid side by side (every row its own unit, in leaf order: ``_layout``)."""
-    per_leaf = [jnp.stack(_sums(preds(i, x), range(1, x.ndim))) for i, x in enumerate(keys)]
-    if layout.sizes.size == 1:
-        return sum(jnp.sum(c, axis=1, keepdims=True) for c in per_leaf)
-    return jnp.concatenate(per_leaf, axis=1)
+    laid side by side (every row its own unit, in leaf order: ``_layout``). Inside
+    shard_map, the reductions are local and variadic (one pass that fuses the
+    predicates, where XLA:CPU would write each single-output sum's predicate to memory
+    first), and the leaves split over the same mesh axes share one ``psum``."""
+    variadic = bool(layout.axes) or variadic_sums()
+    per_leaf = [jnp.stack(_sums(preds(i, x), range(1, x.ndim), variadic))
+                for i, x in enumerate(keys)]
+    one_unit = layout.sizes.size == 1
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(keys)):  # one group without shard_map: nothing to psum
+        axes = layout.axes[i] if layout.axes else ()
+        groups.setdefault(tuple(sorted({a for d in axes for a in d})), []).append(i)
+    total = 0
+    for axes, members in groups.items():
+        if one_unit:
+            part = sum(jnp.sum(per_leaf[i], axis=1, keepdims=True) for i in members)
+        else:
+            blocks = []
+            for i, c in enumerate(per_leaf):
+                n = layout.rows[i].size
+                if i not in members:
+                    c = jnp.zeros((c.shape[0], n), jnp.int32)
+                elif c.shape[1] != n:  # this device's rows at their place, zeros elsewhere
+                    # (the psum of which XLA makes an all-gather of these counts)
+                    c = jax.lax.dynamic_update_slice_in_dim(
+                        jnp.zeros((c.shape[0], n), jnp.int32), c,
+                        _start(i, keys[i], 0, layout), axis=1)
+                blocks.append(c)
+            part = jnp.concatenate(blocks, axis=1)
+        total = total + (jax.lax.psum(part, axes) if axes else part)
+    return total
 
 
 def _unit_index(i: int, x: jax.Array, layout: _Layout) -> jax.Array:
     """``uint32``: every entry's flat index within its unit (fused, never stored)."""
+    shape = layout.shapes[i]
     idx = jnp.zeros(x.shape, jnp.int32)
     for d in range(1, x.ndim):
-        stride = math.prod(x.shape[d + 1:])
-        idx = idx + jax.lax.broadcasted_iota(jnp.int32, x.shape, d) * stride
-    off = jnp.asarray(layout.offsets[i], jnp.uint32)
+        idx = idx + ((jax.lax.broadcasted_iota(jnp.int32, x.shape, d) + _start(i, x, d, layout))
+                     * math.prod(shape[d + 1:]))
+    off = _local_rows(np.asarray(layout.offsets[i], np.uint32), i, x, layout)
     return idx.astype(jnp.uint32) + off.reshape(off.shape + (1,) * (x.ndim - 1))
 
 
@@ -629,8 +683,8 @@ def _split_ties(keys: list[jax.Array], layout: _Layout, t, need) -> jax.Array:
         c = p[:, None] + (ways[None, :] << shift)  # [units, ways] candidate cuts
 
         def preds(i, x):
-            tie, idx = x == _per_row(t, layout.rows[i], x), _unit_index(i, x, layout)
-            return [tie & (idx < _per_row(c[:, w], layout.rows[i], x)) for w in range(len(ways))]
+            tie, idx = x == _per_row(t, i, x, layout), _unit_index(i, x, layout)
+            return [tie & (idx < _per_row(c[:, w], i, x, layout)) for w in range(len(ways))]
 
         f = _unit_counts(keys, layout, preds)  # [ways, units] ties before each candidate
         return p + (jnp.sum(f < need[None], axis=0, dtype=jnp.uint32) << shift)
@@ -655,7 +709,7 @@ def _threshold_select(keys: list[jax.Array], k: jax.Array, layout: _Layout) -> l
         shift = jnp.uint32(32 - digit) - jnp.uint32(digit) * j.astype(jnp.uint32)
         c = prefix[:, None] | (ways[None, :] << shift)  # [units, ways]
         g = _unit_counts(keys, layout, lambda i, x: [
-            x >= _per_row(c[:, w], layout.rows[i], x) for w in range(len(ways))])
+            x >= _per_row(c[:, w], i, x, layout) for w in range(len(ways))])
         d = jnp.sum(g >= k[None], axis=0, dtype=jnp.int32)  # counts fall as j grows
         ext = jnp.concatenate([n_ge_lo[None], g, n_gt_hi[None]])
         pick = lambda e: jnp.take_along_axis(ext, e[None], axis=0)[0]
@@ -667,21 +721,21 @@ def _threshold_select(keys: list[jax.Array], k: jax.Array, layout: _Layout) -> l
                                    jnp.asarray(layout.sizes, jnp.int32), jnp.zeros(units, jnp.int32)))
     need = k - n_gt  # ties (key == t) to keep per unit: the first `need` in flat order
     split = (k > 0) & (need < n_ge - n_gt)
-    on = [_per_row(k > 0, layout.rows[i], x) for i, x in enumerate(keys)]
+    on = [_per_row(k > 0, i, x, layout) for i, x in enumerate(keys)]
 
     # The masks come out of a lax.cond: without a tie to leave out they are key >= t,
     # and no flat index is computed (at 10**8 keys on a CPU, 0.90 s a selection against
     # 1.0 s for a cond over the cut alone and 1.13 s for a tie-split loop of 0 passes).
     def all_ties():
-        return [(x >= _per_row(t, layout.rows[i], x)) & on[i] for i, x in enumerate(keys)]
+        return [(x >= _per_row(t, i, x, layout)) & on[i] for i, x in enumerate(keys)]
 
     def first_ties():  # the first `need` ties of a unit in flat order (_split_ties)
         cut = _split_ties(keys, layout, t, jnp.where(split, need, n_ge - n_gt))
         out = []
         for i, x in enumerate(keys):
-            t_i = _per_row(t, layout.rows[i], x)
-            keep = (x > t_i) | ((x == t_i) & (_unit_index(i, x, layout) <= _per_row(
-                cut, layout.rows[i], x)))
+            t_i = _per_row(t, i, x, layout)
+            keep = (x > t_i) | ((x == t_i) & (_unit_index(i, x, layout)
+                                              <= _per_row(cut, i, x, layout)))
             out.append(keep & on[i])
         return out
 
@@ -710,11 +764,81 @@ def _sort_select(keys: list[jax.Array], k: jax.Array, layout: _Layout) -> list[j
 SELECTION_METHODS = ("sort", "threshold")
 
 
+_SHARDINGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "sparsejax_selection_shardings", default=None)
+
+
+@contextlib.contextmanager
+def selection_shardings(shardings):
+    """Trace-time context: selections traced inside it count per device.
+
+    ``shardings`` is a tree like the params of ``NamedSharding`` (what ``jax.jit`` gets
+    as their ``in_shardings``). A 'threshold' selection whose every leaf has one, by
+    path, then runs inside ``jax.shard_map`` over those shardings: each count is one
+    fused reduction of the device's own block plus a ``psum`` of per-layer counts, and
+    no selection predicate is ever written to memory. Without the context, or for a
+    leaf it does not cover, XLA's partitioner places the sums: the same masks, with
+    predicate temporaries as large as the kernels on XLA:CPU. The training loop sets
+    it around ``tx.init`` and ``tx.update``; a hand-written sharded loop may do the same.
+
+    Example:
+
+        >>> import jax, jax.numpy as jnp
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> from sparsejax.masks import layer_topk_masks, selection_shardings
+        >>> mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1],
+        ...                      axis_types=(jax.sharding.AxisType.Auto,))
+        >>> scores = {'w': jnp.array([[3., 1.], [2., 4.]])}
+        >>> with selection_shardings({'w': NamedSharding(mesh, P('data'))}):
+        ...     m = jax.jit(lambda s: layer_topk_masks(s, {'w': 2}))(scores)
+        >>> m['w'].tolist()
+        [[True, False], [False, True]]
+    """
+    flat = jax.tree_util.tree_flatten_with_path(
+        shardings, is_leaf=lambda x: isinstance(x, NamedSharding) or x is None)[0]
+    token = _SHARDINGS.set({path_str(p): s for p, s in flat if isinstance(s, NamedSharding)})
+    try:
+        yield
+    finally:
+        _SHARDINGS.reset(token)
+
+
+def _axes(spec: P, ndim: int) -> list[tuple]:
+    """The mesh axes splitting each of ``ndim`` dims under ``spec`` (``()``: none)."""
+    dims = [() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec]
+    return dims + [()] * (ndim - len(dims))
+
+
+def _key_axes(shardings: list, keys: list, scores: list, stacked: list):
+    """``(mesh, axes)`` for running the selection under shard_map: per leaf and dim of
+    its key array the axes splitting it; ``None`` unless every leaf has a sharding of
+    one mesh that divides it."""
+    if not shardings or any(not isinstance(sh, NamedSharding) for sh in shardings):
+        return None
+    mesh = shardings[0].mesh
+    if any(t != jax.sharding.AxisType.Auto for t in getattr(mesh, "axis_types", ())):
+        return None  # explicit axes: the arrays' types carry their shardings already
+    out = []
+    for sh, x, s, st in zip(shardings, keys, scores, stacked):
+        if sh.mesh != mesh or len(sh.spec) > np.ndim(s):
+            return None
+        dims = _axes(sh.spec, np.ndim(s))
+        dims = (dims + [()] if np.ndim(s) == 1 else dims) if st else (
+            [()] + dims + ([()] if np.ndim(s) == 0 else []))
+        if any(n % math.prod(mesh.shape[a] for a in d) for n, d in zip(x.shape, dims)):
+            return None
+        out.append(tuple(dims))
+    return mesh, tuple(out)
+
+
 def _select(scores: list[jax.Array], k, eligible: list | None, method: str,
-            stacked: Sequence[bool] | None = None) -> list[jax.Array]:
+            stacked: Sequence[bool] | None = None, shardings: list | None = None
+            ) -> list[jax.Array]:
     """Masks keeping the top ``k`` keys. ``k`` a scalar: one unit over every leaf
     (global selection). ``k`` a list, one entry per leaf (a scalar, or one per layer of
-    a ``stacked`` leaf): every leaf, and every layer of a stacked one, its own unit."""
+    a ``stacked`` leaf): every leaf, and every layer of a stacked one, its own unit.
+    ``shardings`` (one ``NamedSharding`` per leaf): 'threshold' counts per device
+    under ``jax.shard_map`` (``selection_shardings``)."""
     if method not in SELECTION_METHODS:
         raise ValueError(f"unknown selection method {method!r}; known: {SELECTION_METHODS}")
     if not scores:
@@ -729,7 +853,16 @@ def _select(scores: list[jax.Array], k, eligible: list | None, method: str,
     else:
         k = jnp.concatenate([jnp.broadcast_to(jnp.asarray(kk, jnp.int32), (x.shape[0],))
                              for kk, x in zip(k, keys)])
-    chosen = (_threshold_select if method == "threshold" else _sort_select)(keys, k, layout)
+    sharded = method == "threshold" and _key_axes(shardings, keys, scores, stacked)
+    if sharded:
+        mesh, axes = sharded
+        specs = tuple(P(*(None if not d else d[0] if len(d) == 1 else d for d in a))
+                      for a in axes)
+        chosen = jax.shard_map(
+            lambda kk, *xs: tuple(_threshold_select(list(xs), kk, layout._replace(axes=axes))),
+            mesh=mesh, in_specs=(P(),) + specs, out_specs=specs, check_vma=False)(k, *keys)
+    else:
+        chosen = (_threshold_select if method == "threshold" else _sort_select)(keys, k, layout)
     return [c.reshape(jnp.shape(s)) for c, s in zip(chosen, scores)]
 
 
@@ -758,16 +891,19 @@ def topk_mask(scores: jax.Array, k, eligible: jax.Array | None = None,
 
 def _select_tree(scores, k, eligible, method: str, stacked=None):
     """``_select`` on a tree: ``stacked`` (one bool per leaf) given: per layer, ``k`` a
-    tree like ``scores``; else global, ``k`` a scalar."""
-    flat, treedef = jax.tree_util.tree_flatten(scores, is_leaf=is_unowned)
+    tree like ``scores``; else global, ``k`` a scalar. Shardings, by path, from
+    ``selection_shardings``."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(scores, is_leaf=is_unowned)
     el = [None] * len(flat) if eligible is None else treedef.flatten_up_to(eligible)
-    live = [i for i, s in enumerate(flat) if not is_unowned(s)]
+    live = [i for i, (_, s) in enumerate(flat) if not is_unowned(s)]
     st = None
     if stacked is not None:
         k_flat = treedef.flatten_up_to(k)
         k, st = [k_flat[i] for i in live], [stacked[i] for i in live]
-    chosen = _select([flat[i] for i in live], k, [el[i] for i in live], method, st)
-    out = list(flat)
+    by_path = _SHARDINGS.get()
+    sh = None if by_path is None else [by_path.get(path_str(flat[i][0])) for i in live]
+    chosen = _select([flat[i][1] for i in live], k, [el[i] for i in live], method, st, sh)
+    out = [s for _, s in flat]
     for i, c in zip(live, chosen):
         out[i] = c
     return jax.tree_util.tree_unflatten(treedef, out)

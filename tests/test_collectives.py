@@ -134,3 +134,93 @@ def test_variadic_and_single_output_sums_agree(monkeypatch):
     assert single[1] == variadic[1] == int(np.sum(np.asarray(m)))
     np.testing.assert_array_equal(single[2], variadic[2])
     assert single[3] == pytest.approx(variadic[3], rel=1e-5)
+
+
+def _ranked_reference(scores: dict, k: dict, eligible: dict, stacked: set) -> dict:
+    """``reference_topk`` per layer (each slice of a stacked leaf its own), eligible
+    entries only: ineligible ones get -inf below every score and are never kept."""
+    out = {}
+    for p, s in scores.items():
+        s = np.where(eligible[p], np.asarray(s, np.float64), -np.inf)
+        rows = s if p in stacked else s[None]
+        ks = np.broadcast_to(np.asarray(k[p]), (rows.shape[0],))
+        kept = [reference_topk(r, min(int(kk), int(np.isfinite(r).sum())))
+                for r, kk in zip(rows, ks)]
+        out[p] = np.stack(kept) if p in stacked else kept[0]
+    return out
+
+
+@pytest.mark.parametrize("specs", [
+    {"a": P(None, "data", "model"), "b": P(("data", "model")), "c": P("model"), "d": P(None, "data")},
+    {"a": P("data", None, "model"), "b": P(None, "model"), "c": P(), "d": P("model", None)},
+])
+def test_selection_under_shard_map_equals_the_reference_and_moves_only_counts(specs):
+    """Under ``selection_shardings`` every count is a local reduction plus a psum (the
+    selection runs in ``jax.shard_map``): the masks equal a numpy argsort reference,
+    layer by layer (a stacked leaf's slices too, with its layer axis split or not) and
+    globally, with ties and ineligible entries; nothing is gathered unless the layer
+    axis itself is split (then XLA gathers the per-layer counts, 3 x layers int32)."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    rng = np.random.default_rng(0)
+    scores = {"a": rng.integers(0, 5, (4, 16, 8)).astype(np.float32),  # stacked, many ties
+              "b": rng.normal(size=(8, 12)).astype(np.float32),
+              "c": rng.integers(0, 3, (16,)).astype(np.float32),
+              "d": rng.integers(0, 3, (8, 4)).astype(np.float32)}
+    eligible = {p: s != 1 for p, s in scores.items()}
+    k = {"a": np.array([10, 100, 0, 128]), "b": 37, "c": 5, "d": 9}
+    shardings = {p: NamedSharding(mesh, s) for p, s in specs.items()}
+
+    def layer(s, e):
+        return masks.layer_topk_masks(s, k, eligible=e, stacked={"a"})
+
+    def whole(s, e):
+        return masks.global_topk_masks(s, 200, eligible=e, method="threshold")
+
+    with masks.selection_shardings(shardings):
+        fns = [jax.jit(f, in_shardings=(shardings, shardings)) for f in (layer, whole)]
+        got = [f(scores, eligible) for f in fns]
+        hlo = fns[0].lower(scores, eligible).compile().as_text()
+    ref = _ranked_reference(scores, k, eligible, {"a"})
+    for p in scores:
+        np.testing.assert_array_equal(np.asarray(got[0][p]), ref[p], err_msg=p)
+        assert got[0][p].sharding.is_equivalent_to(shardings[p], scores[p].ndim), p
+    flat = np.concatenate([np.where(eligible[p], scores[p], -np.inf).reshape(-1) for p in scores])
+    want = reference_topk(flat, 200)
+    np.testing.assert_array_equal(
+        np.concatenate([np.asarray(got[1][p]).reshape(-1) for p in scores]), want)
+    gathers = collectives(hlo)["all-gather"]
+    if specs["a"][0] is None:
+        assert not gathers, gathers
+    else:  # the layer axis split: its per-layer counts, never a key or a mask
+        assert all(_size(s) <= 3 * 4 for s in gathers), gathers
+
+
+def test_selection_shardings_that_do_not_cover_a_leaf_leave_the_partitioner_to_it():
+    """A leaf without a sharding in the context (or one that does not divide it) is
+    selected by the partitioner's sums: the same masks."""
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+    s = {"w": np.arange(48, dtype=np.float32).reshape(6, 8) % 7, "v": np.ones(8, np.float32)}
+    k = {"w": 11, "v": 3}
+    want = jax.jit(lambda s: masks.layer_topk_masks(s, k))(s)
+    for sh in ({"w": NamedSharding(mesh, P(None, "x"))},            # 'v' not covered
+               {"w": NamedSharding(mesh, P("x")), "v": NamedSharding(mesh, P("x"))}):  # 6 % 8
+        with masks.selection_shardings(sh):
+            got = jax.jit(lambda s: masks.layer_topk_masks(s, k))(s)
+        for p in s:
+            np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(want[p]))
+    np.testing.assert_array_equal(np.asarray(want["w"]), reference_topk(s["w"], 11))
+
+
+def test_mask_update_waits_for_the_gradients():
+    """The RigL update reads masks, weights and its key only through a flag computed
+    from every gradient leaf, so XLA cannot start it during the backward pass (where
+    its temporaries would add to the peak); the values are the same."""
+    from sparsejax.dst import _after_gradients
+    grads = {"a": np.array([1.0, np.nan]), "b": np.ones((2, 2), np.float32)}
+    tree = ({"w": np.arange(3.0)}, {"m": np.array([True, False])}, np.array([7, 9], np.uint32))
+    for g in (grads, {"a": np.array([1.0, 2.0]), "b": grads["b"]}):
+        out = jax.jit(_after_gradients)(g, tree)
+        for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+            np.testing.assert_array_equal(np.asarray(x), y)
+    jaxpr = str(jax.make_jaxpr(_after_gradients)(grads, tree))
+    assert jaxpr.count("reduce_max") == 3 and jaxpr.count("select_n") == 3, jaxpr

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from sparsejax.base import (SparseTransformation, check_int, count_unmasked, forward,
                             mask_params, sparsity_states)
-from sparsejax.masks import count_true
+from sparsejax.masks import count_true, selection_shardings
 from sparsejax.train.build import build
 from sparsejax.train.checkpoint import Checkpointer, abstract_like
 from sparsejax.train.data import BatchIterator, Dataset, eval_batches, get_dataset
@@ -343,7 +343,9 @@ def make_trainer(config, tx=None) -> Trainer:
         # sharded like the params: else, without a cond around RigL's update, the
         # partitioner keeps full gathered head/embedding gradients (+500 MiB at 1B, FSDP)
         grads = jax.lax.with_sharding_constraint(grads, p_sh)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, **flag(mask_update))
+        with selection_shardings(p_sh):  # selections count per device (shard_map)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                           **flag(mask_update))
         params = optax.apply_updates(state.params, updates)
         stats["grad_norm"] = optax.tree.norm(grads)
         stats.update(sparsity_stats(opt_state))
