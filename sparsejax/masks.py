@@ -558,6 +558,7 @@ class _Layout(NamedTuple):
     sizes: np.ndarray  # np.int64[units], entries per unit
     shapes: tuple  # per leaf: the global shape of its key array
     axes: tuple = ()  # inside shard_map, per leaf and dim: the mesh axes splitting it
+    mesh_axes: tuple = ()  # inside shard_map: every axis of the mesh
 
 
 def _layout(shapes, one_unit: bool) -> _Layout:
@@ -627,34 +628,26 @@ def _unit_counts(keys: list[jax.Array], layout: _Layout, preds) -> jax.Array:
     laid side by side (every row its own unit, in leaf order: ``_layout``). Inside
     shard_map, the reductions are local and variadic (one pass that fuses the
     predicates, where XLA:CPU would write each single-output sum's predicate to memory
-    first), and the leaves split over the same mesh axes share one ``psum``."""
+    first), counted once among devices that hold the same block, and one ``psum``
+    over the mesh adds them up."""
     variadic = bool(layout.axes) or variadic_sums()
     per_leaf = [jnp.stack(_sums(preds(i, x), range(1, x.ndim), variadic))
                 for i, x in enumerate(keys)]
-    one_unit = layout.sizes.size == 1
-    groups: dict[tuple, list[int]] = {}
-    for i in range(len(keys)):  # one group without shard_map: nothing to psum
-        axes = layout.axes[i] if layout.axes else ()
-        groups.setdefault(tuple(sorted({a for d in axes for a in d})), []).append(i)
-    total = 0
-    for axes, members in groups.items():
-        if one_unit:
-            part = sum(jnp.sum(per_leaf[i], axis=1, keepdims=True) for i in members)
-        else:
-            blocks = []
-            for i, c in enumerate(per_leaf):
-                n = layout.rows[i].size
-                if i not in members:
-                    c = jnp.zeros((c.shape[0], n), jnp.int32)
-                elif c.shape[1] != n:  # this device's rows at their place, zeros elsewhere
-                    # (the psum of which XLA makes an all-gather of these counts)
-                    c = jax.lax.dynamic_update_slice_in_dim(
-                        jnp.zeros((c.shape[0], n), jnp.int32), c,
-                        _start(i, keys[i], 0, layout), axis=1)
-                blocks.append(c)
-            part = jnp.concatenate(blocks, axis=1)
-        total = total + (jax.lax.psum(part, axes) if axes else part)
-    return total
+    parts = []
+    for i, c in enumerate(per_leaf):
+        if layout.axes:
+            split = {a for d in layout.axes[i] for a in d}
+            copies = tuple(a for a in layout.mesh_axes if a not in split)
+            if copies:  # devices along these hold the same block: the first counts it
+                c = c * (jax.lax.axis_index(copies) == 0).astype(jnp.int32)
+            if c.shape[1] != layout.rows[i].size:  # this device's rows at their place
+                # (XLA makes the psum of this update slice an all-gather of the counts)
+                c = jax.lax.dynamic_update_slice_in_dim(
+                    jnp.zeros((c.shape[0], layout.rows[i].size), jnp.int32), c,
+                    _start(i, keys[i], 0, layout), axis=1)
+        parts.append(jnp.sum(c, axis=1, keepdims=True) if layout.sizes.size == 1 else c)
+    total = sum(parts) if layout.sizes.size == 1 else jnp.concatenate(parts, axis=1)
+    return jax.lax.psum(total, layout.mesh_axes) if layout.axes else total
 
 
 def _unit_index(i: int, x: jax.Array, layout: _Layout) -> jax.Array:
@@ -699,10 +692,10 @@ def _threshold_select(keys: list[jax.Array], k: jax.Array, layout: _Layout) -> l
     # whatever the size or the number of units. The counts just below and above the
     # interval holding t are carried along, so the number of ties at t comes for free;
     # only when some unit leaves some of them out does _split_ties run.
+    # A unit with fewer eligible keys (> 0) than k ends with t = 0: every count of a
+    # candidate >= 1 falls short of k. Its mask is then key >= 1, every eligible entry.
     digit = _digit_bits()
     ways = jnp.arange(1, 2**digit, dtype=jnp.uint32)
-    n_eligible = _unit_counts(keys, layout, lambda i, x: [x > 0, x == 0])[0]
-    k = jnp.clip(k, 0, n_eligible)
 
     def key_pass(j, state):
         prefix, n_ge_lo, n_gt_hi = state
@@ -720,7 +713,8 @@ def _threshold_select(keys: list[jax.Array], k: jax.Array, layout: _Layout) -> l
         0, 32 // digit, key_pass, (jnp.zeros(units, jnp.uint32),
                                    jnp.asarray(layout.sizes, jnp.int32), jnp.zeros(units, jnp.int32)))
     need = k - n_gt  # ties (key == t) to keep per unit: the first `need` in flat order
-    split = (k > 0) & (need < n_ge - n_gt)
+    split = (k > 0) & (t > 0) & (need < n_ge - n_gt)
+    t = jnp.maximum(t, 1)  # t = 0: fewer eligible keys than k, all of them kept
     on = [_per_row(k > 0, i, x, layout) for i, x in enumerate(keys)]
 
     # The masks come out of a lax.cond: without a tie to leave out they are key >= t,
@@ -730,7 +724,8 @@ def _threshold_select(keys: list[jax.Array], k: jax.Array, layout: _Layout) -> l
         return [(x >= _per_row(t, i, x, layout)) & on[i] for i, x in enumerate(keys)]
 
     def first_ties():  # the first `need` ties of a unit in flat order (_split_ties)
-        cut = _split_ties(keys, layout, t, jnp.where(split, need, n_ge - n_gt))
+        cut = _split_ties(keys, layout, t, jnp.where(split, need, jnp.asarray(
+            layout.sizes, jnp.int32)))  # no split: every tie before the cut
         out = []
         for i, x in enumerate(keys):
             t_i = _per_row(t, i, x, layout)
@@ -859,7 +854,8 @@ def _select(scores: list[jax.Array], k, eligible: list | None, method: str,
         specs = tuple(P(*(None if not d else d[0] if len(d) == 1 else d for d in a))
                       for a in axes)
         chosen = jax.shard_map(
-            lambda kk, *xs: tuple(_threshold_select(list(xs), kk, layout._replace(axes=axes))),
+            lambda kk, *xs: tuple(_threshold_select(
+                list(xs), kk, layout._replace(axes=axes, mesh_axes=tuple(mesh.axis_names)))),
             mesh=mesh, in_specs=(P(),) + specs, out_specs=specs, check_vma=False)(k, *keys)
     else:
         chosen = (_threshold_select if method == "threshold" else _sort_select)(keys, k, layout)
