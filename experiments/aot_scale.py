@@ -370,8 +370,8 @@ READING = """
   RigL's plain step compiles in 1.01–1.14× the dense step's time and SR-STE's in
   1.05–1.31×. RigL's mask-update program (no `lax.cond`, what the loop dispatches on
   update steps) takes 1.35–1.69×; at 1B 1.52× on FSDP, 1.69× on 16×4 and 1.59× on
-  8×8, against a 1.5× target (missed; the run before this one, 12 fewer kernels
-  earlier, measured 1.36×, 1.49× and 1.73×). It generates 1.15–1.22× the dense step's
+  8×8, against a 1.5× target (missed; the run before this one, with 6 more kernels
+  per program, measured 1.36×, 1.49× and 1.73×). It generates 1.15–1.22× the dense step's
   kernels (1.29–1.43× before the per-device counting; kernels are deterministic, the
   `kernels` field of the JSON, while this machine's compile times vary by up to 1.7×
   between rounds of the same program). About 0.2× of dense is the tie split's separate radix
