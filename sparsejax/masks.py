@@ -774,7 +774,7 @@ def selection_shardings(shardings):
     no selection predicate is ever written to memory. Without the context, or for a
     leaf it does not cover, XLA's partitioner places the sums: the same masks, with
     predicate temporaries as large as the kernels on XLA:CPU. The training loop sets
-    it around ``tx.init`` and ``tx.update``; a hand-written sharded loop may do the same.
+    it around ``tx.update``; a hand-written sharded loop may do the same.
 
     Example:
 
