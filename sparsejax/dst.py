@@ -298,7 +298,9 @@ def _after_gradients(grads, tree):
     pass's peak; after it, they reuse its memory. An optimization barrier would say so
     on accelerators, but XLA:CPU removes barriers before it schedules, so the order is a
     data dependence: a flag computed from one max of ``|g|`` per leaf (an all-reduce of
-    scalars) that is always False (``x != x and x == x``), which XLA cannot know."""
+    scalars) that is always False (``x != x and x == x``), which XLA cannot know. The
+    update passes the sparse leaves' gradients only: the others (biases, norms) are
+    small, finish with them, and would each add a reduction kernel to compile."""
     leaves = [g for g in jax.tree.leaves(grads) if jnp.size(g)]
     if not leaves:
         return tree
@@ -370,7 +372,10 @@ def _sparse_transform(inner: optax.GradientTransformation, *, init_counts, mask_
                 base_updates, base_inner = step_updates, inner_state
             weights = optax.apply_updates(params, base_updates)
             key, sub = jax.random.split(state.key)
-            w, m, sub = _after_gradients(grads, (weights, masks, sub))
+            flat_m, treedef = _flat_masks(masks)
+            sparse_grads = [g for m, g in zip(flat_m, treedef.flatten_up_to(grads))
+                            if not is_unowned(m)]
+            w, m, sub = _after_gradients(sparse_grads, (weights, masks, sub))
             new_masks, new_conn = mask_update_fn(t, w, grads, m, sub)
             keep = map_masked(lambda m, c: m & ~c, new_masks, new_conn)  # new ones start at 0
             updates = map_masked(lambda k, d, p: jnp.where(k, d, -p), keep, base_updates, params)
