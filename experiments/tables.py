@@ -51,7 +51,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import flax
 import jax
@@ -241,6 +241,69 @@ def group(runs: Iterable[dict], keys: Sequence[str],
 def rank(seq: Sequence, x) -> int:
     """Position of ``x`` in ``seq`` (``len(seq)`` if absent): a sort key for ``order``."""
     return seq.index(x) if x in seq else len(seq)
+
+
+VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+
+
+class Verdict(NamedTuple):
+    """A claim's verdict from paired per-seed differences: ``effect`` is their mean (in
+    the claim's direction: positive means ``a`` did better), ``half_width`` the one-sided
+    95% Student-t bound's distance from it, ``n`` the number of seeds."""
+    verdict: str
+    effect: float
+    half_width: float
+    n: int
+
+
+def verdict(a: Sequence[float], b: Sequence[float], *, higher_is_better: bool = True,
+            margin: float = 0.0) -> Verdict:
+    """Whether "``a`` is at least as good as ``b``, less ``margin``" holds, from per-seed
+    values paired by position (the same seed in both lists).
+
+    With ``d = a − b`` per seed (``b − a`` when lower is better), mean ``m`` and standard
+    error ``se``, and ``h = t(0.95, n − 1) · se``: *reproduced* when ``m − h > −margin``
+    (the claim holds at one-sided 95%), *not reproduced* when ``m + h < −margin`` (its
+    opposite does), else *inconclusive* (the spread covers both, or one seed). ``margin
+    = 0`` tests "a ≥ b"; a positive margin tests "a matches b within margin".
+
+    Example:
+
+        >>> from experiments.tables import verdict
+        >>> verdict([0.90, 0.91, 0.92], [0.80, 0.80, 0.81]).verdict      # a clear win
+        'reproduced'
+        >>> verdict([2.0, 2.1, 2.05], [1.9, 2.0, 1.92], higher_is_better=False).verdict
+        'not reproduced'
+        >>> verdict([0.5, 0.7, 0.6], [0.6, 0.5, 0.7]).verdict            # overlapping
+        'inconclusive'
+    """
+    from scipy import stats
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a claim compares paired seeds: got {len(a)} and {len(b)} values")
+    d = [(x - y) if higher_is_better else (y - x) for x, y in zip(a, b)]
+    n, m = len(d), statistics.fmean(d)
+    if n < 2:
+        return Verdict("inconclusive", m, math.inf, n)
+    h = float(stats.t.ppf(0.95, n - 1)) * statistics.stdev(d) / math.sqrt(n)
+    v = ("reproduced" if m - h > -margin else "not reproduced" if m + h < -margin
+         else "inconclusive")
+    return Verdict(v, m, h, n)
+
+
+def verdict_line(claim: str, v: Verdict, unit: str = "", scale: float = 1.0,
+                 digits: int = 3) -> str:
+    """One Markdown bullet: the claim, its verdict, the effect and its spread.
+
+    Example:
+
+        >>> from experiments.tables import verdict, verdict_line
+        >>> verdict_line('RigL ≥ SET at 90%', verdict([1.0, 1.1, 1.2], [0.9, 0.9, 1.0]), ' nats')
+        '- RigL ≥ SET at 90%: **reproduced** (effect +0.167 nats, one-sided 95% bound ±0.097, 3 seeds)'
+    """
+    return (f"- {claim}: **{v.verdict}** (effect {v.effect * scale:+.{digits}f}{unit}, "
+            f"one-sided 95% bound ±{v.half_width * scale:.{digits}f}, {v.n} seed"
+            f"{'s' if v.n != 1 else ''})")
 
 
 # ----------------------------------------------------------------------------- provenance

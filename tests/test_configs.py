@@ -19,7 +19,8 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
 # tfds configs need prepared data; their models are checked on the dataset's shapes
 # (lm_text prepares its tokenised corpus on first use: tests/test_tokens.py runs it)
 INFO = {"resnet_cifar10": DataInfo("classification", (32, 32, 3), 10),
-        "lm_text": DataInfo("lm", (128,), 4096)}
+        "lm_text": DataInfo("lm", (128,), 4096),
+        "lm_bytes": DataInfo("lm", (128,), 256)}  # its corpus is pinned to CPython 3.11.7
 METHODS = ["", "static,0.9", "rigl,0.95", "nm_ste,2:4", "mdgf,1:8", "sdgf,2:4", "wide,0.75",
            "parallel,0.5", "doped,0.9"]  # one per code path (set/gradual/sr_ste share them)
 

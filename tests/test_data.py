@@ -158,3 +158,76 @@ def test_tfds_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         D.get_dataset(mc.ConfigDict({"name": "tfds", "tfds_name": "no_such_dataset_xyz",
                                      "data_dir": str(tmp_path)}))
+
+
+PINNED = D.STDLIB_BYTES_PYTHON
+on_pinned_python = pytest.mark.skipif(
+    __import__("platform").python_version() != PINNED,
+    reason=f"the stdlib_bytes corpus is pinned to CPython {PINNED}'s standard library")
+
+
+@on_pinned_python
+def test_stdlib_bytes_is_the_pinned_files_split_within_each_document():
+    from sparsejax.train.tokens import stdlib_dir
+
+    t = 64
+    ds = D.get_dataset(mc.ConfigDict({"name": "stdlib_bytes", "seq_len": t}))
+    assert ds.info == D.DataInfo("lm", (t,), 256)
+    # the reference: every pinned module's bytes, read here, 90% / 10% by hand
+    texts = [(stdlib_dir() / f"{m}.py").read_bytes() for m in D.STDLIB_BYTES_MODULES]
+    assert len(texts) == 167 and all(b"\0" not in x for x in texts)
+    cut = [len(x) - -(-len(x) // 10) for x in texts]  # ceil(10%) goes to eval
+    train = b"".join(x[:c] + b"\0" for x, c in zip(texts, cut))
+    ev = b"".join(x[c:] + b"\0" for x, c in zip(texts, cut))
+    for source, stream in ((ds.train, train), (ds.eval, ev)):
+        assert len(source) == (len(stream) - 1) // t
+        i = np.array([0, len(source) - 1])
+        b = source.get(i)
+        for row, k in enumerate(i):
+            np.testing.assert_array_equal(b["inputs"][row], list(stream[k * t:k * t + t]))
+            np.testing.assert_array_equal(b["targets"][row], list(stream[k * t + 1:k * t + t + 1]))
+    assert train.startswith(texts[0][:100]) and ev.endswith(texts[-1][-50:] + b"\0")
+    # deterministic: a second build is the same arrays
+    again = D.get_dataset(mc.ConfigDict({"name": "stdlib_bytes", "seq_len": t}))
+    np.testing.assert_array_equal(again.eval.get(np.arange(5))["inputs"],
+                                  ds.eval.get(np.arange(5))["inputs"])
+
+
+def _fake_stdlib(tmp_path, monkeypatch, content):
+    from sparsejax.train import tokens
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    for m in D.STDLIB_BYTES_MODULES:
+        (root / f"{m}.py").write_bytes(content(m))
+    monkeypatch.setattr(tokens, "stdlib_dir", lambda: root)
+    return root
+
+
+def test_stdlib_bytes_with_other_contents_is_a_clear_error_and_touches_nothing(tmp_path, monkeypatch):
+    root = _fake_stdlib(tmp_path, monkeypatch, lambda m: f"# {m}\n".encode())
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    with pytest.raises(ValueError, match=r"pinned to CPython 3\.11\.7.*content hash is [0-9a-f]{64}, "
+                                         rf"not the pinned {D.STDLIB_BYTES_SHA256}"):
+        D.get_dataset(mc.ConfigDict({"name": "stdlib_bytes"}))
+    (root / "zipfile.py").unlink()
+    (root / "abc.py").unlink()
+    with pytest.raises(ValueError, match=r"2 pinned file\(s\) missing, e.g. \['abc.py', 'zipfile.py'\]"):
+        D.get_dataset(mc.ConfigDict({"name": "stdlib_bytes"}))
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == {
+        k: v for k, v in before.items() if k not in ("abc.py", "zipfile.py")}
+
+
+@on_pinned_python
+def test_stdlib_bytes_one_changed_byte_is_caught(tmp_path, monkeypatch):
+    from sparsejax.train.tokens import stdlib_dir
+
+    real = stdlib_dir()
+    _fake_stdlib(tmp_path, monkeypatch, lambda m: (real / f"{m}.py").read_bytes())
+    assert len(D.pinned_stdlib()) == 167  # an exact copy passes
+    path = tmp_path / "lib" / "this.py"
+    data = bytearray(path.read_bytes())
+    data[10] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="content hash"):
+        D.pinned_stdlib()

@@ -56,3 +56,38 @@ def test_render_only_without_a_page_writes_the_reading_placeholder(root, tmp_pat
     head = committed.split("<!-- reading:begin -->")[0]
     assert text.startswith(head)
     assert "_Not written yet: add a 3–5 sentence reading" in text
+
+
+T95 = {2: 2.919986, 4: 2.131847}  # one-sided 95% Student-t quantiles (df), from the tables
+
+
+def test_verdict_on_hand_made_seeds():
+    import math
+
+    from experiments.tables import verdict, verdict_line
+
+    # a clear win: differences 0.10, 0.11, 0.11 → mean 0.10667, sd 0.005774
+    v = verdict([0.90, 0.91, 0.92], [0.80, 0.80, 0.81])
+    assert v.verdict == "reproduced" and v.n == 3
+    assert math.isclose(v.effect, 0.32 / 3, rel_tol=1e-9)
+    assert math.isclose(v.half_width, T95[2] * (1 / 30000) ** 0.5 / 3 ** 0.5, rel_tol=1e-5)
+    # a clear loss on a lower-is-better metric: a's losses are 0.1 higher on every seed
+    assert verdict([2.0, 2.1, 2.05], [1.9, 2.0, 1.92], higher_is_better=False).verdict == "not reproduced"
+    # overlapping spreads: the mean favours a (+0.0) but the seeds disagree
+    assert verdict([0.5, 0.7, 0.6], [0.6, 0.5, 0.7]).verdict == "inconclusive"
+    # same mean win (+0.05) but noisy seeds: not enough to call
+    assert verdict([0.6, 0.5, 0.75], [0.5, 0.55, 0.65]).verdict == "inconclusive"
+    # a margin turns "a >= b" into "a matches b within margin": 0.02 worse, tight
+    close = ([0.88, 0.89, 0.885], [0.90, 0.91, 0.905])
+    assert verdict(*close).verdict == "not reproduced"
+    assert verdict(*close, margin=0.05).verdict == "reproduced"
+    assert verdict(*close, margin=0.019).verdict == "not reproduced"
+    # five seeds use df = 4
+    v5 = verdict([1, 2, 3, 4, 5], [0, 0, 0, 0, 0])
+    assert math.isclose(v5.half_width, T95[4] * (2.5 ** 0.5) / 5 ** 0.5, rel_tol=1e-5)
+    # one seed has no spread: never a verdict either way
+    assert verdict([1.0], [0.0]).verdict == "inconclusive"
+    with pytest.raises(ValueError, match="paired seeds: got 3 and 2"):
+        verdict([1, 2, 3], [1, 2])
+    assert verdict_line("RigL ≥ SET", v, " pts", 100, 1) == (
+        "- RigL ≥ SET: **reproduced** (effect +10.7 pts, one-sided 95% bound ±1.0, 3 seeds)")

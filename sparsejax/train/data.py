@@ -475,6 +475,109 @@ def text_file(cfg) -> Dataset:
     return Dataset(windows(raw[:n_train]), windows(raw[n_train:]), DataInfo("lm", (t,), 256))
 
 
+STDLIB_BYTES_PYTHON = "3.11.7"
+"""The interpreter whose standard library ``stdlib_bytes`` is pinned to."""
+STDLIB_BYTES_MODULES = tuple("""
+__future__ __hello__ _aix_support _bootsubprocess _collections_abc _compat_pickle
+_compression _markupbase _osx_support _py_abc _pydecimal _pyio _sitebuiltins
+_strptime _threading_local _weakrefset abc aifc antigravity argparse ast asynchat
+asyncore base64 bdb bisect bz2 cProfile calendar cgi cgitb chunk cmd code codecs
+codeop colorsys compileall configparser contextlib contextvars copy copyreg crypt
+csv dataclasses datetime decimal difflib dis doctest enum filecmp fileinput fnmatch
+fractions ftplib functools genericpath getopt getpass gettext glob graphlib gzip
+hashlib heapq hmac imaplib imghdr imp inspect io ipaddress keyword linecache locale
+lzma mailbox mailcap mimetypes modulefinder netrc nntplib ntpath nturl2path numbers
+opcode operator optparse os pathlib pdb pickle pickletools pipes pkgutil platform
+plistlib poplib posixpath pprint profile pstats pty py_compile pyclbr pydoc queue
+quopri random reprlib rlcompleter runpy sched secrets selectors shelve shlex shutil
+signal site smtpd smtplib sndhdr socket socketserver sre_compile sre_constants
+sre_parse ssl stat statistics string stringprep struct subprocess sunau symtable
+sysconfig tabnanny tarfile telnetlib tempfile textwrap this threading timeit token
+tokenize trace traceback tracemalloc tty turtle types typing uu uuid warnings wave
+weakref webbrowser xdrlib zipapp zipfile zipimport
+""".split())
+"""The ``stdlib_bytes`` corpus: these top-level modules of the standard library
+(``<stdlib>/<name>.py``; 167 files, 4.7 MB; the generated, platform-specific
+``_sysconfigdata*`` left out)."""
+STDLIB_BYTES_SHA256 = "9698cc91f257897ffe6c22209ec8d5032a173d645b8624a5342e369604200d7a"
+"""``train.tokens.corpus_hash`` of those files under CPython 3.11.7."""
+STDLIB_BYTES_EVAL_FRACTION = 0.1
+"""The eval split: the last 10% of every document's bytes (the first 90% train), so both
+splits come from the same modules and their losses compare (held-out whole modules
+differ in kind: ``stringprep``'s tables, ``decimal``'s docs)."""
+DOCUMENT_END = 0
+"""The byte after every document (NUL, which no source file holds)."""
+
+
+def pinned_stdlib(root=None) -> list:
+    """The ``stdlib_bytes`` documents (``train.tokens.Document``), checked against the
+    pinned file list and content hash: a missing file or changed content is an error
+    naming them, never a silently different corpus.
+
+    Example (under CPython 3.11.7; elsewhere the error says what differs):
+
+        >>> from sparsejax.train.data import pinned_stdlib
+        >>> docs = pinned_stdlib()                      # doctest: +SKIP
+        >>> len(docs), docs[0].name                     # doctest: +SKIP
+        (167, 'stdlib/__future__.py')
+    """
+    import platform
+    from pathlib import Path
+
+    from sparsejax.train.tokens import STDLIB, Document, corpus_hash, stdlib_dir
+
+    root = Path(root) if root is not None else stdlib_dir()
+    where = (f"the 'stdlib_bytes' corpus is pinned to CPython {STDLIB_BYTES_PYTHON}'s "
+             f"standard library; this is {platform.python_implementation()} "
+             f"{platform.python_version()} ({root})")
+    missing = [m for m in STDLIB_BYTES_MODULES if not (root / f"{m}.py").is_file()]
+    if missing:
+        raise ValueError(f"{where}: {len(missing)} pinned file(s) missing, e.g. "
+                         f"{[m + '.py' for m in missing[:5]]}. Train on another corpus "
+                         "with data.name='text' (bytes of one file) or 'tokens' (any files)")
+    docs = [Document(f"{STDLIB}/{m}.py", root / f"{m}.py") for m in STDLIB_BYTES_MODULES]
+    sha = corpus_hash(docs)
+    if sha != STDLIB_BYTES_SHA256:
+        raise ValueError(f"{where}: its content hash is {sha}, not the pinned "
+                         f"{STDLIB_BYTES_SHA256}, so results would not be comparable. "
+                         "Train on another corpus with data.name='text' or 'tokens'")
+    return docs
+
+
+def stdlib_bytes(cfg) -> Dataset:
+    """Byte-level language modelling on a pinned corpus every CPython 3.11.7 has: the
+    standard library's top-level modules (``STDLIB_BYTES_MODULES``; vocabulary 256, no
+    download, no tokenizer). Every document's first 90% of bytes is train and its last
+    10% eval (``STDLIB_BYTES_EVAL_FRACTION``); each split is its parts in name order,
+    each followed by ``DOCUMENT_END``, cut into windows of ``seq_len + 1`` bytes at
+    stride ``seq_len``. The loss in nats per token is nats per byte: bits per byte is
+    ``loss / ln 2``.
+
+    Example (under CPython 3.11.7):
+
+        >>> from ml_collections import ConfigDict
+        >>> from sparsejax.train.data import stdlib_bytes
+        >>> ds = stdlib_bytes(ConfigDict({'seq_len': 128}))  # doctest: +SKIP
+        >>> ds.info, len(ds.train), len(ds.eval)             # doctest: +SKIP
+        (DataInfo(task='lm', input_shape=(128,), num_classes=256), 32777, 3643)
+    """
+    t = int(cfg.get("seq_len", 128))
+    if t < 1:
+        raise ValueError(f"config.data.seq_len={t} must be positive")
+    texts = [d.path.read_bytes() for d in pinned_stdlib()]
+    cuts = [len(x) - int(np.ceil(STDLIB_BYTES_EVAL_FRACTION * len(x))) for x in texts]
+    end = bytes([DOCUMENT_END])
+
+    def windows(parts):
+        stream = np.frombuffer(b"".join(p + end for p in parts), np.uint8)
+        n = (len(stream) - 1) // t
+        idx = np.arange(n)[:, None] * t + np.arange(t + 1)[None]
+        return _lm_source(stream[idx], np.ones((n, t)))
+
+    return Dataset(windows([x[:c] for x, c in zip(texts, cuts)]),
+                   windows([x[c:] for x, c in zip(texts, cuts)]), DataInfo("lm", (t,), 256))
+
+
 class TfdsSource:
     """A tensorflow-datasets split read by random access (``tfds.data_source``).
 
@@ -586,6 +689,7 @@ def tokens(cfg) -> Dataset:
 DATASETS = {"digits": digits, "synthetic_images": synthetic_images,
             "synthetic_tokens": synthetic_tokens,
             "associative_recall": associative_recall, "copy": copy_task, "text": text_file,
+            "stdlib_bytes": stdlib_bytes,
             "tfds": tfds_dataset, "tokens": tokens}
 
 
