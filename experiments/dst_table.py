@@ -1,33 +1,45 @@
-"""Dense vs static vs SET vs RigL on the digits MLP: accuracy, loss, sparsity and FLOPs.
+"""Dense vs static vs SET vs RigL: eval quality, sparsity and FLOPs, with a verdict on
+"RigL ≥ SET ≥ static" (the RigL and SET papers) at every sparsity.
 
-    python -m experiments.dst_table                      # 30 runs → docs/results/dst_digits.*
+    python -m experiments.dst_table                      # digits MLP, 39 runs → docs/results/dst_digits.*
+    python -m experiments.dst_table --task=lm --jobs=2   # byte LM, 39 runs → docs/results/dst_lm.*
     python -m experiments.dst_table --quick              # smoke test: 1 seed, 0.9, 100 steps
     python -m experiments.dst_table --methods=static,rigl --sparsities=0.9 --seeds=0,1
-    python -m experiments.dst_table --render_only        # Markdown from the JSON
+    python -m experiments.dst_table --render_only        # Markdown from the JSON (--task=lm too)
 
-Every (method, sparsity, seed) trains ``configs/quickstart.py:<method>,<sparsity>`` with
-its defaults (ERK, head dense by rule, ΔT = 100, drop 0.3 cosine to 75% of training)
+``--task=digits`` trains ``configs/quickstart.py`` (a ReLU MLP on the embedded 8×8
+digits, 1500 steps); ``--task=lm`` trains ``configs/lm_bytes.py`` (a byte-level decoder
+LM on the pinned standard-library corpus, which underfits), shortened to ``TASKS['lm']``'s
+steps and mask-update interval so that the 39 runs fit in an hour on 2 CPU cores.
+Every (method, sparsity, seed) trains ``<config>:<method>,<sparsity>`` with its defaults
+(ERK, head dense by rule, drop 0.3 cosine to 75% of training)
 in a temporary workdir that is deleted afterwards; ``config.seed`` (init, data order)
 and, for static/SET/RigL, ``config.method.seed`` (random masks, SET growth) are set to
 the seed. Dense
 runs once per seed, not per sparsity. Each run's realised sparsity is measured from its
 final masks and from the loop's ``train_sparsity`` and must equal the target within
 1e-3. Inference and training FLOPs relative to dense come from ``sparsejax.flops`` (the
-RigL paper's Appendix-H accounting).
+RigL paper's Appendix-H accounting). Each claim's verdict (``tables.verdict``) compares
+paired seeds on the task's metric (digits: eval accuracy; LM: eval loss).
 
 Writes JSON with every per-seed number and a Markdown table (mean ± sample std,
 ddof = 1). The "Reading" section of the Markdown is prose written by a person: a rerun
 keeps the one between the ``reading:begin``/``reading:end`` markers of the existing file
 and warns that it must be checked against the new numbers. The sweep runner and the
 Markdown renderer are shared with the other tables (``experiments/tables.py``); this
-file holds what is particular: one run, the JSON fields and the page's ``TABLE`` spec.
+file holds what is particular: one run, the JSON fields and the page's ``Table`` spec.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from dataclasses import dataclass, field
+from types import ModuleType
+
 from absl import app, flags
 
-from configs import quickstart
+from configs import lm_bytes, quickstart
 from configs.common import END_FRACTION, SPARSITY_METHODS
 from experiments import tables
 from experiments.tables import Column, If, group, level, mean_of, mean_std, pm_of
@@ -36,33 +48,69 @@ from sparsejax.analysis import find_masks
 from sparsejax.distributions import as_distribution
 from sparsejax.paths import named_leaves
 
+
+@dataclass(frozen=True)
+class Task:
+    """What a table trains: its config, output stem, the metric its claims are judged
+    on, and the table's changes to the config (``num_steps``, ``method.update_every``)."""
+    config: str
+    module: ModuleType
+    stem: str
+    metric: str
+    higher_is_better: bool
+    overrides: dict = field(default_factory=dict)
+
+
+TASKS = {
+    "digits": Task("configs/quickstart.py", quickstart, "dst_digits", "eval_accuracy", True),
+    # 500 steps of batch 16 × 128 bytes (1 M bytes, a quarter of an epoch); ΔT = 50, so
+    # masks update at steps 0, 50, …, 350 before T_end = 375; one eval, at the end
+    "lm": Task("configs/lm_bytes.py", lm_bytes, "dst_lm", "eval_loss", False,
+               {"num_steps": 500, "batch_size": 16, "update_every": 50, "eval_every": 0}),
+}
+
+flags.DEFINE_enum("task", "digits", list(TASKS), "what to train: the digits MLP or the byte LM")
 flags.DEFINE_list("methods", ["dense", "static", "set", "rigl"], "sparsity methods")
-flags.DEFINE_list("sparsities", ["0.8", "0.9", "0.95"], "target sparsities (not for dense)")
+flags.DEFINE_list("sparsities", ["0.9", "0.95", "0.98", "0.99"], "target sparsities (not for dense)")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (config.seed, and config.method.seed where the method has one)")
-flags.DEFINE_integer("num_steps", 0, "training steps (0: the config's, 1500)")
-flags.DEFINE_string("out_md", "docs/results/dst_digits.md", "Markdown table")
-flags.DEFINE_string("out_json", "docs/results/dst_digits.json", "per-seed JSON")
+flags.DEFINE_integer("num_steps", 0, "training steps (0: the task's: digits 1500, LM 500)")
+flags.DEFINE_string("out_md", "docs/results/dst_digits.md", "Markdown table (default: the task's)")
+flags.DEFINE_string("out_json", "docs/results/dst_digits.json", "per-seed JSON (default: the task's)")
+flags.DEFINE_integer("jobs", 1, "runs at once, each in its own process (2 keeps both "
+                     "cores of a 2-core CPU busy with the LM)")
 flags.DEFINE_bool("quick", False, "smoke test: seed 0, sparsity 0.9, 100 steps; unless "
                   "--out_md/--out_json are given, writes under runs/ instead of docs/")
 flags.DEFINE_bool("render_only", False, "rewrite --out_md from the existing --out_json "
                   "(no training)")
 FLAGS = flags.FLAGS
 
-CONFIG = "configs/quickstart.py"
 TOLERANCE = 1e-3  # |realised − target sparsity|
 
 
 # ----------------------------------------------------------------------------- one run
 
 
-def run_one(method: str, sparsity: float | None, seed: int, num_steps: int) -> dict:
-    """Trains one config in a temporary workdir; returns its numbers and final densities."""
-    config = quickstart.get_config(method if method == "dense" else f"{method},{sparsity}")
+def task_config(task: Task, arg: str | None, num_steps: int = 0):
+    """The task's config for ``arg`` with the table's overrides (``num_steps`` > 0 wins;
+    ``eval_every = 0`` evaluates after the last step only)."""
+    config = task.module.get_config(arg)
+    config.num_steps = num_steps or task.overrides.get("num_steps", config.num_steps)
+    config.eval_every = task.overrides.get("eval_every", config.eval_every)
+    config.batch_size = task.overrides.get("batch_size", config.batch_size)
+    if "update_every" in task.overrides and "update_every" in config.method:
+        config.method.update_every = task.overrides["update_every"]
+    return config
+
+
+def run_one(task: str, num_steps: int, method: str, sparsity: float | None, seed: int) -> dict:
+    """Trains one config of ``TASKS[task]`` in a temporary workdir; returns its numbers
+    and final densities."""
+    task = TASKS[task]
+    config = task_config(task, method if method == "dense" else f"{method},{sparsity}",
+                         num_steps)
     config.seed = seed
     if "seed" in config.method:  # random masks, SET growth (dense has no masks)
         config.method.seed = seed
-    if num_steps:
-        config.num_steps = num_steps
     final = {}
     summary, _ = tables.run_config(
         config, hooks=[tables.final_state_hook(config.num_steps, final)], prefix="dst_table_")
@@ -80,6 +128,7 @@ def run_one(method: str, sparsity: float | None, seed: int, num_steps: int) -> d
     out = {
         "method": method, "sparsity": sparsity, "seed": seed, "steps": summary["steps"],
         "eval_accuracy": summary["eval_accuracy"], "eval_loss": summary["eval_loss"],
+        "eval_bits_per_byte": summary["eval_loss"] / math.log(2),
         "train_loss": summary.get("train_loss"),
         "train_sparsity": summary.get("train_sparsity", 0.0),
         "sparsity_from_masks": measured,
@@ -109,15 +158,19 @@ def add_flops(runs: list[dict], f_dense: dict) -> None:
         r["train_flops_rel"] = train / flops.training_flops_per_step("dense", fd, fd)
 
 
-def config_summary(num_steps: int) -> dict:
-    c = quickstart.get_config("rigl,0.9")
-    c.num_steps = steps = num_steps or c.num_steps  # end_step follows num_steps
-    o, s = c.optimizer, c.method
-    widths = " → ".join(map(str, (64, *c.model.hidden, 10)))
+def config_summary(task: Task, num_steps: int) -> dict:
+    c = task_config(task, "rigl,0.9", num_steps)
+    o, s, m = c.optimizer, c.method, c.model
+    if task is TASKS["lm"]:
+        model = (f"decoder LM, {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} "
+                 f"heads, d_ff {m.d_ff}, {m.activation}, bytes (vocabulary 256), "
+                 f"context {c.data.seq_len}")
+    else:
+        model = f"MLP {' → '.join(map(str, (64, *m.hidden, 10)))}, {m.activation}"
     return {
-        "config": CONFIG, "model": f"MLP {widths}, {c.model.activation}",
-        "data": dict(c.data),
-        "num_steps": steps, "batch_size": c.batch_size,
+        "task": next(k for k, t in TASKS.items() if t is task),
+        "config": task.config, "model": model, "data": dict(c.data),
+        "num_steps": c.num_steps, "batch_size": c.batch_size,
         "optimizer": (f"{o.name} lr={o.learning_rate} wd={o.weight_decay} {o.schedule} "
                       f"schedule, {o.warmup_steps} warm-up steps"),
         "distribution": f"{s.distribution} (power_scale {as_distribution(s.distribution).power_scale})",
@@ -125,6 +178,7 @@ def config_summary(num_steps: int) -> dict:
         "update_every": s.update_every, "drop_fraction": s.drop_fraction,
         "drop_fraction_anneal": s.drop_fraction_anneal, "end_fraction": END_FRACTION,
         "end_step": s.end_step, "drop_noise_std": s.drop_noise_std,
+        "metric": task.metric, "higher_is_better": task.higher_is_better,
     }
 
 
@@ -161,66 +215,120 @@ def _layer_densities(result: dict, ctx: dict) -> list[str]:
             + ", ".join(f"{v:.4f} at target {k:g}" for k, v in sorted(all_k.items())) + "."]
 
 
-TABLE = tables.Table(
-    title="Dense vs static vs SET vs RigL on the digits MLP",
-    context=lambda result: {"update_steps": _update_steps(result["config"]),
-                            "tolerance": TOLERANCE},
-    setup=[
-        "Config: `{cfg[config]}:<method>,<sparsity>` with its defaults; `config.seed` and "
-        "(static, SET, RigL) `config.method.seed` both set to the seed (seeds {seeds}).",
-        "Model: {cfg[model]} on scikit-learn digits (8×8, 1,437 train / {eval_size} eval "
-        "examples, fixed split).",
-        "Training: {cfg[num_steps]} steps, batch {cfg[batch_size]}, {cfg[optimizer]}.",
-        "Sparsity: {cfg[distribution]} layer-wise densities over the sparse kernels; rules "
-        "{cfg[rules]} (the head stays dense, biases are never sparse); masks initialised "
-        "`{cfg[mask_init]}`. The target sparsity is over the sparse kernels only.",
-        "SET/RigL: mask update every ΔT = {cfg[update_every]} steps, drop fraction "
-        "{cfg[drop_fraction]} annealed ({cfg[drop_fraction_anneal]}) to 0 at "
-        "T_end = {cfg[end_fraction]} × steps = step {cfg[end_step]}, so masks update at "
-        "steps {update_steps}; RigL skips the gradient step on update steps, SET does not "
-        "(the library's defaults, as in the reference code).",
-        "Wall time is the whole `train_and_evaluate` call (compile, eval, orbax checkpoints "
-        "included) on a shared machine with other work running, so it is noisy.",
-        "Train loss is the loop's mean over the last logging window (the final 50 steps), "
-        "on masked weights.",
-        "Accuracy and loss are on the eval split after the last step. Each cell is mean ± "
-        "sample std (ddof = 1) over {n_seeds} seed(s); one eval example is 0.28 accuracy "
-        "points.",
-        "Realised sparsity: measured from each run's final masks and from the loop's "
-        "`train_sparsity`; every run was checked to equal the target within {tolerance}.",
-        If("has_flops",
-           "FLOPs (`sparsejax.flops`): dense inference is {dense_flops:,} FLOPs per example "
-           "(2 per multiply-add, kernels only). Inference = Σ layer FLOPs × layer density. "
-           "Training per step after Evci et al. 2020, App. H: dense 3·f_D, static/SET "
-           "3·f_S, RigL (3·f_S·ΔT + 2·f_S + f_D)/(ΔT + 1). The RigL formula charges a dense "
-           "gradient every ΔT steps for all of training, though updates stop at T_end, so "
-           "it slightly overstates RigL. These are theoretical counts: this implementation "
-           "multiplies masked dense matrices, so wall time does not fall with sparsity.",
-           "FLOPs: `sparsejax.flops` was not available when this was made."),
-    ],
-    group_by=("method", "sparsity"),
-    columns=[
-        Column("method", level(0)),
-        Column("sparsity", level(1, "{:g}")),
-        Column("eval accuracy (%)", pm_of("eval_accuracy", 100)),
-        Column("eval loss", pm_of("eval_loss", 1, 3)),
-        Column("train loss", pm_of("train_loss", 1, 4)),
-        Column("sparsity realised", mean_of("sparsity_from_masks", ".4f")),
-        Column("rel. inference FLOPs", mean_of("inference_flops_rel", ".3f"), "has_flops"),
-        Column("rel. training FLOPs / step", mean_of("train_flops_rel", ".3f"), "has_flops"),
-        Column("wall time (s)", pm_of("wall_time_s", 1, 1)),
-    ],
-    sections=[
-        _layer_densities,
-        tables.paired("Paired accuracy differences (same seed: same init and data order), "
-                      "in points, mean ± sample std over seeds:",
-                      ("method", "sparsity"), "sparsity", "sparsities",
-                      [("static", "dense"), ("set", "dense"), ("rigl", "dense"),
-                       ("rigl", "static"), ("rigl", "set"), ("set", "static")], fmt="{:g}"),
-    ],
-    reading="3–5",
-)
-SCRIPT = tables.Script("experiments.dst_table", TABLE)
+CLAIMS = (("rigl", "set"), ("set", "static"), ("rigl", "static"))
+""""RigL ≥ SET ≥ static" (Evci et al. 2020, Table 1 and Fig. 2; Mocanu et al. 2018), one
+pair at a time."""
+LABEL = {"dense": "dense", "static": "static", "set": "SET", "rigl": "RigL"}
+
+
+def _claims(result: dict, ctx: dict) -> list[str]:
+    """Section: a verdict per claim and sparsity, from paired seeds on the task's metric."""
+    cfg, runs = result["config"], result["runs"]
+    metric, higher = cfg.get("metric", "eval_accuracy"), cfg.get("higher_is_better", True)
+    by = {(r["method"], r["sparsity"], r["seed"]): r[metric] for r in runs}
+    scale, unit, digits = (100, " points of accuracy", 2) if metric == "eval_accuracy" else (
+        1 / math.log(2), " bits per byte", 4)
+    lines = []
+    for s in result["sparsities"]:
+        for a, b in CLAIMS:
+            seeds = [k for k in result["seeds"] if (a, s, k) in by and (b, s, k) in by]
+            if not seeds:
+                continue
+            v = tables.verdict([by[(a, s, k)] for k in seeds], [by[(b, s, k)] for k in seeds],
+                               higher_is_better=higher)
+            lines.append(tables.verdict_line(f"{LABEL[a]} ≥ {LABEL[b]} at {s:g}", v, unit,
+                                             scale, digits))
+    if not lines:
+        return []
+    better = "higher" if higher else "lower"
+    return ["", "## Claims", "",
+            f"Verdicts on {metric.replace('_', ' ')} ({better} is better), per-seed pairs "
+            "(same seed: same init and data order). The effect is the mean paired "
+            "difference in the claim's favour; *reproduced* when its one-sided 95% "
+            "Student-t bound is above 0, *not reproduced* when the bound on the other "
+            "side is below 0, else *inconclusive* (`experiments.tables.verdict`).", "",
+            *lines]
+
+
+def make_table(task: Task) -> tables.Table:
+    """The page of one task's table."""
+    lm = task is TASKS["lm"]
+    quality = ([Column("eval loss", pm_of("eval_loss", 1, 4)),
+                Column("eval bits/byte", pm_of("eval_bits_per_byte", 1, 4)),
+                Column("train loss", pm_of("train_loss", 1, 4))] if lm else
+               [Column("eval accuracy (%)", pm_of("eval_accuracy", 100)),
+                Column("eval loss", pm_of("eval_loss", 1, 3)),
+                Column("train loss", pm_of("train_loss", 1, 4))])
+    data = ("Data: the pinned standard-library corpus (`stdlib_bytes`: 167 modules, "
+            "4.7 MB; every file's last 10% is eval), windows of {cfg[data][seq_len]} bytes; "
+            "eval over the whole eval split. Bits per byte = loss / ln 2." if lm else
+            "Model: {cfg[model]} on scikit-learn digits (8×8, 1,437 train / {eval_size} "
+            "eval examples, fixed split).")
+    return tables.Table(
+        title=("Dense vs static vs SET vs RigL on the byte-level LM" if lm else
+               "Dense vs static vs SET vs RigL on the digits MLP"),
+        context=lambda result: {"update_steps": _update_steps(result["config"]),
+                                "tolerance": TOLERANCE},
+        setup=[
+            "Config: `{cfg[config]}:<method>,<sparsity>` with its defaults"
+            + (" but {cfg[num_steps]} steps and ΔT = {cfg[update_every]}" if lm else "")
+            + "; `config.seed` and (static, SET, RigL) `config.method.seed` both set to "
+            "the seed (seeds {seeds}).",
+            *(["Model: {cfg[model]}.", data] if lm else [data]),
+            "Training: {cfg[num_steps]} steps, batch {cfg[batch_size]}, {cfg[optimizer]}.",
+            "Sparsity: {cfg[distribution]} layer-wise densities over the sparse kernels; "
+            "rules {cfg[rules]} (the head stays dense, biases are never sparse); masks "
+            "initialised `{cfg[mask_init]}`. The target sparsity is over the sparse "
+            "kernels only.",
+            "SET/RigL: mask update every ΔT = {cfg[update_every]} steps, drop fraction "
+            "{cfg[drop_fraction]} annealed ({cfg[drop_fraction_anneal]}) to 0 at "
+            "T_end = {cfg[end_fraction]} × steps = step {cfg[end_step]}, so masks update at "
+            "steps {update_steps}; RigL skips the gradient step on update steps, SET does "
+            "not (the library's defaults, as in the reference code).",
+            "Wall time is the whole `train_and_evaluate` call (compile, eval, orbax "
+            "checkpoints included).",
+            "Train loss is the loop's mean over the last logging window (the final 50 "
+            "steps), on masked weights.",
+            "Eval numbers are after the last step. Each cell is mean ± sample std (ddof = 1) "
+            "over {n_seeds} seed(s)" + ("." if lm else "; one eval example is 0.28 "
+                                        "accuracy points."),
+            "Realised sparsity: measured from each run's final masks and from the loop's "
+            "`train_sparsity`; every run was checked to equal the target within "
+            "{tolerance}.",
+            If("has_flops",
+               "FLOPs (`sparsejax.flops`): dense inference is {dense_flops:,} FLOPs per "
+               + ("sequence" if lm else "example") + " (2 per multiply-add, kernels only). "
+               "Inference = Σ layer FLOPs × layer density. "
+               "Training per step after Evci et al. 2020, App. H: dense 3·f_D, static/SET "
+               "3·f_S, RigL (3·f_S·ΔT + 2·f_S + f_D)/(ΔT + 1). The RigL formula charges a "
+               "dense gradient every ΔT steps for all of training, though updates stop at "
+               "T_end, so it slightly overstates RigL. These are theoretical counts: this "
+               "implementation multiplies masked dense matrices, so wall time does not "
+               "fall with sparsity.",
+               "FLOPs: `sparsejax.flops` was not available when this was made."),
+        ],
+        group_by=("method", "sparsity"),
+        columns=[
+            Column("method", level(0)),
+            Column("sparsity", level(1, "{:g}")),
+            *quality,
+            Column("sparsity realised", mean_of("sparsity_from_masks", ".4f")),
+            Column("rel. inference FLOPs", mean_of("inference_flops_rel", ".3f"), "has_flops"),
+            Column("rel. training FLOPs / step", mean_of("train_flops_rel", ".3f"), "has_flops"),
+            Column("wall time (s)", pm_of("wall_time_s", 1, 1)),
+        ],
+        sections=[
+            _layer_densities,
+            *([] if lm else [tables.paired(
+                "Paired accuracy differences (same seed: same init and data order), "
+                "in points, mean ± sample std over seeds:",
+                ("method", "sparsity"), "sparsity", "sparsities",
+                [("static", "dense"), ("set", "dense"), ("rigl", "dense"),
+                 ("rigl", "static"), ("rigl", "set"), ("set", "static")], fmt="{:g}")]),
+            _claims,
+        ],
+        reading="3–5",
+    )
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -228,6 +336,7 @@ SCRIPT = tables.Script("experiments.dst_table", TABLE)
 
 def sweep(out: tables.Outputs) -> tables.Sweep:
     """The plan of (method, sparsity, seed) runs from the flags, and the JSON."""
+    task = TASKS[FLAGS.task]
     methods = list(FLAGS.methods)
     sparsities = [float(s) for s in FLAGS.sparsities]
     seeds = [int(s) for s in FLAGS.seeds]
@@ -244,8 +353,8 @@ def sweep(out: tables.Outputs) -> tables.Sweep:
             for m in methods for s in ([None] if m == "dense" else sparsities) for k in seeds]
 
     def finish(runs: list[dict], total_time: float) -> dict:
-        cfg = config_summary(num_steps)
-        f_dense = tables.dense_flops(quickstart.get_config())
+        cfg = config_summary(task, num_steps)
+        f_dense = tables.dense_flops(task.module.get_config())
         add_flops(runs, f_dense)
         f_info = {"dense_per_layer": f_dense, "dense_total": flops.total(f_dense),
                   "per": "one example (batch 1), inference"}
@@ -265,15 +374,18 @@ def sweep(out: tables.Outputs) -> tables.Sweep:
         }
 
     return tables.Sweep(
-        plan, lambda m, s, k: run_one(m, s, k, num_steps),
+        plan, functools.partial(run_one, FLAGS.task, num_steps),
         lambda it: f"{it[0]:6s} s={'-' if it[1] is None else f'{it[1]:g}':5s} seed={it[2]}",
         lambda r: (f"acc={100 * r['eval_accuracy']:.2f} loss={r['eval_loss']:.4f} "
                    f"sparsity={r['sparsity_from_masks']:.4f} ({r['wall_time_s']:.1f} s)"),
-        finish)
+        finish, FLAGS.jobs)
 
 
 def main(argv):
-    tables.main(argv, SCRIPT, sweep)
+    task = TASKS[FLAGS.task]
+    for name, ext in (("out_md", "md"), ("out_json", "json")):  # the task's page, unless given
+        FLAGS.set_default(name, f"docs/results/{task.stem}.{ext}")
+    tables.main(argv, tables.Script("experiments.dst_table", make_table(task)), sweep)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,18 @@ import sys
 
 import pytest
 
-# script → (JSON/Markdown stem, plot file or None)
+# page → (script, its flags, plot file or None)
 TABLES = {
-    "dst": ("dst_digits", None),
-    "nm": ("nm_digits", "nm_digits_flip_rate.png"),
-    "ift": ("ift_digits", "ift_digits.png"),
-    "act": ("act_vit_digits", None),
+    "dst_digits": ("dst", [], None),
+    "dst_lm": ("dst", ["--task=lm"], None),
+    "nm_digits": ("nm", [], "nm_digits_flip_rate.png"),
+    "ift_digits": ("ift", [], "ift_digits.png"),
+    "act_vit_digits": ("act", [], None),
 }
 
 
-def _render_only(root, name: str, out_md, out_json, out_png=None) -> None:
-    cmd = [sys.executable, "-m", f"experiments.{name}_table", "--render_only",
+def _render_only(root, name: str, out_md, out_json, out_png=None, extra=()) -> None:
+    cmd = [sys.executable, "-m", f"experiments.{name}_table", "--render_only", *extra,
            f"--out_md={out_md}", f"--out_json={out_json}"]
     if out_png is not None:
         cmd.append(f"--out_png={out_png}")
@@ -33,16 +34,16 @@ def _render_only(root, name: str, out_md, out_json, out_png=None) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize("name", list(TABLES))
-def test_render_only_reproduces_the_committed_page(name, root, tmp_path):
-    stem, png = TABLES[name]
+@pytest.mark.parametrize("stem", list(TABLES))
+def test_render_only_reproduces_the_committed_page(stem, root, tmp_path):
+    name, extra, png = TABLES[stem]
     results = root / "docs" / "results"
     if png is not None:
         pytest.importorskip("matplotlib")
     out_md = tmp_path / f"{stem}.md"
     shutil.copyfile(results / f"{stem}.md", out_md)
     out_png = None if png is None else tmp_path / png
-    _render_only(root, name, out_md, results / f"{stem}.json", out_png)
+    _render_only(root, name, out_md, results / f"{stem}.json", out_png, extra)
     assert out_md.read_bytes() == (results / f"{stem}.md").read_bytes()
     if out_png is not None:
         assert out_png.stat().st_size > 0
@@ -91,3 +92,30 @@ def test_verdict_on_hand_made_seeds():
         verdict([1, 2, 3], [1, 2])
     assert verdict_line("RigL ≥ SET", v, " pts", 100, 1) == (
         "- RigL ≥ SET: **reproduced** (effect +10.7 pts, one-sided 95% bound ±1.0, 3 seeds)")
+
+
+def test_dst_claims_section_reads_the_verdicts_off_hand_made_runs():
+    from experiments.dst_table import _claims
+
+    def runs(method, losses):
+        return [{"method": method, "sparsity": 0.9, "seed": k, "eval_loss": x}
+                for k, x in enumerate(losses)]
+
+    result = {"config": {"metric": "eval_loss", "higher_is_better": False},
+              "sparsities": [0.9], "seeds": [0, 1, 2],
+              "runs": (runs("static", [2.00, 2.10, 2.05]) + runs("set", [2.01, 2.08, 2.06])
+                       + runs("rigl", [1.90, 2.00, 1.94]))}
+    lines = [x for x in _claims(result, {}) if x.startswith("- ")]
+    assert [x.split(": ")[0] for x in lines] == [
+        "- RigL ≥ SET at 0.9", "- SET ≥ static at 0.9", "- RigL ≥ static at 0.9"]
+    # RigL is 0.11, 0.08, 0.12 nats lower than SET: a clear win of 0.31 / 3 nats, in
+    # bits; SET vs static differs by +0.01, -0.02, +0.01 nats: overlapping
+    import math
+    assert f"**reproduced** (effect {0.31 / 3 / math.log(2):+.4f} bits per byte" in lines[0]
+    assert "**inconclusive**" in lines[1]
+    # the same numbers as accuracies (higher is better) turn the win into a loss
+    result["config"] = {"metric": "eval_accuracy", "higher_is_better": True}
+    for r in result["runs"]:
+        r["eval_accuracy"] = r.pop("eval_loss")
+    lines = [x for x in _claims(result, {}) if x.startswith("- ")]
+    assert "**not reproduced** (effect -10.33 points of accuracy" in lines[0]
