@@ -271,9 +271,6 @@ def rank(seq: Sequence, x) -> int:
     return seq.index(x) if x in seq else len(seq)
 
 
-VERDICTS = ("reproduced", "not reproduced", "inconclusive")
-
-
 class Verdict(NamedTuple):
     """A claim's verdict from paired per-seed differences: ``effect`` is their mean (in
     the claim's direction: positive means ``a`` did better), ``half_width`` the one-sided

@@ -509,10 +509,10 @@ DOCUMENT_END = 0
 """The byte after every document (NUL, which no source file holds)."""
 
 
-def pinned_stdlib(root=None) -> list:
+def pinned_stdlib() -> list:
     """The ``stdlib_bytes`` documents (``train.tokens.Document``), checked against the
-    pinned file list and content hash: a missing file or changed content is an error
-    naming them, never a silently different corpus.
+    pinned file list and content hash: missing files are an error naming them, changed
+    contents one giving both hashes; never a silently different corpus.
 
     Example (under CPython 3.11.7; elsewhere the error says what differs):
 
@@ -522,11 +522,10 @@ def pinned_stdlib(root=None) -> list:
         (167, 'stdlib/__future__.py')
     """
     import platform
-    from pathlib import Path
 
     from sparsejax.train.tokens import STDLIB, Document, corpus_hash, stdlib_dir
 
-    root = Path(root) if root is not None else stdlib_dir()
+    root = stdlib_dir()
     where = (f"the 'stdlib_bytes' corpus is pinned to CPython {STDLIB_BYTES_PYTHON}'s "
              f"standard library; this is {platform.python_implementation()} "
              f"{platform.python_version()} ({root})")
