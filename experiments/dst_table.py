@@ -221,35 +221,6 @@ pair at a time."""
 LABEL = {"dense": "dense", "static": "static", "set": "SET", "rigl": "RigL"}
 
 
-def _claims(result: dict, ctx: dict) -> list[str]:
-    """Section: a verdict per claim and sparsity, from paired seeds on the task's metric."""
-    cfg, runs = result["config"], result["runs"]
-    metric, higher = cfg.get("metric", "eval_accuracy"), cfg.get("higher_is_better", True)
-    by = {(r["method"], r["sparsity"], r["seed"]): r[metric] for r in runs}
-    scale, unit, digits = (100, " points of accuracy", 2) if metric == "eval_accuracy" else (
-        1 / math.log(2), " bits per byte", 4)
-    lines = []
-    for s in result["sparsities"]:
-        for a, b in CLAIMS:
-            seeds = [k for k in result["seeds"] if (a, s, k) in by and (b, s, k) in by]
-            if not seeds:
-                continue
-            v = tables.verdict([by[(a, s, k)] for k in seeds], [by[(b, s, k)] for k in seeds],
-                               higher_is_better=higher)
-            lines.append(tables.verdict_line(f"{LABEL[a]} ≥ {LABEL[b]} at {s:g}", v, unit,
-                                             scale, digits))
-    if not lines:
-        return []
-    better = "higher" if higher else "lower"
-    return ["", "## Claims", "",
-            f"Verdicts on {metric.replace('_', ' ')} ({better} is better), per-seed pairs "
-            "(same seed: same init and data order). The effect is the mean paired "
-            "difference in the claim's favour; *reproduced* when its one-sided 95% "
-            "Student-t bound is above 0, *not reproduced* when the bound on the other "
-            "side is below 0, else *inconclusive* (`experiments.tables.verdict`).", "",
-            *lines]
-
-
 def make_table(task: Task) -> tables.Table:
     """The page of one task's table."""
     lm = task is TASKS["lm"]
@@ -325,7 +296,7 @@ def make_table(task: Task) -> tables.Table:
                 ("method", "sparsity"), "sparsity", "sparsities",
                 [("static", "dense"), ("set", "dense"), ("rigl", "dense"),
                  ("rigl", "static"), ("rigl", "set"), ("set", "static")], fmt="{:g}")]),
-            _claims,
+            tables.claims(CLAIMS, LABEL),
         ],
         reading="3–5",
     )

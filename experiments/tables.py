@@ -331,6 +331,43 @@ def verdict_line(claim: str, v: Verdict, unit: str = "", scale: float = 1.0,
             f"{'s' if v.n != 1 else ''})")
 
 
+def claims(pairs: Sequence[tuple[str, str]], labels: dict[str, str],
+           keys: tuple[str, str] = ("method", "sparsity"), levels: str = "sparsities",
+           fmt: str = "{:g}") -> Section:
+    """Section "Claims": for every level in ``result[levels]`` and pair ``(a, b)``, the
+    verdict on "a ≥ b" (``verdict``) from the runs paired by seed, on the metric the
+    JSON's config names (``metric``, ``higher_is_better``; eval accuracy in points, eval
+    loss in bits per byte). ``keys`` = (method key, level key) of the runs."""
+
+    def section(result, ctx):
+        cfg, runs = result["config"], result["runs"]
+        metric, higher = cfg.get("metric", "eval_accuracy"), cfg.get("higher_is_better", True)
+        by = {(r[keys[0]], r[keys[1]], r["seed"]): r[metric] for r in runs}
+        scale, unit, digits = ((100, " points of accuracy", 2) if metric == "eval_accuracy"
+                               else (1 / math.log(2), " bits per byte", 4))
+        lines = []
+        for lv in result[levels]:
+            for a, b in pairs:
+                seeds = [k for k in result["seeds"] if (a, lv, k) in by and (b, lv, k) in by]
+                if seeds:
+                    v = verdict([by[(a, lv, k)] for k in seeds],
+                                [by[(b, lv, k)] for k in seeds], higher_is_better=higher)
+                    claim = f"{labels.get(a, a)} ≥ {labels.get(b, b)} at {fmt.format(lv)}"
+                    lines.append(verdict_line(claim, v, unit, scale, digits))
+        if not lines:
+            return []
+        better = "higher" if higher else "lower"
+        return ["", "## Claims", "",
+                f"Verdicts on {metric.replace('_', ' ')} ({better} is better), per-seed "
+                "pairs (same seed: same init and data order). The effect is the mean paired "
+                "difference in the claim's favour; *reproduced* when its one-sided 95% "
+                "Student-t bound is above 0, *not reproduced* when the bound on the other "
+                "side is below 0, else *inconclusive* (`experiments.tables.verdict`).", "",
+                *lines]
+
+    return section
+
+
 # ----------------------------------------------------------------------------- provenance
 
 

@@ -94,8 +94,11 @@ def test_verdict_on_hand_made_seeds():
         "- RigL ≥ SET: **reproduced** (effect +10.7 pts, one-sided 95% bound ±1.0, 3 seeds)")
 
 
-def test_dst_claims_section_reads_the_verdicts_off_hand_made_runs():
-    from experiments.dst_table import _claims
+def test_claims_section_reads_the_verdicts_off_hand_made_runs():
+    from experiments.tables import claims
+
+    _claims = claims([("rigl", "set"), ("set", "static"), ("rigl", "static")],
+                     {"set": "SET", "rigl": "RigL"})
 
     def runs(method, losses):
         return [{"method": method, "sparsity": 0.9, "seed": k, "eval_loss": x}
