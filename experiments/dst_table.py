@@ -356,6 +356,13 @@ def main(argv):
     task = TASKS[FLAGS.task]
     for name, ext in (("out_md", "md"), ("out_json", "json")):  # the task's page, unless given
         FLAGS.set_default(name, f"docs/results/{task.stem}.{ext}")
+    if FLAGS.render_only:  # a page rendered as another task's would describe other runs
+        import json
+
+        made = json.loads(open(FLAGS.out_json).read())["config"].get("task", "digits")
+        if made != FLAGS.task:
+            raise app.UsageError(f"{FLAGS.out_json} holds --task={made} runs; render it "
+                                 f"with --task={made}, not --task={FLAGS.task}")
     tables.main(argv, tables.Script("experiments.dst_table", make_table(task)), sweep)
 
 

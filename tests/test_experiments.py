@@ -122,3 +122,13 @@ def test_claims_section_reads_the_verdicts_off_hand_made_runs():
         r["eval_accuracy"] = r.pop("eval_loss")
     lines = [x for x in _claims(result, {}) if x.startswith("- ")]
     assert "**not reproduced** (effect -10.33 points of accuracy" in lines[0]
+
+
+def test_render_only_refuses_a_json_of_another_task(root, tmp_path):
+    out_md = tmp_path / "dst.md"
+    cmd = [sys.executable, "-m", "experiments.dst_table", "--render_only",
+           f"--out_md={out_md}", f"--out_json={root / 'docs' / 'results' / 'dst_lm.json'}"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "holds --task=lm runs; render it with --task=lm, not --task=digits" in proc.stderr
+    assert not out_md.exists()  # nothing written
