@@ -3,6 +3,7 @@
 
     python -m experiments.dst_table                      # digits MLP, 39 runs → docs/results/dst_digits.*
     python -m experiments.dst_table --task=lm --jobs=2   # byte LM, 39 runs → docs/results/dst_lm.*
+    python -m experiments.dst_table --task=lm_erk --jobs=2  # ERK vs uniform, 27 runs → erk_lm.*
     python -m experiments.dst_table --quick              # smoke test: 1 seed, 0.9, 100 steps
     python -m experiments.dst_table --methods=static,rigl --sparsities=0.9 --seeds=0,1
     python -m experiments.dst_table --render_only        # Markdown from the JSON (--task=lm too)
@@ -11,6 +12,10 @@
 digits, 1500 steps); ``--task=lm`` trains ``configs/lm_bytes.py`` (a byte-level decoder
 LM on the pinned standard-library corpus, which underfits), shortened to ``TASKS['lm']``'s
 steps and mask-update interval so that the 39 runs fit in an hour on 2 CPU cores.
+``--task=lm_erk`` trains the same LM runs with a second axis, the layer-wise
+distribution (``--distributions``: ERK, or uniform, every sparse kernel at the target),
+for the RigL paper's "ERK ≥ uniform at equal sparsity"; its defaults are dense, static
+and RigL at 90% and 98%.
 Every (method, sparsity, seed) trains ``<config>:<method>,<sparsity>`` with its defaults
 (ERK, head dense by rule, drop 0.3 cosine to 75% of training)
 in a temporary workdir that is deleted afterwards; ``config.seed`` (init, data order)
@@ -32,33 +37,22 @@ file holds what is particular: one run, the JSON fields and the page's ``Table``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from dataclasses import dataclass, field
-from types import ModuleType
+
+from typing import Sequence
 
 from absl import app, flags
 
 from configs import lm_bytes, quickstart
 from configs.common import END_FRACTION, SPARSITY_METHODS
 from experiments import tables
-from experiments.tables import Column, If, group, level, mean_of, mean_std, pm_of
+from experiments.tables import Column, If, Task, group, level, mean_of, mean_std, pm_of
 from sparsejax import flops
 from sparsejax.analysis import find_masks
 from sparsejax.distributions import as_distribution
 from sparsejax.paths import named_leaves
-
-
-@dataclass(frozen=True)
-class Task:
-    """What a table trains: its config, output stem, the metric its claims are judged
-    on, and the table's changes to the config (``num_steps``, ``method.update_every``)."""
-    config: str
-    module: ModuleType
-    stem: str
-    metric: str
-    higher_is_better: bool
-    overrides: dict = field(default_factory=dict)
 
 
 TASKS = {
@@ -68,10 +62,17 @@ TASKS = {
     "lm": Task("configs/lm_bytes.py", lm_bytes, "dst_lm", "eval_loss", False,
                {"num_steps": 500, "batch_size": 16, "update_every": 50, "eval_every": 0}),
 }
+TASKS["lm_erk"] = dataclasses.replace(TASKS["lm"], stem="erk_lm")
+PLAN = {  # the task's default plan (flags given on the command line win)
+    "lm_erk": {"methods": ["dense", "static", "rigl"], "distributions": ["erk", "uniform"],
+               "sparsities": ["0.9", "0.98"]},
+}
 
 flags.DEFINE_enum("task", "digits", list(TASKS), "what to train: the digits MLP or the byte LM")
 flags.DEFINE_list("methods", ["dense", "static", "set", "rigl"], "sparsity methods")
 flags.DEFINE_list("sparsities", ["0.9", "0.95", "0.98", "0.99"], "target sparsities (not for dense)")
+flags.DEFINE_list("distributions", ["erk"], "layer-wise distributions of the sparse methods "
+                  "(erk, uniform, er; --task=lm_erk: erk,uniform)")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (config.seed, and config.method.seed where the method has one)")
 flags.DEFINE_integer("num_steps", 0, "training steps (0: the task's: digits 1500, LM 500)")
 flags.DEFINE_string("out_md", "docs/results/dst_digits.md", "Markdown table (default: the task's)")
@@ -90,24 +91,16 @@ TOLERANCE = 1e-3  # |realised − target sparsity|
 # ----------------------------------------------------------------------------- one run
 
 
-def task_config(task: Task, arg: str | None, num_steps: int = 0):
-    """The task's config for ``arg`` with the table's overrides (``num_steps`` > 0 wins;
-    ``eval_every = 0`` evaluates after the last step only)."""
-    config = task.module.get_config(arg)
-    config.num_steps = num_steps or task.overrides.get("num_steps", config.num_steps)
-    config.eval_every = task.overrides.get("eval_every", config.eval_every)
-    config.batch_size = task.overrides.get("batch_size", config.batch_size)
-    if "update_every" in task.overrides and "update_every" in config.method:
-        config.method.update_every = task.overrides["update_every"]
-    return config
-
-
-def run_one(task: str, num_steps: int, method: str, sparsity: float | None, seed: int) -> dict:
-    """Trains one config of ``TASKS[task]`` in a temporary workdir; returns its numbers
-    and final densities."""
+def run_one(task: str, num_steps: int, method: str, distribution: str | None,
+            sparsity: float | None, seed: int) -> dict:
+    """Trains one config of ``TASKS[task]`` (``distribution``: the sparse methods'
+    layer-wise distribution; None for dense) in a temporary workdir; returns its
+    numbers and final densities."""
     task = TASKS[task]
-    config = task_config(task, method if method == "dense" else f"{method},{sparsity}",
-                         num_steps)
+    config = tables.task_config(task, method if method == "dense" else f"{method},{sparsity}",
+                                num_steps)
+    if distribution is not None:
+        config.method.distribution = distribution
     config.seed = seed
     if "seed" in config.method:  # random masks, SET growth (dense has no masks)
         config.method.seed = seed
@@ -126,7 +119,8 @@ def run_one(task: str, num_steps: int, method: str, sparsity: float | None, seed
     all_kernels = sum(w.size for w in kernels.values())
     kernel_nnz = sum(nnz.get(p, w.size) for p, w in kernels.items())
     out = {
-        "method": method, "sparsity": sparsity, "seed": seed, "steps": summary["steps"],
+        "method": method, "distribution": distribution, "sparsity": sparsity, "seed": seed,
+        "steps": summary["steps"],
         "eval_accuracy": summary["eval_accuracy"], "eval_loss": summary["eval_loss"],
         "eval_bits_per_byte": summary["eval_loss"] / math.log(2),
         "train_loss": summary.get("train_loss"),
@@ -158,10 +152,10 @@ def add_flops(runs: list[dict], f_dense: dict) -> None:
         r["train_flops_rel"] = train / flops.training_flops_per_step("dense", fd, fd)
 
 
-def config_summary(task: Task, num_steps: int) -> dict:
-    c = task_config(task, "rigl,0.9", num_steps)
+def config_summary(task: Task, num_steps: int, distributions: Sequence[str] = ("erk",)) -> dict:
+    c = tables.task_config(task, "rigl,0.9", num_steps)
     o, s, m = c.optimizer, c.method, c.model
-    if task is TASKS["lm"]:
+    if task.lm:
         model = (f"decoder LM, {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} "
                  f"heads, d_ff {m.d_ff}, {m.activation}, bytes (vocabulary 256), "
                  f"context {c.data.seq_len}")
@@ -173,7 +167,9 @@ def config_summary(task: Task, num_steps: int) -> dict:
         "num_steps": c.num_steps, "batch_size": c.batch_size,
         "optimizer": (f"{o.name} lr={o.learning_rate} wd={o.weight_decay} {o.schedule} "
                       f"schedule, {o.warmup_steps} warm-up steps"),
-        "distribution": f"{s.distribution} (power_scale {as_distribution(s.distribution).power_scale})",
+        "distribution": (f"{s.distribution} (power_scale "
+                         f"{as_distribution(s.distribution).power_scale})"
+                         if list(distributions) == ["erk"] else " or ".join(distributions)),
         "rules": [list(r) for r in s.rules], "mask_init": s.mask_init,
         "update_every": s.update_every, "drop_fraction": s.drop_fraction,
         "drop_fraction_anneal": s.drop_fraction_anneal, "end_fraction": END_FRACTION,
@@ -195,35 +191,44 @@ def _update_steps(cfg: dict) -> str:
 def _layer_densities(result: dict, ctx: dict) -> list[str]:
     """Per-layer density of the sparse kernels by sparsity, and the all-kernel sparsity."""
     runs = result["runs"]
-    densities = {}
+    if not any(r["layer_density"] for r in runs):
+        return []
+    layers = sorted({p for r in runs for p in r["layer_density"]})
+    by_level = {}  # (distribution, sparsity) → densities; identical across methods, seeds
     for r in runs:
         if r["layer_density"]:
-            densities.setdefault((r["method"], r["sparsity"]), r["layer_density"])
-    if not densities:
-        return []
-    layers = sorted({p for d in densities.values() for p in d})
-    by_sparsity = {}
-    for (m, s), d in densities.items():
-        by_sparsity.setdefault(s, d)
-    all_k = {r["sparsity"]: r["sparsity_all_kernels"] for r in runs if r["layer_density"]}
-    return ["", "Per-layer density of the sparse kernels (ERK; identical across seeds "
-            "and methods at one sparsity):", "",
-            *tables.md_table(["sparsity", *(f"`{p}`" for p in layers)],
-                             ([f"{s:g}", *(f"{d.get(p, 1.0):.4f}" for p in layers)]
-                              for s, d in by_sparsity.items())),
-            "", "Sparsity over all kernels, dense head included: "
-            + ", ".join(f"{v:.4f} at target {k:g}" for k, v in sorted(all_k.items())) + "."]
+            by_level.setdefault((r.get("distribution", "erk"), r["sparsity"]),
+                                (r["layer_density"], r["sparsity_all_kernels"]))
+    if {d for d, _ in by_level} == {"erk"}:  # one distribution (and the older pages)
+        return ["", "Per-layer density of the sparse kernels (ERK; identical across seeds "
+                "and methods at one sparsity):", "",
+                *tables.md_table(["sparsity", *(f"`{p}`" for p in layers)],
+                                 ([f"{s:g}", *(f"{d.get(p, 1.0):.4f}" for p in layers)]
+                                  for (_, s), (d, _) in by_level.items())),
+                "", "Sparsity over all kernels, dense head included: "
+                + ", ".join(f"{a:.4f} at target {s:g}"
+                            for (_, s), (_, a) in sorted(by_level.items())) + "."]
+    return ["", "Per-layer density of the sparse kernels (identical across seeds and "
+            "methods at one distribution and sparsity), and the sparsity over all kernels "
+            "(dense head included):", "",
+            *tables.md_table(["sparsity", "distribution", *(f"`{p}`" for p in layers),
+                              "all kernels"],
+                             ([f"{s:g}", DIST_LABEL.get(dist, dist),
+                               *(f"{d.get(p, 1.0):.4f}" for p in layers), f"{a:.4f}"]
+                              for (dist, s), (d, a) in sorted(
+                                  by_level.items(), key=lambda kv: kv[0][::-1])))]
 
 
 CLAIMS = (("rigl", "set"), ("set", "static"), ("rigl", "static"))
 """"RigL ≥ SET ≥ static" (Evci et al. 2020, Table 1 and Fig. 2; Mocanu et al. 2018), one
 pair at a time."""
 LABEL = {"dense": "dense", "static": "static", "set": "SET", "rigl": "RigL"}
+DIST_LABEL = {"erk": "ERK", "uniform": "uniform", "er": "ER"}
 
 
 def make_table(task: Task) -> tables.Table:
     """The page of one task's table."""
-    lm = task is TASKS["lm"]
+    lm, erk = task.lm, task is TASKS["lm_erk"]
     quality = ([Column("eval loss", pm_of("eval_loss", 1, 4)),
                 Column("eval bits/byte", pm_of("eval_bits_per_byte", 1, 4)),
                 Column("train loss", pm_of("train_loss", 1, 4))] if lm else
@@ -236,7 +241,8 @@ def make_table(task: Task) -> tables.Table:
             "Model: {cfg[model]} on scikit-learn digits (8×8, 1,437 train / {eval_size} "
             "eval examples, fixed split).")
     return tables.Table(
-        title=("Dense vs static vs SET vs RigL on the byte-level LM" if lm else
+        title=("ERK vs uniform layer-wise sparsity on the byte-level LM" if erk else
+               "Dense vs static vs SET vs RigL on the byte-level LM" if lm else
                "Dense vs static vs SET vs RigL on the digits MLP"),
         context=lambda result: {"update_steps": _update_steps(result["config"]),
                                 "tolerance": TOLERANCE},
@@ -278,10 +284,11 @@ def make_table(task: Task) -> tables.Table:
                "fall with sparsity.",
                "FLOPs: `sparsejax.flops` was not available when this was made."),
         ],
-        group_by=("method", "sparsity"),
+        group_by=("method", "distribution", "sparsity") if erk else ("method", "sparsity"),
         columns=[
             Column("method", level(0)),
-            Column("sparsity", level(1, "{:g}")),
+            *([Column("distribution", level(1, labels=DIST_LABEL))] if erk else []),
+            Column("sparsity", level(1 + erk, "{:g}")),
             *quality,
             Column("sparsity realised", mean_of("sparsity_from_masks", ".4f")),
             Column("rel. inference FLOPs", mean_of("inference_flops_rel", ".3f"), "has_flops"),
@@ -296,6 +303,8 @@ def make_table(task: Task) -> tables.Table:
                 ("method", "sparsity"), "sparsity", "sparsities",
                 [("static", "dense"), ("set", "dense"), ("rigl", "dense"),
                  ("rigl", "static"), ("rigl", "set"), ("set", "static")], fmt="{:g}")]),
+            tables.claims((("erk", "uniform"),), {**LABEL, **DIST_LABEL},
+                          ("distribution", "sparsity"), within="method") if erk else
             tables.claims(CLAIMS, LABEL),
         ],
         reading="3–5",
@@ -308,7 +317,7 @@ def make_table(task: Task) -> tables.Table:
 def sweep(out: tables.Outputs) -> tables.Sweep:
     """The plan of (method, sparsity, seed) runs from the flags, and the JSON."""
     task = TASKS[FLAGS.task]
-    methods = list(FLAGS.methods)
+    methods, distributions = list(FLAGS.methods), list(FLAGS.distributions)
     sparsities = [float(s) for s in FLAGS.sparsities]
     seeds = [int(s) for s in FLAGS.seeds]
     num_steps = FLAGS.num_steps
@@ -317,52 +326,55 @@ def sweep(out: tables.Outputs) -> tables.Sweep:
     unknown = set(methods) - set(SPARSITY_METHODS)
     if unknown:
         raise app.UsageError(f"unknown methods {sorted(unknown)}; known: {SPARSITY_METHODS}")
+    for d in distributions:
+        try:
+            as_distribution(d)
+        except ValueError as e:
+            raise app.UsageError(f"--distributions: {e}") from None
     for s in sparsities:
         if not 0.0 < s < 1.0:
             raise app.UsageError(f"sparsity {s} is outside (0, 1)")
-    plan = [(m, None if m == "dense" else s, k)
-            for m in methods for s in ([None] if m == "dense" else sparsities) for k in seeds]
+    plan = [(m, None, None, k) if m == "dense" else (m, d, s, k)
+            for m in methods for d in ([None] if m == "dense" else distributions)
+            for s in ([None] if m == "dense" else sparsities)
+            for k in seeds]
+    keys = ("method", "distribution", "sparsity")
 
     def finish(runs: list[dict], total_time: float) -> dict:
-        cfg = config_summary(task, num_steps)
+        cfg = config_summary(task, num_steps, distributions)
         f_dense = tables.dense_flops(task.module.get_config())
         add_flops(runs, f_dense)
         f_info = {"dense_per_layer": f_dense, "dense_total": flops.total(f_dense),
                   "per": "one example (batch 1), inference"}
         return {
-            "config": cfg, "methods": methods, "sparsities": sparsities,
+            "config": cfg, "methods": methods, "distributions": distributions,
+            "sparsities": sparsities,
             "seeds": seeds, "std": "sample (ddof=1)", "tolerance": TOLERANCE,
             "total_time_s": total_time, "flops": f_info, "runs": runs,
             "summary": [
-                {"method": m, "sparsity": s, "n": len(rs),
+                {"method": m, "distribution": d, "sparsity": s, "n": len(rs),
                  **{f"{k}_mean": mean_std([r[k] for r in rs])[0] for k in
                     ("eval_accuracy", "eval_loss", "sparsity_from_masks", "wall_time_s")},
                  **{f"{k}_std": mean_std([r[k] for r in rs])[1] for k in
                     ("eval_accuracy", "eval_loss", "wall_time_s")},
                  "inference_flops_rel": rs[0]["inference_flops_rel"],
                  "train_flops_rel": rs[0]["train_flops_rel"]}
-                for (m, s), rs in group(runs, ("method", "sparsity")).items()],
+                for (m, d, s), rs in group(runs, keys).items()],
         }
 
     return tables.Sweep(
         plan, functools.partial(run_one, FLAGS.task, num_steps),
-        lambda it: f"{it[0]:6s} s={'-' if it[1] is None else f'{it[1]:g}':5s} seed={it[2]}",
+        lambda it: (f"{it[0]:6s} {it[1] or '-':7s} s={'-' if it[2] is None else f'{it[2]:g}':5s} "
+                    f"seed={it[3]}"),
         lambda r: (f"acc={100 * r['eval_accuracy']:.2f} loss={r['eval_loss']:.4f} "
                    f"sparsity={r['sparsity_from_masks']:.4f} ({r['wall_time_s']:.1f} s)"),
         finish, FLAGS.jobs)
 
 
 def main(argv):
-    task = TASKS[FLAGS.task]
-    for name, ext in (("out_md", "md"), ("out_json", "json")):  # the task's page, unless given
-        FLAGS.set_default(name, f"docs/results/{task.stem}.{ext}")
-    if FLAGS.render_only:  # a page rendered as another task's would describe other runs
-        import json
-
-        made = json.loads(open(FLAGS.out_json).read())["config"].get("task", "digits")
-        if made != FLAGS.task:
-            raise app.UsageError(f"{FLAGS.out_json} holds --task={made} runs; render it "
-                                 f"with --task={made}, not --task={FLAGS.task}")
+    task = tables.select_task(TASKS)
+    for name, value in PLAN.get(FLAGS.task, {}).items():
+        FLAGS.set_default(name, value)
     tables.main(argv, tables.Script("experiments.dst_table", make_table(task)), sweep)
 
 

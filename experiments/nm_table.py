@@ -1,20 +1,27 @@
-"""STE vs SR-STE vs MDGF vs SDGF at N:M 2:4, 1:8, 1:16, 1:32 on the digits MLP.
+"""STE vs SR-STE vs MDGF vs SDGF at N:M on the digits MLP or the byte LM, with a verdict
+on "SR-STE ≥ STE" (Zhou et al. 2021) and "MDGF/SDGF ≥ SR-STE" (Bambhaniya et al. 2024,
+whose claim is for transformers at high sparsity) at every pattern.
 
     python -m experiments.nm_table                       # 51 runs → docs/results/nm_digits.*
+    python -m experiments.nm_table --task=lm --jobs=2    # 39 runs → docs/results/nm_lm.*
     python -m experiments.nm_table --quick               # smoke test: 1 seed, 1:8, 100 steps
     python -m experiments.nm_table --methods=nm_ste,mdgf --patterns=1:16 --seeds=0,1
     python -m experiments.nm_table --render_only         # Markdown + plot from the JSON
 
-Every (method, pattern, seed) trains ``configs/quickstart.py:<method>,<N:M>`` (the head
-stays dense by rule, so the pattern applies to the two hidden kernels, in groups of M
-along their input axis) in a temporary workdir that is deleted afterwards;
+``--task=digits`` (patterns 2:4, 1:8, 1:16, 1:32) trains ``configs/quickstart.py``: the
+head stays dense by rule, so the pattern applies to the two hidden kernels.
+``--task=lm`` (patterns 2:4, 1:16, 1:32) trains ``configs/lm_bytes.py`` shortened to
+``TASKS['lm']``'s steps, as ``dst_table``: the pattern applies to every block kernel
+(attention q/k/v/o, FFN up/down), embedding and head dense. Groups of M run along each
+kernel's input axis. Every (method, pattern, seed) trains ``<config>:<method>,<N:M>``
+in a temporary workdir that is deleted afterwards;
 ``config.seed`` is set to the seed (N:M masks follow ``|w|``: no mask seed), and
 ``config.log_every`` to ``--log_every`` (10) for finer flip-rate curves. Dense runs once
 per seed. Knobs are the library's defaults (SR-STE λ = 2e-4, MDGF exponential decay
 with the straight-through backward, SDGF stepwise frames over the whole run, no dense
 warm-up or fine-tune phase) except MDGF's α, which is scaled to the run:
-``α = --alpha_total / (sparse-phase steps)`` (6/1500 = 4e-3, so β falls to e⁻⁶ by the
-end), because the paper's α = 2e-4 leaves β(1500) = e^-0.3 = 0.74.
+``α = --alpha_total / (sparse-phase steps)`` (digits: 6/1500 = 4e-3, so β falls to e⁻⁶ by
+the end), because the paper's α = 2e-4 leaves β(1500) = e^-0.3 = 0.74.
 
 Recorded per run: eval accuracy/loss, the train loss over the final 50 steps, the mask
 flip rate (``sparsejax.nm`` diagnostics) per step (read by a hook) with its mean over
@@ -41,19 +48,35 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 
-from configs import quickstart
+import functools
+
+from configs import lm_bytes, quickstart
 from experiments import tables
-from experiments.tables import Column, If, group, level, mean_of, mean_std, pm_of, rank
+from experiments.tables import Column, If, Task, group, level, mean_of, mean_std, pm_of, rank
+from sparsejax.train import build_model
+from sparsejax.train.data import get_dataset
 from sparsejax import flops, nm
 from sparsejax.train.optim import make_schedule, make_transform
 from sparsejax.base import sparsity_states
 from sparsejax.paths import named_leaves
 
+TASKS = {
+    "digits": Task("configs/quickstart.py", quickstart, "nm_digits", "eval_accuracy", True),
+    # as dst_table's LM: 500 steps of batch 16 × 128 bytes, one eval at the end
+    "lm": Task("configs/lm_bytes.py", lm_bytes, "nm_lm", "eval_loss", False,
+               {"num_steps": 500, "batch_size": 16, "eval_every": 0}),
+}
+PATTERNS = {"digits": ["2:4", "1:8", "1:16", "1:32"], "lm": ["2:4", "1:16", "1:32"]}
+
+flags.DEFINE_enum("task", "digits", list(TASKS), "what to train: the digits MLP or the byte LM")
 flags.DEFINE_list("methods", ["dense", "nm_ste", "sr_ste", "mdgf", "sdgf"], "N:M methods")
-flags.DEFINE_list("patterns", ["2:4", "1:8", "1:16", "1:32"], "N:M patterns (not for dense)")
+flags.DEFINE_list("patterns", [], "N:M patterns, not for dense (default: the task's, "
+                  "digits 2:4,1:8,1:16,1:32, LM 2:4,1:16,1:32)")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (config.seed; N:M masks follow |w| and take no seed)")
-flags.DEFINE_integer("num_steps", 0, "training steps (0: the config's, 1500)")
+flags.DEFINE_integer("num_steps", 0, "training steps (0: the task's: digits 1500, LM 500)")
+flags.DEFINE_integer("jobs", 1, "runs at once, each in its own process")
 flags.DEFINE_integer("log_every", 10, "logging interval of the curves (config.log_every)")
 flags.DEFINE_float("alpha_total", 6.0, "MDGF: α = alpha_total / sparse-phase steps, so "
                    "β(end) = exp(-alpha_total)")
@@ -66,7 +89,6 @@ flags.DEFINE_bool("render_only", False, "rewrite --out_md and --out_png from the
                   "--out_json (no training)")
 FLAGS = flags.FLAGS
 
-CONFIG = "configs/quickstart.py"
 NM_METHODS = ("nm_ste", "sr_ste", "mdgf", "sdgf")
 LABEL = {"dense": "dense", "nm_ste": "STE", "sr_ste": "SR-STE", "mdgf": "MDGF-exp",
          "sdgf": "SDGF-stepwise"}
@@ -118,13 +140,13 @@ def realised_density(config, state) -> dict:
     return {"layer_density": out, "max_nonzeros_per_group": max_per_group}
 
 
-def run_one(method: str, pattern: str | None, seed: int, num_steps: int, log_every: int,
-            alpha_total: float) -> dict:
-    """Trains one config in a temporary workdir; returns its numbers and curves."""
-    config = quickstart.get_config(method if method == "dense" else f"{method},{pattern}")
+def run_one(task: str, num_steps: int, log_every: int, alpha_total: float, method: str,
+            pattern: str | None, seed: int) -> dict:
+    """Trains one config of ``TASKS[task]`` in a temporary workdir; returns its numbers
+    and curves."""
+    config = tables.task_config(TASKS[task], method if method == "dense" else
+                                f"{method},{pattern}", num_steps)
     config.seed = seed  # N:M masks follow |w|: no mask seed
-    if num_steps:
-        config.num_steps = num_steps
     config.log_every = log_every
     steps = config.num_steps
     sp = config.method
@@ -146,6 +168,7 @@ def run_one(method: str, pattern: str | None, seed: int, num_steps: int, log_eve
     out = {
         "method": method, "pattern": pattern, "seed": seed, "steps": summary["steps"],
         "eval_accuracy": summary["eval_accuracy"], "eval_loss": summary["eval_loss"],
+        "eval_bits_per_byte": summary["eval_loss"] / math.log(2),
         "train_loss": statistics.fmean(r["loss"] for r in train
                                        if r["step"] > steps - TRAIN_LOSS_STEPS),
         "wall_time_s": summary["wall_time_s"],
@@ -210,23 +233,29 @@ def add_flops(runs: list[dict], f_dense: dict) -> None:
         r["inference_flops"], r["inference_flops_rel"] = fs, fs / fd
 
 
-def config_summary(num_steps: int, alpha_total: float) -> dict:
-    c = quickstart.get_config("mdgf,1:8")
-    c.num_steps = steps = num_steps or c.num_steps  # sparse_steps follows num_steps
-    o, s = c.optimizer, c.method
+def config_summary(task: Task, num_steps: int, alpha_total: float) -> dict:
+    c = tables.task_config(task, "mdgf,1:8", num_steps)  # sparse_steps follows num_steps
+    o, s, m = c.optimizer, c.method, c.model
     sparse_steps = s.sparse_steps
-    widths = " → ".join(map(str, (64, *c.model.hidden, 10)))
+    if task.lm:
+        model = (f"decoder LM, {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} "
+                 f"heads, d_ff {m.d_ff}, {m.activation}, bytes (vocabulary 256), "
+                 f"context {c.data.seq_len}")
+    else:
+        model = f"MLP {' → '.join(map(str, (64, *m.hidden, 10)))}, {m.activation}"
     return {
-        "config": CONFIG, "model": f"MLP {widths}, {c.model.activation}",
-        "data": dict(c.data), "num_steps": steps, "batch_size": c.batch_size,
+        "task": next(k for k, t in TASKS.items() if t is task), "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "config": task.config, "model": model,
+        "data": dict(c.data), "num_steps": c.num_steps, "batch_size": c.batch_size,
         "optimizer": (f"{o.name} lr={o.learning_rate} wd={o.weight_decay} {o.schedule} "
                       f"schedule, {o.warmup_steps} warm-up steps"),
         "rules": [list(r) for r in s.rules], "axis": s.axis,
-        "sr_ste_lambda": quickstart.get_config("sr_ste").method.sr_ste_lambda,
+        "sr_ste_lambda": task.module.get_config("sr_ste").method.sr_ste_lambda,
         "mdgf_decay": s.decay,
         "mdgf_backward": s.backward, "mdgf_alpha": alpha_total / sparse_steps,
         "mdgf_alpha_total": alpha_total, "mdgf_alpha_paper": s.alpha,
-        "sdgf_schedule": quickstart.get_config("sdgf").method.schedule,
+        "sdgf_schedule": task.module.get_config("sdgf").method.schedule,
         "dense_steps": s.dense_steps,
         "finetune_steps": s.finetune_steps, "sparse_steps": sparse_steps,
     }
@@ -245,7 +274,7 @@ def _last_frame_lr(pattern: str, length: int, cfg: dict) -> tuple[int, float, fl
     """(step where SDGF's final frame starts, the learning rate there as a share of the
     peak, the share of the run's learning-rate sum that the frame receives)."""
     steps = cfg["num_steps"]
-    o = quickstart.get_config().optimizer
+    o = TASKS[cfg.get("task", "digits")].module.get_config().optimizer
     schedule = make_schedule(steps, o.learning_rate, o.schedule, o.warmup_steps)
     lr = [float(schedule(c)) for c in range(steps)]
     start = cfg["dense_steps"] + (len(_frames(pattern)) - 1) * length
@@ -292,96 +321,119 @@ def _sdgf_boundaries(result: dict, ctx: dict) -> list[str]:
     return lines
 
 
-TABLE = tables.Table(
-    title="N:M on the digits MLP: STE vs SR-STE vs MDGF vs SDGF",
-    context=_context,
-    setup=[
-        "Config: `{cfg[config]}:<method>,<N:M>` with its defaults; `config.seed` set to "
-        "the seed (seeds {seeds}; N:M masks follow |w| and take no seed); "
-        "`config.log_every = {cfg[log_every]}` for the curves.",
-        "Model: {cfg[model]} on scikit-learn digits (8×8, 1,437 train / {eval_size} eval "
-        "examples, fixed split).",
-        "Training: {cfg[num_steps]} steps, batch {cfg[batch_size]}, {cfg[optimizer]}.",
-        "N:M: rules {cfg[rules]}, so the pattern applies to the two hidden kernels "
-        "`layers/0/kernel` (64×256) and `layers/1/kernel` (256×256), in groups of M "
-        "consecutive inputs (axis {cfg[axis]}, the input axis); the head and the biases "
-        "stay dense. The mask is recomputed from |w| at every forward pass.",
-        "STE: forward w⊙m, backward g. SR-STE: backward g + λ_w(1−m)⊙w with "
-        "λ_w = {cfg[sr_ste_lambda]:g} (the paper's value).",
-        "MDGF-exp: forward w⊙(m + (1−m)β(t)), β(t) = exp(−αt), straight-through backward "
-        "(`backward = '{cfg[mdgf_backward]}'`) as in the authors' code, "
-        "**α = {cfg[mdgf_alpha]:.3g}** = {cfg[mdgf_alpha_total]:g} / {cfg[sparse_steps]} "
-        "steps, so β falls to e^−{cfg[mdgf_alpha_total]:g} = {beta_end:.4f} by the end. The "
-        "paper's α = {cfg[mdgf_alpha_paper]:g} is sized for runs of tens of thousands of "
-        "steps; over {cfg[sparse_steps]} steps it would leave β = {beta_paper:.2f} at the "
-        "end, so the pruned weights would still carry {beta_paper:.0%} of their value at "
-        "the last training step and the switch to the binary mask would happen only at "
-        "eval. Scaling α to the run keeps the paper's shape (β decays from 1 to ≈ 0 over "
-        "the sparse phase).",
-        "SDGF-stepwise: the run is split into equal frames and the pattern tightens at each "
-        "boundary: {sdgf_frames}. The final N:M frame starts at step {last_start} "
-        "({last_patterns}), where the cosine learning rate is {last_lr} of its peak, and "
-        "receives {last_share} of the run's learning-rate sum.",
-        "Phases: no dense warm-up and no binary fine-tune (`dense_steps = "
-        "{cfg[dense_steps]}`, `finetune_steps = {cfg[finetune_steps]}`, the library's "
-        "defaults), so every method gets the same budget of sparse-phase steps and the "
-        "same schedule. The cost of that choice: the methods whose final pattern arrives "
-        "late (SDGF, and MDGF as β → 0) have little learning rate left to fit it, which a "
-        "binary fine-tune phase would give them. Eval after the last step uses the binary "
-        "N:M mask for every method (MDGF's β is 0 once the sparse phase is over).",
-        "Density: nonzeros of the forward kernels at the final state (what eval multiplies "
-        "with), measured, and checked to be exactly N/M with no group of M holding more "
-        "than N nonzeros.",
-        "Flip rate: the fraction of N:M-kernel mask entries whose kept/pruned status changes "
-        "between consecutive optimizer steps (`flip_rate` of `sparsejax.nm`), read every "
-        "step, in units of 10⁻⁴ per step; mean over the run and over its last 25 % of "
-        "steps. For MDGF it is the top-N mask that β decays. SDGF's frame-boundary steps, "
-        "where the pattern tightens by design and a fixed share of the entries flips, are "
-        "left out of its means (listed below) and show as spikes in the plot.",
-        "Train loss: mean over the final {train_loss_steps} steps, on the forward weights "
-        "(for MDGF these still carry β = {beta_last:.4f} of the pruned weights at the last "
-        "step).",
-        "Accuracy and loss are on the eval split after the last step. Each cell is mean ± "
-        "sample std (ddof = 1) over {n_seeds} seed(s); one eval example is 0.28 accuracy "
-        "points.",
-        If("has_flops",
-           "Inference FLOPs (`sparsejax.flops`): dense is {dense_flops:,} per example (2 per "
-           "multiply-add, kernels only); sparse = Σ layer FLOPs × realised layer density, "
-           "head dense. These are theoretical counts: this implementation multiplies masked "
-           "dense matrices. Training FLOPs are not given: MDGF's forward stays dense while "
-           "β > 0 (the whole sparse phase) and every method here computes the dense weight "
-           "gradient."),
-        "Wall time is the whole `train_and_evaluate` call (compile, eval, orbax checkpoints, "
-        "the per-step flip-rate read included) on a shared 2-core machine with other jobs "
-        "running, so it is noisy.",
-    ],
-    group_by=("method", "pattern"),
-    order=_order,
-    columns=[
-        Column("method", level(0, labels=LABEL)),
-        Column("N:M", level(1)),
-        Column("density", mean_of("density", ".4f")),
-        Column("rel. inference FLOPs", mean_of("inference_flops_rel", ".3f"), "has_flops"),
-        Column("eval accuracy (%)", pm_of("eval_accuracy", 100)),
-        Column("eval loss", pm_of("eval_loss", 1, 3)),
-        Column("train loss", pm_of("train_loss", 1, 4)),
-        Column("flip rate ×10⁻⁴ (run)", pm_of("flip_rate_mean", 1e4)),  # dense: "—"
-        Column("flip rate ×10⁻⁴ (last 25 %)", pm_of("flip_rate_last25", 1e4)),
-        Column("wall time (s)", pm_of("wall_time_s", 1, 1)),
-    ],
-    sections=[
-        tables.paired("Paired accuracy differences (same seed: same init and data order), "
-                      "in points, mean ± sample std over seeds:",
-                      ("method", "pattern"), "pattern", "patterns",
-                      [("nm_ste", "dense"), ("sr_ste", "nm_ste"), ("mdgf", "nm_ste"),
-                       ("sdgf", "nm_ste"), ("mdgf", "sr_ste"), ("sdgf", "mdgf")], LABEL),
-        _sdgf_boundaries,
-        tables.image("Mask flip rate per logging window, by pattern and method",
-                     "`{png}`: flip rate per {cfg[log_every]}-step window, mean over seeds, "
-                     "log scale (windows with no flips are not drawn)."),
-    ],
-    reading="4–6",
-)
+CLAIMS = (("sr_ste", "nm_ste"), ("mdgf", "sr_ste"), ("sdgf", "sr_ste"))
+""""SR-STE ≥ STE" (Zhou et al. 2021, Table 1) and "MDGF/SDGF ≥ SR-STE" (Bambhaniya et al.
+2024, at high sparsity), one pair at a time."""
+
+
+def make_table(task: Task) -> tables.Table:
+    """The page of one task's table."""
+    lm = task.lm
+    quality = ([Column("eval loss", pm_of("eval_loss", 1, 4)),
+                Column("eval bits/byte", pm_of("eval_bits_per_byte", 1, 4)),
+                Column("train loss", pm_of("train_loss", 1, 4))] if lm else
+               [Column("eval accuracy (%)", pm_of("eval_accuracy", 100)),
+                Column("eval loss", pm_of("eval_loss", 1, 3)),
+                Column("train loss", pm_of("train_loss", 1, 4))])
+    return tables.Table(
+        title=("N:M on the byte-level LM: STE vs SR-STE vs MDGF vs SDGF" if lm else
+               "N:M on the digits MLP: STE vs SR-STE vs MDGF vs SDGF"),
+        context=_context,
+        setup=[
+            "Config: `{cfg[config]}:<method>,<N:M>` with its defaults; `config.seed` set to "
+            "the seed (seeds {seeds}; N:M masks follow |w| and take no seed); "
+            "`config.log_every = {cfg[log_every]}` for the curves.",
+            *(["Model: {cfg[model]}.",
+               "Data: the pinned standard-library corpus (`stdlib_bytes`: 167 modules, 4.7 MB; "
+               "every file's last 10% is eval), windows of {cfg[data][seq_len]} bytes; eval "
+               "over the whole eval split. Bits per byte = loss / ln 2."] if lm else
+              ["Model: {cfg[model]} on scikit-learn digits (8×8, 1,437 train / {eval_size} "
+               "eval examples, fixed split)."]),
+            "Training: {cfg[num_steps]} steps, batch {cfg[batch_size]}, {cfg[optimizer]}.",
+            ("N:M: rules {cfg[rules]}, so the pattern applies to every block kernel (attention "
+             "q, k, v, o; FFN up, down), in groups of M consecutive inputs (axis {cfg[axis]}, "
+             "the input axis); the embedding, the head, the LayerNorms and the biases stay "
+             "dense." if lm else
+             "N:M: rules {cfg[rules]}, so the pattern applies to the two hidden kernels "
+             "`layers/0/kernel` (64×256) and `layers/1/kernel` (256×256), in groups of M "
+             "consecutive inputs (axis {cfg[axis]}, the input axis); the head and the biases "
+             "stay dense.") + " The mask is recomputed from |w| at every forward pass.",
+            "STE: forward w⊙m, backward g. SR-STE: backward g + λ_w(1−m)⊙w with "
+            "λ_w = {cfg[sr_ste_lambda]:g} (the paper's value).",
+            "MDGF-exp: forward w⊙(m + (1−m)β(t)), β(t) = exp(−αt), straight-through backward "
+            "(`backward = '{cfg[mdgf_backward]}'`) as in the authors' code, "
+            "**α = {cfg[mdgf_alpha]:.3g}** = {cfg[mdgf_alpha_total]:g} / {cfg[sparse_steps]} "
+            "steps, so β falls to e^−{cfg[mdgf_alpha_total]:g} = {beta_end:.4f} by the end. The "
+            "paper's α = {cfg[mdgf_alpha_paper]:g} is sized for runs of tens of thousands of "
+            "steps; over {cfg[sparse_steps]} steps it would leave β = {beta_paper:.2f} at the "
+            "end, so the pruned weights would still carry {beta_paper:.0%} of their value at "
+            "the last training step and the switch to the binary mask would happen only at "
+            "eval. Scaling α to the run keeps the paper's shape (β decays from 1 to ≈ 0 over "
+            "the sparse phase).",
+            "SDGF-stepwise: the run is split into equal frames and the pattern tightens at each "
+            "boundary: {sdgf_frames}. The final N:M frame starts at step {last_start} "
+            "({last_patterns}), where the cosine learning rate is {last_lr} of its peak, and "
+            "receives {last_share} of the run's learning-rate sum.",
+            "Phases: no dense warm-up and no binary fine-tune (`dense_steps = "
+            "{cfg[dense_steps]}`, `finetune_steps = {cfg[finetune_steps]}`, the library's "
+            "defaults), so every method gets the same budget of sparse-phase steps and the "
+            "same schedule. The cost of that choice: the methods whose final pattern arrives "
+            "late (SDGF, and MDGF as β → 0) have little learning rate left to fit it, which a "
+            "binary fine-tune phase would give them. Eval after the last step uses the binary "
+            "N:M mask for every method (MDGF's β is 0 once the sparse phase is over).",
+            "Density: nonzeros of the forward kernels at the final state (what eval multiplies "
+            "with), measured, and checked to be exactly N/M with no group of M holding more "
+            "than N nonzeros.",
+            "Flip rate: the fraction of N:M-kernel mask entries whose kept/pruned status changes "
+            "between consecutive optimizer steps (`flip_rate` of `sparsejax.nm`), read every "
+            "step, in units of 10⁻⁴ per step; mean over the run and over its last 25 % of "
+            "steps. For MDGF it is the top-N mask that β decays. SDGF's frame-boundary steps, "
+            "where the pattern tightens by design and a fixed share of the entries flips, are "
+            "left out of its means (listed below) and show as spikes in the plot.",
+            "Train loss: mean over the final {train_loss_steps} steps, on the forward weights "
+            "(for MDGF these still carry β = {beta_last:.4f} of the pruned weights at the last "
+            "step).",
+            "Eval numbers are on the eval split after the last step. Each cell is mean ± "
+            "sample std (ddof = 1) over {n_seeds} seed(s)" + ("." if lm else "; one eval "
+                                                              "example is 0.28 accuracy points."),
+            If("has_flops",
+               "Inference FLOPs (`sparsejax.flops`): dense is {dense_flops:,} per "
+               + ("sequence" if lm else "example") + " (2 per "
+               "multiply-add, kernels only); sparse = Σ layer FLOPs × realised layer density, "
+               "head dense. These are theoretical counts: this implementation multiplies masked "
+               "dense matrices. Training FLOPs are not given: MDGF's forward stays dense while "
+               "β > 0 (the whole sparse phase) and every method here computes the dense weight "
+               "gradient."),
+            "Wall time is the whole `train_and_evaluate` call (compile, eval, orbax checkpoints, "
+            "the per-step flip-rate read included) on a shared 2-core machine with other jobs "
+            "running, so it is noisy.",
+        ],
+        group_by=("method", "pattern"),
+        order=_order,
+        columns=[
+            Column("method", level(0, labels=LABEL)),
+            Column("N:M", level(1)),
+            Column("density", mean_of("density", ".4f")),
+            Column("rel. inference FLOPs", mean_of("inference_flops_rel", ".3f"), "has_flops"),
+            *quality,
+            Column("flip rate ×10⁻⁴ (run)", pm_of("flip_rate_mean", 1e4)),  # dense: "—"
+            Column("flip rate ×10⁻⁴ (last 25 %)", pm_of("flip_rate_last25", 1e4)),
+            Column("wall time (s)", pm_of("wall_time_s", 1, 1)),
+        ],
+        sections=[
+            *([] if lm else [tables.paired(
+                "Paired accuracy differences (same seed: same init and data order), in points, "
+                "mean ± sample std over seeds:", ("method", "pattern"), "pattern", "patterns",
+                [("nm_ste", "dense"), ("sr_ste", "nm_ste"), ("mdgf", "nm_ste"),
+                 ("sdgf", "nm_ste"), ("mdgf", "sr_ste"), ("sdgf", "mdgf")], LABEL)]),
+            _sdgf_boundaries,
+            tables.image("Mask flip rate per logging window, by pattern and method",
+                         "`{png}`: flip rate per {cfg[log_every]}-step window, mean over seeds, "
+                         "log scale (windows with no flips are not drawn)."),
+            tables.claims(CLAIMS, LABEL, ("method", "pattern"), "patterns", "{}"),
+        ],
+        reading="4–6",
+    )
 
 
 def plot(result: dict, path: Path) -> None:
@@ -422,7 +474,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_visible(False)
     axes.flat[0].legend(loc="upper right", fontsize=8)
     seeds = len(result["seeds"])
-    fig.suptitle("N:M mask flip rate, digits MLP: fraction of mask entries that change per "
+    what = "byte LM" if result["config"].get("task") == "lm" else "digits MLP"
+    fig.suptitle(f"N:M mask flip rate, {what}: fraction of mask entries that change per "
                  f"step,\nmean over {seeds} seed{'s' * (seeds != 1)} (SDGF spikes: its frame "
                  "boundaries; windows without flips not drawn)", fontsize=10)
     fig.tight_layout()
@@ -431,16 +484,31 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-SCRIPT = tables.Script("experiments.nm_table", TABLE, plot=plot, compact_number_lists=True)
 
 
 # ----------------------------------------------------------------------------- the sweep
 
 
+def check_patterns(task: Task, patterns: list[str]) -> None:
+    """Every pattern parses, and its M divides the input axis of every N:M kernel of the
+    task's model (``resolve_nm_rules`` names the kernel otherwise); else a usage error."""
+    config = tables.task_config(task, "nm_ste")
+    model = build_model(config.model_name, config.model, get_dataset(config.data).info,
+                        nnx.Rngs(params=0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for p in patterns:
+        try:
+            _frames(p)
+            nm.resolve_nm_rules(params, config.method.rules, config.method.axis, pattern=p)
+        except ValueError as e:
+            raise app.UsageError(f"bad N:M pattern {p!r} for --task={FLAGS.task}: {e}") from None
+
+
 def sweep(out: tables.Outputs) -> tables.Sweep:
     """The plan of (method, pattern, seed) runs from the flags, and the JSON."""
+    task = TASKS[FLAGS.task]
     methods = list(FLAGS.methods)
-    patterns = list(FLAGS.patterns)
+    patterns = list(FLAGS.patterns) or PATTERNS[FLAGS.task]
     seeds = [int(s) for s in FLAGS.seeds]
     num_steps = FLAGS.num_steps
     if FLAGS.quick:
@@ -449,24 +517,17 @@ def sweep(out: tables.Outputs) -> tables.Sweep:
     if unknown:
         raise app.UsageError(f"unknown methods {sorted(unknown)}; known: "
                              f"{['dense', *NM_METHODS]}")
-    for p in patterns:
-        try:
-            n, m = _nm(p)
-            _frames(p)
-        except ValueError as e:
-            raise app.UsageError(f"bad N:M pattern {p!r}: {e}") from None
-        if 64 % m:
-            raise app.UsageError(f"pattern {p}: M={m} does not divide the 64 input features")
+    check_patterns(task, patterns)
     plan = [(m, None if m == "dense" else p, k)
             for m in methods for p in ([None] if m == "dense" else patterns) for k in seeds]
 
     def finish(runs: list[dict], total_time: float) -> dict:
-        cfg = config_summary(num_steps, FLAGS.alpha_total)
+        cfg = config_summary(task, num_steps, FLAGS.alpha_total)
         cfg["log_every"] = FLAGS.log_every
-        f_dense = tables.dense_flops(quickstart.get_config())
+        f_dense = tables.dense_flops(task.module.get_config())
         add_flops(runs, f_dense)
         f_info = {"dense_per_layer": f_dense, "dense_total": flops.total(f_dense),
-                  "per": "one example (batch 1), inference"}
+                  "per": f"one {'sequence' if task.lm else 'example'} (batch 1), inference"}
         keys = ("eval_accuracy", "eval_loss", "train_loss", "wall_time_s", "flip_rate_mean",
                 "flip_rate_last25")
         summary = []
@@ -491,18 +552,21 @@ def sweep(out: tables.Outputs) -> tables.Sweep:
         }
 
     return tables.Sweep(
-        plan, lambda m, p, k: run_one(m, p, k, num_steps, FLAGS.log_every, FLAGS.alpha_total),
+        plan, functools.partial(run_one, FLAGS.task, num_steps, FLAGS.log_every,
+                                FLAGS.alpha_total),
         lambda it: f"{it[0]:6s} {it[1] or '-':5s} seed={it[2]}",
         lambda r: (f"acc={100 * r['eval_accuracy']:.2f} loss={r['eval_loss']:.4f} "
                    f"density={r['density']:.4f} "
                    + (f"flip={r['flip_rate_mean']:.2e}/{r['flip_rate_last25']:.2e} "
                       if r["method"] != "dense" else "")
                    + f"({r['wall_time_s']:.1f} s)"),
-        finish)
+        finish, FLAGS.jobs)
 
 
 def main(argv):
-    tables.main(argv, SCRIPT, sweep)
+    task = tables.select_task(TASKS)
+    tables.main(argv, tables.Script("experiments.nm_table", make_table(task), plot=plot,
+                                    compact_number_lists=True), sweep)
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import flax
@@ -142,6 +143,60 @@ def run_plan(plan: Sequence[tuple], run: Callable[..., dict], describe: Callable
         runs = [done[i] for i in range(len(plan))]
     bar.close()
     return runs, time.time() - t0
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a table trains: its config file and module, its output stem, the metric its
+    claims are judged on, and the table's changes to the config: ``num_steps``,
+    ``batch_size``, ``eval_every`` and ``method.update_every`` (where the method has it).
+
+    Example::
+
+        Task('configs/lm_bytes.py', lm_bytes, 'nm_lm', 'eval_loss', False,
+             {'num_steps': 500, 'batch_size': 16, 'eval_every': 0})
+    """
+    config: str
+    module: ModuleType
+    stem: str
+    metric: str
+    higher_is_better: bool
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def lm(self) -> bool:
+        return self.metric == "eval_loss"
+
+
+def task_config(task: Task, arg: str | None, num_steps: int = 0):
+    """The task's config for ``arg`` with the table's overrides (``num_steps`` > 0 wins;
+    ``eval_every = 0`` evaluates after the last step only)."""
+    config = task.module.get_config(arg)
+    config.num_steps = num_steps or task.overrides.get("num_steps", config.num_steps)
+    config.eval_every = task.overrides.get("eval_every", config.eval_every)
+    config.batch_size = task.overrides.get("batch_size", config.batch_size)
+    if "update_every" in task.overrides and "update_every" in config.method:
+        config.method.update_every = task.overrides["update_every"]
+    return config
+
+
+def select_task(tasks: dict[str, Task]) -> Task:
+    """The ``--task`` flag's task: points ``--out_md``/``--out_json``/``--out_png`` left
+    at their defaults to the task's page (``docs/results/<stem>.*``), and with
+    ``--render_only`` refuses a JSON made by another task (the page would describe other
+    runs)."""
+    task = tasks[FLAGS.task]
+    stem = Path(FLAGS["out_json"].default).stem  # the script's default page
+    for name in ("out_md", "out_json", "out_png"):
+        if name in FLAGS:
+            old = Path(FLAGS[name].default)
+            FLAGS.set_default(name, str(old.with_name(old.name.replace(stem, task.stem, 1))))
+    if FLAGS.render_only:
+        made = json.loads(Path(FLAGS.out_json).read_text())["config"].get("task", "digits")
+        if made != FLAGS.task:
+            raise app.UsageError(f"{FLAGS.out_json} holds --task={made} runs; render it "
+                                 f"with --task={made}, not --task={FLAGS.task}")
+    return task
 
 
 def dense_flops(config) -> dict:
@@ -333,26 +388,35 @@ def verdict_line(claim: str, v: Verdict, unit: str = "", scale: float = 1.0,
 
 def claims(pairs: Sequence[tuple[str, str]], labels: dict[str, str],
            keys: tuple[str, str] = ("method", "sparsity"), levels: str = "sparsities",
-           fmt: str = "{:g}") -> Section:
+           fmt: str = "{:g}", within: str | None = None) -> Section:
     """Section "Claims": for every level in ``result[levels]`` and pair ``(a, b)``, the
     verdict on "a ≥ b" (``verdict``) from the runs paired by seed, on the metric the
     JSON's config names (``metric``, ``higher_is_better``; eval accuracy in points, eval
-    loss in bits per byte). ``keys`` = (method key, level key) of the runs."""
+    loss in bits per byte). ``keys`` = (compared key, level key) of the runs; with
+    ``within`` (a third key, e.g. the method when ``keys[0]`` is the distribution) the
+    pairs are compared separately for each of its values."""
 
     def section(result, ctx):
         cfg, runs = result["config"], result["runs"]
         metric, higher = cfg.get("metric", "eval_accuracy"), cfg.get("higher_is_better", True)
-        by = {(r[keys[0]], r[keys[1]], r["seed"]): r[metric] for r in runs}
+        by = {(r[keys[0]], r[keys[1]], r[within] if within else None, r["seed"]): r[metric]
+              for r in runs}
+        inside = list(dict.fromkeys(w for (a, _, w, _) in by if any(a in p for p in pairs)))
         scale, unit, digits = ((100, " points of accuracy", 2) if metric == "eval_accuracy"
                                else (1 / math.log(2), " bits per byte", 4))
         lines = []
         for lv in result[levels]:
-            for a, b in pairs:
-                seeds = [k for k in result["seeds"] if (a, lv, k) in by and (b, lv, k) in by]
-                if seeds:
-                    v = verdict([by[(a, lv, k)] for k in seeds],
-                                [by[(b, lv, k)] for k in seeds], higher_is_better=higher)
-                    claim = f"{labels.get(a, a)} ≥ {labels.get(b, b)} at {fmt.format(lv)}"
+            for w in inside:
+                for a, b in pairs:
+                    seeds = [k for k in result["seeds"]
+                             if (a, lv, w, k) in by and (b, lv, w, k) in by]
+                    if not seeds:
+                        continue
+                    v = verdict([by[(a, lv, w, k)] for k in seeds],
+                                [by[(b, lv, w, k)] for k in seeds], higher_is_better=higher)
+                    claim = (f"{labels.get(a, a)} ≥ {labels.get(b, b)}"
+                             + (f" ({labels.get(w, w)})" if within else "")
+                             + f" at {fmt.format(lv)}")
                     lines.append(verdict_line(claim, v, unit, scale, digits))
         if not lines:
             return []

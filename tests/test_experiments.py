@@ -124,6 +124,27 @@ def test_claims_section_reads_the_verdicts_off_hand_made_runs():
     assert "**not reproduced** (effect -10.33 points of accuracy" in lines[0]
 
 
+def test_claims_within_compare_distributions_per_method():
+    from experiments.tables import claims
+
+    section = claims([("erk", "uniform")], {"erk": "ERK", "rigl": "RigL"},
+                     ("distribution", "sparsity"), within="method")
+    losses = {("static", "erk"): [2.00, 2.10, 2.05], ("static", "uniform"): [2.01, 2.08, 2.06],
+              ("rigl", "erk"): [1.90, 2.00, 1.94], ("rigl", "uniform"): [2.01, 2.08, 2.06]}
+    runs = [{"method": m, "distribution": d, "sparsity": 0.9, "seed": k, "eval_loss": x}
+            for (m, d), xs in losses.items() for k, x in enumerate(xs)]
+    runs += [{"method": "dense", "distribution": None, "sparsity": None, "seed": k,
+              "eval_loss": 1.5} for k in range(3)]  # no pair: no line
+    result = {"config": {"metric": "eval_loss", "higher_is_better": False},
+              "sparsities": [0.9], "seeds": [0, 1, 2], "runs": runs}
+    lines = [x for x in section(result, {}) if x.startswith("- ")]
+    assert [x.split(": ")[0] for x in lines] == ["- ERK ≥ uniform (static) at 0.9",
+                                                 "- ERK ≥ uniform (RigL) at 0.9"]
+    assert "**inconclusive**" in lines[0]  # differences +0.01, -0.02, +0.01
+    import math
+    assert f"**reproduced** (effect {0.31 / 3 / math.log(2):+.4f} bits per byte" in lines[1]
+
+
 def test_render_only_refuses_a_json_of_another_task(root, tmp_path):
     out_md = tmp_path / "dst.md"
     cmd = [sys.executable, "-m", "experiments.dst_table", "--render_only",
