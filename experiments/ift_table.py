@@ -1,6 +1,9 @@
-"""Dense vs the four Sparse-IFT families at s = 0.5, 0.75, 0.9 on the digits MLP, at equal FLOPs.
+"""Dense vs the Sparse-IFT families at equal FLOPs, on the digits MLP (all four families
+at s = 0.5, 0.75, 0.9) or the byte LM (Wide and Doped at s = 0.5, 0.75), with a verdict
+on "Sparse-IFT ≥ dense at equal FLOPs" (Thangarasa et al. 2023) for each family and s.
 
     python -m experiments.ift_table                      # 39 runs → docs/results/ift_digits.*
+    python -m experiments.ift_table --task=lm --jobs=2   # 15 runs → docs/results/ift_lm.*
     python -m experiments.ift_table --quick              # smoke test: 1 seed, s = 0.75, 100 steps
     python -m experiments.ift_table --methods=dense,doped --sparsities=0.9 --seeds=0,1
     python -m experiments.ift_table --render_only        # Markdown + plot from the JSON
@@ -12,6 +15,9 @@ Wide solves ``s'`` for its widened layers so the FLOPs match) with the MLP given
 256)``): the default ``config.ift.layers`` transforms every Linear but the stem and the
 head, so ``layers/1`` and ``layers/2`` are transformed while ``layers/0`` (the stem) and
 ``head`` stay dense. With the quickstart's two hidden layers only one layer would be.
+``--task=lm`` trains ``configs/lm_bytes.py:<family>,<s>`` shortened to ``TASKS['lm']``'s
+steps and mask-update interval, as ``dst_table``: every block kernel (attention q/k/v/o,
+FFN up/down) is transformed; the embedding and the head stay dense (Wide widens them).
 Each run is in a temporary workdir that is deleted afterwards; ``config.seed`` (init,
 data order) and, for RigL, ``config.method.seed`` (random masks) are set to the seed. Dense
 runs once per seed.
@@ -42,9 +48,13 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import nnx
 
-from configs import quickstart
+import functools
+import math
+
+from configs import lm_bytes, quickstart
 from experiments import tables
-from experiments.tables import Column, first_of, group, level, mean_of, mean_std, pm_of, rank
+from experiments.tables import (Column, Task, first_of, group, level, mean_of, mean_std, pm_of,
+                                rank)
 from sparsejax import flops, ift, surgery
 from configs.common import END_FRACTION
 from sparsejax.analysis import find_masks
@@ -52,12 +62,26 @@ from sparsejax.paths import match_rules, named_leaves
 from sparsejax.train import build, build_model
 from sparsejax.train.data import get_dataset
 
+TASKS = {
+    "digits": Task("configs/quickstart.py", quickstart, "ift_digits", "eval_accuracy", True),
+    # as dst_table's LM: 500 steps of batch 16 × 128 bytes, ΔT = 50, one eval at the end
+    "lm": Task("configs/lm_bytes.py", lm_bytes, "ift_lm", "eval_loss", False,
+               {"num_steps": 500, "batch_size": 16, "update_every": 50, "eval_every": 0}),
+}
+PLAN = {  # the task's default plan (flags given on the command line win)
+    "lm": {"methods": ["dense", "wide", "doped"], "sparsities": ["0.5", "0.75"]},
+}
+
+flags.DEFINE_enum("task", "digits", list(TASKS), "what to train: the digits MLP or the byte LM")
 flags.DEFINE_list("methods", ["dense", "wide", "parallel", "factorized", "doped"],
-                  "dense and Sparse-IFT families")
-flags.DEFINE_list("sparsities", ["0.5", "0.75", "0.9"], "Sparse-IFT s (not for dense)")
+                  "dense and Sparse-IFT families (--task=lm: dense,wide,doped)")
+flags.DEFINE_list("sparsities", ["0.5", "0.75", "0.9"], "Sparse-IFT s, not for dense "
+                  "(--task=lm: 0.5,0.75)")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (config.seed, and config.method.seed where the method has one)")
-flags.DEFINE_list("hidden", ["256", "256", "256"], "MLP hidden widths (config.model.hidden)")
-flags.DEFINE_integer("num_steps", 0, "training steps (0: the config's, 1500)")
+flags.DEFINE_list("hidden", ["256", "256", "256"], "digits: MLP hidden widths "
+                  "(config.model.hidden)")
+flags.DEFINE_integer("num_steps", 0, "training steps (0: the task's: digits 1500, LM 500)")
+flags.DEFINE_integer("jobs", 1, "runs at once, each in its own process")
 flags.DEFINE_string("out_md", "docs/results/ift_digits.md", "Markdown table")
 flags.DEFINE_string("out_json", "docs/results/ift_digits.json", "per-seed JSON")
 flags.DEFINE_string("out_png", "docs/results/ift_digits.png", "accuracy-vs-s plot")
@@ -67,7 +91,6 @@ flags.DEFINE_bool("render_only", False, "rewrite --out_md and --out_png from the
                   "--out_json (no training)")
 FLAGS = flags.FLAGS
 
-CONFIG = "configs/quickstart.py"
 FAMILIES = ("wide", "parallel", "factorized", "doped")
 LABEL = {"dense": "dense", "wide": "Sparse Wide", "parallel": "Sparse Parallel",
          "factorized": "Sparse Factorized", "doped": "Sparse Doped"}
@@ -78,22 +101,28 @@ DENSITY_TOLERANCE = 1e-3  # |realised kernel density − (1 − s)|
 # ----------------------------------------------------------------------------- one run
 
 
-def make_config(method: str, s: float | None, seed: int, num_steps: int, hidden: tuple):
-    config = quickstart.get_config("dense" if method == "dense" else f"{method},{s}")
-    config.model.hidden = tuple(hidden)
+def make_config(task: str, method: str, s: float | None, seed: int, num_steps: int,
+                hidden: tuple):
+    config = tables.task_config(TASKS[task], "dense" if method == "dense" else f"{method},{s}",
+                                num_steps)
+    if task == "digits":
+        config.model.hidden = tuple(hidden)
     config.seed = seed
     if "seed" in config.method:  # random masks (dense has none)
         config.method.seed = seed
-    if num_steps:
-        config.num_steps = num_steps
     return config
+
+
+def _widths(model: dict) -> list[int]:
+    """The widths Sparse Wide scales: the MLP's hidden widths, or the LM's d_model, d_ff."""
+    return list(model["hidden"]) if "hidden" in model else [model["d_model"], model["d_ff"]]
 
 
 def architecture(config) -> dict:
     """The model of ``config`` built as ``make_trainer`` builds it, its sparsity rules and
     its measured FLOPs (``ift.measured_flops``), plus the family's shape parameters."""
     info = get_dataset(config.data).info
-    x = jnp.zeros((1, *info.input_shape), jnp.float32)
+    x = jnp.zeros((1, *info.input_shape), jnp.int32 if info.task == "lm" else jnp.float32)
     call = lambda m: m(x)  # noqa: E731
     built = build(config, info)  # the builder step make_trainer runs
     rules = list(built.plan.rules or [])
@@ -107,15 +136,18 @@ def architecture(config) -> dict:
     model = built.make_model(jax.random.key(0))
     shapes = {p: tuple(v.shape) for p, v in
               named_leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
-    out = {"model_hidden": list(built.plan.model["hidden"]), "rules": [list(r) for r in rules],
+    out = {"model_hidden": _widths(built.plan.model), "rules": [list(r) for r in rules],
            "transformed": transformed, "geometry": {p: list(g) for p, g in geometry.items()},
            "flops": ift.measured_flops(model, rules, call),
            "flops_dense_model": flops.model_flops(model, call), "param_shapes": shapes}
     if c.family != "none":
         s = float(c.sparsity)
-        if len(set(geometry.values())) != 1:
-            raise RuntimeError(f"transformed layers differ in shape: {geometry}")
-        d_in, d_out = next(iter(geometry.values()))
+        shapes = list(dict.fromkeys(geometry.values()))  # (d_in, d_out) of the layers
+
+        def per_shape(f):  # one number when every layer has one shape (the MLP)
+            v = {f"{i}→{o}": f(i, o, s) for i, o in shapes}
+            return next(iter(v.values())) if len(v) == 1 else v
+
         out["family"] = c.family
         if c.family == "wide":
             out["width_multiplier"] = ift.width_multiplier(s)
@@ -123,9 +155,9 @@ def architecture(config) -> dict:
         elif c.family == "parallel":
             out["num_branches"] = ift.num_branches(s)
         elif c.family == "factorized":
-            out["d_sf"] = ift.factorized_dim(d_in, d_out, s)
+            out["d_sf"] = per_shape(ift.factorized_dim)
         elif c.family == "doped":
-            out["rank"] = ift.doped_rank(d_in, d_out, s)
+            out["rank"] = per_shape(ift.doped_rank)
     return out
 
 
@@ -135,25 +167,26 @@ def _check_flops(what: str, rel: float) -> None:
                            f"{FLOPS_TOLERANCE:.0%} of the dense model")
 
 
-def preflight(plan, num_steps: int, hidden: tuple) -> dict:
+def preflight(task: str, plan, num_steps: int, hidden: tuple) -> dict:
     """Builds every planned (method, s) model and checks its measured FLOPs against dense
     before any training; returns the dense FLOPs (total and per layer)."""
-    dense = architecture(make_config("dense", None, 0, num_steps, hidden))
+    dense = architecture(make_config(task, "dense", None, 0, num_steps, hidden))
     for m, s in dict.fromkeys((m, s) for m, s, _ in plan):
         if m == "dense":
             continue
-        a = architecture(make_config(m, s, 0, num_steps, hidden))
+        a = architecture(make_config(task, m, s, 0, num_steps, hidden))
         _check_flops(f"{m} s={s} (before training)", a["flops"] / dense["flops"])
         logging.info("%s s=%g: %.4f× dense FLOPs", m, s, a["flops"] / dense["flops"])
+    per = "sequence" if task == "lm" else "example"
     return {"dense_total": dense["flops"], "dense_per_layer": dense["flops_dense_model"],
-            "per": "one example (batch 1), inference, 2 FLOPs per multiply-add, kernels only"}
+            "per": f"one {per} (batch 1), inference, 2 FLOPs per multiply-add, kernels only"}
 
 
-def run_one(method: str, s: float | None, seed: int, num_steps: int, hidden: tuple,
-            dense_flops: float) -> dict:
-    """Trains one config in a temporary workdir; returns its numbers, checked FLOPs and
-    parameter counts."""
-    config = make_config(method, s, seed, num_steps, hidden)
+def run_one(task: str, num_steps: int, hidden: tuple, dense_flops: float, method: str,
+            s: float | None, seed: int) -> dict:
+    """Trains one config of ``TASKS[task]`` in a temporary workdir; returns its numbers,
+    checked FLOPs and parameter counts."""
+    config = make_config(task, method, s, seed, num_steps, hidden)
     final = {}
     summary, _ = tables.run_config(
         config, hooks=[tables.final_state_hook(config.num_steps, final)], prefix="ift_table_")
@@ -180,6 +213,7 @@ def run_one(method: str, s: float | None, seed: int, num_steps: int, hidden: tup
     out = {
         "method": method, "sparsity": s, "seed": seed, "steps": summary["steps"],
         "eval_accuracy": summary["eval_accuracy"], "eval_loss": summary["eval_loss"],
+        "eval_bits_per_byte": summary["eval_loss"] / math.log(2),
         "train_loss": summary.get("train_loss"),
         "hidden": arch["model_hidden"], "transformed": arch["transformed"],
         "rules": arch["rules"],
@@ -192,6 +226,12 @@ def run_one(method: str, s: float | None, seed: int, num_steps: int, hidden: tup
         "layer_density": layer_density,
         "wall_time_s": summary["wall_time_s"],
     }
+    if method != "dense":  # RigL's dense gradient every ΔT steps is on the transformed model
+        f_model = flops.total(arch["flops_dense_model"])
+        out["train_flops_rel"] = flops.training_flops_per_step(
+            config.method.name, f_model, realised, config.method.update_every) / (3 * dense_flops)
+    else:
+        out["train_flops_rel"] = 1.0
     for k in ("width_multiplier", "solved_sparsity", "num_branches", "d_sf", "rank"):
         if k in arch:
             out[k] = arch[k]
@@ -201,15 +241,22 @@ def run_one(method: str, s: float | None, seed: int, num_steps: int, hidden: tup
     return out
 
 
-def config_summary(num_steps: int, hidden: tuple) -> dict:
-    c = quickstart.get_config("rigl,0.9")
-    c.num_steps = steps = num_steps or c.num_steps  # end_step follows num_steps
-    o, s = c.optimizer, c.method
-    widths = " → ".join(map(str, (64, *hidden, 10)))
+def config_summary(task: Task, num_steps: int, hidden: tuple) -> dict:
+    c = tables.task_config(task, "rigl,0.9", num_steps)  # end_step follows num_steps
+    o, s, m = c.optimizer, c.method, c.model
+    if task.lm:
+        model = (f"decoder LM, {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} "
+                 f"heads, d_ff {m.d_ff}, {m.activation}, bytes (vocabulary 256), "
+                 f"context {c.data.seq_len}")
+        hidden = (m.d_model, m.d_ff)
+    else:
+        model = f"MLP {' → '.join(map(str, (64, *hidden, 10)))}, {m.activation}"
     return {
-        "config": CONFIG, "model": f"MLP {widths}, {c.model.activation}",
+        "task": next(k for k, t in TASKS.items() if t is task), "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "config": task.config, "model": model,
         "hidden": list(hidden), "data": dict(c.data),
-        "num_steps": steps, "batch_size": c.batch_size,
+        "num_steps": c.num_steps, "batch_size": c.batch_size,
         "optimizer": (f"{o.name} lr={o.learning_rate} wd={o.weight_decay} {o.schedule} "
                       f"schedule, {o.warmup_steps} warm-up steps"),
         "mask_init": s.mask_init, "update_every": s.update_every,
@@ -231,16 +278,28 @@ def _order(key: tuple, result: dict):
 
 def _shape(r: dict) -> str:
     m = r["method"]
+    lm = any(p.startswith("blocks/") for p in r["transformed"])  # the LM's [d_model, d_ff]
     if m == "wide":
-        return (f"×{r['width_multiplier']:.3f} → {r['hidden'][0]} wide, "
-                f"s′ = {r['solved_sparsity']:.4f}")
+        wide = (f"d_model {r['hidden'][0]}, d_ff {r['hidden'][1]}" if lm else
+                f"{r['hidden'][0]} wide")
+        return f"×{r['width_multiplier']:.3f} → {wide}, s′ = {r['solved_sparsity']:.4f}"
     if m == "parallel":
         return f"B = {r['num_branches']}"
+
+    def knob(v):  # one value, or one per layer shape
+        return str(v) if not isinstance(v, dict) else ", ".join(
+            f"{x} ({k})" for k, x in v.items())
+
     if m == "factorized":
-        return f"d_sf = {r['d_sf']}"
+        return f"d_sf = {knob(r['d_sf'])}"
     if m == "doped":
-        return f"r = {r['rank']}"
+        return f"r = {knob(r['rank'])}"
     return "—"
+
+
+def make_table(task: Task) -> tables.Table:
+    """The page of one task's table."""
+    return LM_TABLE if task.lm else TABLE
 
 
 TABLE = tables.Table(
@@ -318,10 +377,88 @@ TABLE = tables.Table(
                       "sample std over seeds:", ("method", "sparsity"), "s", "sparsities",
                       lambda result: [(f, "dense") for f in result["methods"] if f != "dense"],
                       LABEL, "{:g}"),
+        tables.claims(lambda result: [(f, "dense") for f in result["methods"] if f != "dense"],
+                      LABEL, pairing="same seed: same data order; the models, hence their "
+                      "initialisations, differ"),
         tables.image("Eval accuracy and loss against s, by family",
                      "`{png}`: eval accuracy and loss against s, mean ± sample std over seeds "
                      "(points offset slightly in s for legibility); black line and band: "
                      "dense."),
+    ],
+    reading="3–5",
+)
+
+
+LM_TABLE = tables.Table(
+    title="Sparse Wide and Sparse Doped vs dense on the byte-level LM, at equal FLOPs",
+    context=lambda result: {"flops_tolerance": FLOPS_TOLERANCE},
+    setup=[
+        "Config: `{cfg[config]}:<family>,<s>` (`dense` for the baseline) with its defaults "
+        "but {cfg[num_steps]} steps and ΔT = {cfg[update_every]}; `config.seed` and (RigL) "
+        "`config.method.seed` both set to the seed (seeds {seeds}).",
+        "Model: {cfg[model]}.",
+        "Data: the pinned standard-library corpus (`stdlib_bytes`: 167 modules, 4.7 MB; "
+        "every file's last 10% is eval), windows of {cfg[data][seq_len]} bytes; eval over "
+        "the whole eval split. Bits per byte = loss / ln 2.",
+        "Training: {cfg[num_steps]} steps, batch {cfg[batch_size]}, {cfg[optimizer]}.",
+        "Sparse-IFT (`config.ift`, default layers): every block kernel is transformed "
+        "(attention q, k, v, o: 128 → 128; FFN up 128 → 512, down 512 → 128); the "
+        "embedding, the positions and the head stay dense (Wide widens them).",
+        "Sparsity: RigL, uniform distribution; the Sparse-IFT rules give every sparse kernel "
+        "exactly s (Wide: the solved s′); masks initialised `{cfg[mask_init]}`, updated "
+        "every ΔT = {cfg[update_every]} steps, drop fraction {cfg[drop_fraction]} annealed "
+        "({cfg[drop_fraction_anneal]}) to 0 at step {cfg[end_step]} ({cfg[end_fraction]} × "
+        "steps). Biases, norms and the dense low-rank path of Doped are never sparse.",
+        "Families (`sparsejax.ift`): Wide multiplies d_model and d_ff by √(1/(1−s)) and "
+        "solves the sparsity s′ of the widened block kernels so the model's FLOPs equal "
+        "dense (embedding and head stay dense and grow with d_model); Doped is "
+        "W_sparse·x + V(U·x) with a dense rank r = ⌊s·d_in·d_out / (d_in + d_out)⌋ per "
+        "layer shape.",
+        "FLOPs (`sparsejax.ift.measured_flops`): each run's model is rebuilt as the trainer "
+        "builds it and its traced forward pass is priced with every sparse kernel at "
+        "density 1 − s; the count redone from each run's final RigL masks agrees, and "
+        "every run was checked to be within {flops_tolerance:.0%} of dense by both counts. "
+        "Dense inference is {dense_flops:,} FLOPs per sequence (2 per multiply-add, "
+        "kernels only). **Not counted: the attention scores and their weighted sum "
+        "(q·kᵀ and p·v, 4·T·d_model FLOPs per token per layer, about 1/6 of the kernel "
+        "FLOPs here), which grow with Wide's d_model**, so Wide's true forward cost is "
+        "above dense (×1.41 d_model at s = 0.5, ×2 at s = 0.75 on that part).",
+        "Training FLOPs / dense: `sparsejax.flops.training_flops_per_step` (RigL: "
+        "(3·f_S·ΔT + 2·f_S + f_D)/(ΔT + 1), with f_D the transformed model's dense "
+        "forward) over dense's 3·f_D. These are theoretical counts: masked dense "
+        "matrices are multiplied, so wall time grows with the transformed model's dense "
+        "size.",
+        "Parameters: all trainable parameters of the transformed model (biases and norm "
+        "scales included), and those left after the RigL masks.",
+        "Train loss is the loop's mean over the last logging window (the final 50 steps), "
+        "on masked weights. Eval numbers are after the last step. Each cell is mean ± "
+        "sample std (ddof = 1) over {n_seeds} seed(s).",
+        "Wall time is the whole `train_and_evaluate` call (compile, eval, orbax checkpoints "
+        "included), two runs at a time on a 2-core machine, so it is noisy.",
+    ],
+    group_by=("method", "sparsity"),
+    order=_order,
+    columns=[
+        Column("method", level(0, labels=LABEL)),
+        Column("s", level(1, "{:g}")),
+        Column("shape", lambda key, rs: _shape(rs[0])),
+        Column("eval loss", pm_of("eval_loss", 1, 4)),
+        Column("eval bits/byte", pm_of("eval_bits_per_byte", 1, 4)),
+        Column("train loss", pm_of("train_loss", 1, 4)),
+        Column("FLOPs / dense", mean_of("flops_rel", ".4f")),
+        Column("training FLOPs / dense", mean_of("train_flops_rel", ".4f")),
+        Column("params", first_of("params", ",")),
+        Column("nonzero params", first_of("nonzero_params", ",")),
+        Column("wall time (s)", pm_of("wall_time_s", 1, 1)),
+    ],
+    sections=[
+        tables.claims(lambda result: [(f, "dense") for f in result["methods"] if f != "dense"],
+                      LABEL, pairing="same seed: same data order; the models, hence their "
+                      "initialisations, differ"),
+        tables.image("Eval bits per byte against s, by family",
+                     "`{png}`: eval bits per byte and train loss against s, mean ± sample std "
+                     "over seeds (points offset slightly in s for legibility); black line and "
+                     "band: dense."),
     ],
     reading="3–5",
 )
@@ -338,9 +475,12 @@ def plot(result: dict, path: Path) -> None:
     runs, sparsities = result["runs"], result["sparsities"]
     fams = [m for m in result["methods"] if m != "dense"]
     g = group(runs, ("method", "sparsity"))
+    lm = result["config"].get("task") == "lm"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, scale, name in ((axes[0], "eval_accuracy", 100, "eval accuracy (%)"),
-                                 (axes[1], "eval_loss", 1, "eval loss")):
+    panels = ((("eval_bits_per_byte", 1, "eval bits per byte"), ("train_loss", 1, "train loss"))
+              if lm else (("eval_accuracy", 100, "eval accuracy (%)"),
+                          ("eval_loss", 1, "eval loss")))
+    for ax, (key, scale, name) in zip(axes, panels):
         if ("dense", None) in g:
             m, sd = mean_std([r[key] * scale for r in g[("dense", None)]])
             sd = 0.0 if sd != sd else sd
@@ -363,7 +503,8 @@ def plot(result: dict, path: Path) -> None:
     axes[0].legend(fontsize=8, loc="best")
     n = len(result["seeds"])
     widths = " → ".join(map(str, (64, *result["config"]["hidden"], 10)))
-    fig.suptitle(f"Sparse-IFT on the digits MLP {widths}, RigL, "
+    what = "the byte LM" if lm else f"the digits MLP {widths}"
+    fig.suptitle(f"Sparse-IFT on {what}, RigL, "
                  f"{result['config']['num_steps']} steps: mean ± sample std over "
                  f"{n} seed{'s' * (n != 1)}", fontsize=10)
     fig.tight_layout()
@@ -372,7 +513,6 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-SCRIPT = tables.Script("experiments.ift_table", TABLE, plot=plot)
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -381,6 +521,7 @@ SCRIPT = tables.Script("experiments.ift_table", TABLE, plot=plot)
 def sweep(out: tables.Outputs) -> tables.Sweep:
     """The plan of (method, s, seed) runs from the flags, checked for equal FLOPs before
     any training, and the JSON."""
+    task = TASKS[FLAGS.task]
     methods = list(FLAGS.methods)
     sparsities = [float(s) for s in FLAGS.sparsities]
     seeds = [int(s) for s in FLAGS.seeds]
@@ -395,26 +536,28 @@ def sweep(out: tables.Outputs) -> tables.Sweep:
     for s in sparsities:
         if not 0.0 < s < 1.0:
             raise app.UsageError(f"sparsity {s} is outside (0, 1)")
-    if len(hidden) < 3:
+    if task is TASKS["digits"] and len(hidden) < 3:
         logging.warning("with %d hidden layers only %d layer(s) are transformed", len(hidden),
                         max(len(hidden) - 1, 0))
     plan = [(m, None if m == "dense" else s, k)
             for m in methods for s in ([None] if m == "dense" else sparsities) for k in seeds]
-    f_info = preflight(plan, num_steps, hidden)
+    f_info = preflight(FLAGS.task, plan, num_steps, hidden)
 
     def finish(runs: list[dict], total_time: float) -> dict:
-        keys = ("eval_accuracy", "eval_loss", "train_loss", "wall_time_s")
+        keys = ("eval_accuracy", "eval_loss", "eval_bits_per_byte", "train_loss",
+                "wall_time_s")
         summary = []
         order = lambda key: _order(key, {"methods": methods, "sparsities": sparsities})  # noqa
         for (m, s), rs in group(runs, ("method", "sparsity"), order).items():
             row = {"method": m, "sparsity": s, "n": len(rs), "shape": _shape(rs[0]),
-                   "flops_rel": rs[0]["flops_rel"], "params": rs[0]["params"],
+                   "flops_rel": rs[0]["flops_rel"], "train_flops_rel": rs[0]["train_flops_rel"],
+                   "params": rs[0]["params"],
                    "nonzero_params": rs[0]["nonzero_params"]}
             for k in keys:
                 row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r[k] for r in rs])
             summary.append(row)
         return {
-            "config": config_summary(num_steps, hidden),
+            "config": config_summary(task, num_steps, hidden),
             "methods": methods, "sparsities": sparsities, "seeds": seeds,
             "std": "sample (ddof=1)", "flops_tolerance": FLOPS_TOLERANCE,
             "density_tolerance": DENSITY_TOLERANCE, "total_time_s": total_time,
@@ -423,16 +566,20 @@ def sweep(out: tables.Outputs) -> tables.Sweep:
         }
 
     return tables.Sweep(
-        plan, lambda m, s, k: run_one(m, s, k, num_steps, hidden, f_info["dense_total"]),
+        plan, functools.partial(run_one, FLAGS.task, num_steps, hidden, f_info["dense_total"]),
         lambda it: f"{it[0]:10s} s={'-' if it[1] is None else f'{it[1]:g}':4s} seed={it[2]}",
         lambda r: (f"acc={100 * r['eval_accuracy']:.2f} loss={r['eval_loss']:.4f} "
                    f"flops={r['flops_rel']:.4f}× nnz={r['nonzero_params']} "
                    f"({r['wall_time_s']:.1f} s)"),
-        finish)
+        finish, FLAGS.jobs)
 
 
 def main(argv):
-    tables.main(argv, SCRIPT, sweep)
+    task = tables.select_task(TASKS)
+    for name, value in PLAN.get(FLAGS.task, {}).items():
+        FLAGS.set_default(name, value)
+    tables.main(argv, tables.Script("experiments.ift_table", make_table(task), plot=plot),
+                sweep)
 
 
 if __name__ == "__main__":

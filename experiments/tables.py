@@ -386,34 +386,40 @@ def verdict_line(claim: str, v: Verdict, unit: str = "", scale: float = 1.0,
             f"{'s' if v.n != 1 else ''})")
 
 
-def claims(pairs: Sequence[tuple[str, str]], labels: dict[str, str],
+def claims(pairs: Sequence[tuple[str, str]] | Callable[[dict], Sequence[tuple[str, str]]],
+           labels: dict[str, str],
            keys: tuple[str, str] = ("method", "sparsity"), levels: str = "sparsities",
-           fmt: str = "{:g}", within: str | None = None) -> Section:
+           fmt: str = "{:g}", within: str | None = None,
+           pairing: str = "same seed: same init and data order") -> Section:
     """Section "Claims": for every level in ``result[levels]`` and pair ``(a, b)``, the
     verdict on "a ≥ b" (``verdict``) from the runs paired by seed, on the metric the
     JSON's config names (``metric``, ``higher_is_better``; eval accuracy in points, eval
     loss in bits per byte). ``keys`` = (compared key, level key) of the runs; with
     ``within`` (a third key, e.g. the method when ``keys[0]`` is the distribution) the
-    pairs are compared separately for each of its values."""
+    pairs are compared separately for each of its values. ``pairs`` may be a function
+    of the JSON (e.g. every family against dense); dense runs have level None and are
+    compared at every level. ``pairing`` says what a shared seed shares."""
 
     def section(result, ctx):
         cfg, runs = result["config"], result["runs"]
+        ps = pairs(result) if callable(pairs) else pairs
         metric, higher = cfg.get("metric", "eval_accuracy"), cfg.get("higher_is_better", True)
         by = {(r[keys[0]], r[keys[1]], r[within] if within else None, r["seed"]): r[metric]
               for r in runs}
-        inside = list(dict.fromkeys(w for (a, _, w, _) in by if any(a in p for p in pairs)))
+        inside = list(dict.fromkeys(w for (a, _, w, _) in by if any(a in p for p in ps)))
         scale, unit, digits = ((100, " points of accuracy", 2) if metric == "eval_accuracy"
                                else (1 / math.log(2), " bits per byte", 4))
         lines = []
         for lv in result[levels]:
             for w in inside:
-                for a, b in pairs:
+                for a, b in ps:
+                    la, lb = (None if x == "dense" else lv for x in (a, b))  # dense: one level
                     seeds = [k for k in result["seeds"]
-                             if (a, lv, w, k) in by and (b, lv, w, k) in by]
+                             if (a, la, w, k) in by and (b, lb, w, k) in by]
                     if not seeds:
                         continue
-                    v = verdict([by[(a, lv, w, k)] for k in seeds],
-                                [by[(b, lv, w, k)] for k in seeds], higher_is_better=higher)
+                    v = verdict([by[(a, la, w, k)] for k in seeds],
+                                [by[(b, lb, w, k)] for k in seeds], higher_is_better=higher)
                     claim = (f"{labels.get(a, a)} ≥ {labels.get(b, b)}"
                              + (f" ({labels.get(w, w)})" if within else "")
                              + f" at {fmt.format(lv)}")
@@ -423,7 +429,7 @@ def claims(pairs: Sequence[tuple[str, str]], labels: dict[str, str],
         better = "higher" if higher else "lower"
         return ["", "## Claims", "",
                 f"Verdicts on {metric.replace('_', ' ')} ({better} is better), per-seed "
-                "pairs (same seed: same init and data order). The effect is the mean paired "
+                f"pairs ({pairing}). The effect is the mean paired "
                 "difference in the claim's favour; *reproduced* when its one-sided 95% "
                 "Student-t bound is above 0, *not reproduced* when the bound on the other "
                 "side is below 0, else *inconclusive* (`experiments.tables.verdict`).", "",

@@ -143,6 +143,11 @@ def test_claims_within_compare_distributions_per_method():
     assert "**inconclusive**" in lines[0]  # differences +0.01, -0.02, +0.01
     import math
     assert f"**reproduced** (effect {0.31 / 3 / math.log(2):+.4f} bits per byte" in lines[1]
+    # dense runs once (level None) and is compared at every level
+    result["runs"] = [r for r in runs if r["distribution"] != "uniform"]
+    lines = [x for x in claims([("rigl", "dense")], {})(result, {}) if x.startswith("- ")]
+    assert [x.split(": ")[0] for x in lines] == ["- rigl ≥ dense at 0.9"]
+    assert "**not reproduced**" in lines[0]  # 1.90–2.00 against 1.5
 
 
 def test_render_only_refuses_a_json_of_another_task(root, tmp_path):
