@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-
 from typing import Sequence
 
 from absl import app, flags

@@ -24,6 +24,9 @@ Other pieces:
   so the JSON is strict).
 - ``machine`` (CPU, devices, versions, git commit) and ``command``.
 - ``dense_flops``: per-example inference FLOPs of a config's model by parameter path.
+- ``Task``, ``task_config`` and ``select_task``: what a ``--task`` flag trains (config,
+  page stem, metric, shortened schedule) and where its page goes.
+- ``verdict``, ``verdict_line`` and ``claims``: a paper's claim judged from paired seeds.
 - Markdown: ``header`` (title, command, machine line), ``md_table``, ``reading_section``
   and ``existing_reading``: the "Reading" is prose written by a person, kept between the
   ``reading:begin``/``reading:end`` markers across reruns.
@@ -165,6 +168,7 @@ class Task:
 
     @property
     def lm(self) -> bool:
+        """Whether the task is a language model (judged on eval loss, in bits per byte)."""
         return self.metric == "eval_loss"
 
 

@@ -158,3 +158,20 @@ def test_render_only_refuses_a_json_of_another_task(root, tmp_path):
     assert proc.returncode != 0
     assert "holds --task=lm runs; render it with --task=lm, not --task=digits" in proc.stderr
     assert not out_md.exists()  # nothing written
+
+
+@pytest.mark.parametrize("name,flags,message", [
+    ("nm", ["--task=lm", "--patterns=1:3"], "bad N:M pattern '1:3' for --task=lm"),
+    ("dst", ["--task=lm_erk", "--distributions=erk,gaussian"],
+     "--distributions: unknown distribution 'gaussian'"),
+    ("width", ["--static_sparsity=1.5"], "--static_sparsity=1.5 is outside (0, 1)"),
+    ("width", ["--widths=base,huge"], "unknown --widths ['huge']"),
+])
+def test_table_scripts_refuse_bad_settings_before_training(name, flags, message, root, tmp_path):
+    out_md, out_json = tmp_path / "t.md", tmp_path / "t.json"
+    cmd = [sys.executable, "-m", f"experiments.{name}_table", *flags, f"--out_md={out_md}",
+           f"--out_json={out_json}"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not out_md.exists() and not out_json.exists()  # nothing written, nothing trained
