@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import math
 import statistics
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -74,10 +75,11 @@ flags.DEFINE_float("static_sparsity", 0.5, "static: the sparsity of the block ke
 flags.DEFINE_integer("jobs", 1, "runs at once, each in its own process")
 flags.DEFINE_string("out_md", "docs/results/width_lm.md", "Markdown table")
 flags.DEFINE_string("out_json", "docs/results/width_lm.json", "per-seed JSON")
+flags.DEFINE_string("out_png", "docs/results/width_lm.png", "density-curve plot")
 flags.DEFINE_bool("quick", False, "smoke test: seed 0, 100 steps; unless --out_md/--out_json "
                   "are given, writes under runs/ instead of docs/")
-flags.DEFINE_bool("render_only", False, "rewrite --out_md from the existing --out_json "
-                  "(no training)")
+flags.DEFINE_bool("render_only", False, "rewrite --out_md and --out_png from the existing "
+                  "--out_json (no training)")
 FLAGS = flags.FLAGS
 
 
@@ -270,9 +272,51 @@ TABLE = tables.Table(
         Column("weight sparsity", mean_of("train_sparsity", ".3f")),
         Column("wall time (s)", pm_of("wall_time_s", 1, 1)),
     ],
-    sections=[_curve, _claims],
+    sections=[_curve,
+              tables.image("FFN activation density during training",
+                           "`{png}`: FFN activation density against training step, mean ± "
+                           "sample std over seeds (left), and eval bits per byte by width "
+                           "and variant (right)."),
+              _claims],
     reading="4–6",
 )
+
+
+def plot(result: dict, path: Path) -> None:
+    """Left: the FFN activation density curves, one line per (width, variant); right:
+    eval bits per byte per (width, variant), mean ± sample std over seeds."""
+    import matplotlib  # optional (the notebooks extra): only the plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = group(result["runs"], ("width", "variant"), lambda k: _order(k, result))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for i, ((w, v), rs) in enumerate(g.items()):
+        curves = 100 * np.array([r["density_curve"] for r in rs])
+        sd = curves.std(0, ddof=1) if len(rs) > 1 else np.zeros(curves.shape[1])
+        d_model, d_ff = result["config"]["widths"][w]
+        label = f"{LABEL[v]}, d_model {d_model}, d_ff {d_ff}"
+        left.errorbar(rs[0]["density_curve_steps"], curves.mean(0), yerr=sd, marker="o",
+                      ms=3, capsize=3, label=label, color=f"C{i}")
+        bits = [r["eval_bits_per_byte"] for r in rs]
+        m, s = mean_std(bits)
+        right.bar(i, m, yerr=0.0 if s != s else s, capsize=3, color=f"C{i}", label=label)
+    left.axhline(50, color="gray", lw=0.8, ls="--")
+    left.set(xlabel="training step", ylabel="FFN hidden units nonzero (%)", ylim=(0, None),
+             title="FFN activation density (eval windows)")
+    left.legend(fontsize=7)
+    lo = min(r["eval_bits_per_byte"] for r in result["runs"])
+    right.set(xticks=range(len(g)), xticklabels=[f"{w}\n{v}" for w, v in g],
+              ylim=(lo - 0.1, None), ylabel="eval bits per byte (lower is better)",
+              title="Eval bits per byte")
+    n = len(result["seeds"])
+    fig.suptitle(f"Byte LM, {result['config']['num_steps']} steps, {n} seed{'s' * (n != 1)}",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -308,6 +352,7 @@ def sweep(out: tables.Outputs) -> tables.Sweep:
             "config": config_summary(num_steps), "widths": widths, "variants": variants,
             "seeds": seeds, "ffn_density": FLAGS.ffn_density,
             "static_sparsity": FLAGS.static_sparsity, "std": "sample (ddof=1)",
+            "plot": str(out.png), "out_md": str(out.md),
             "total_time_s": total_time, "summary": summary, "runs": runs,
         }
 
@@ -320,7 +365,7 @@ def sweep(out: tables.Outputs) -> tables.Sweep:
 
 
 def main(argv):
-    tables.main(argv, tables.Script("experiments.width_table", TABLE), sweep)
+    tables.main(argv, tables.Script("experiments.width_table", TABLE, plot=plot), sweep)
 
 
 if __name__ == "__main__":
