@@ -221,6 +221,43 @@ for method in METHODS:
 treescope.show(srste_state)
 
 # %% [markdown]
+# ## The recorded table on a byte-level LM
+#
+# PGF's claim (MDGF/SDGF beat SR-STE at 1:16 and 1:32) is made for transformers. The
+# digits MLP above memorises its data, so `docs/results/nm_lm.json` repeats the
+# comparison on the byte-level decoder LM of `configs/lm_bytes.py`, which underfits:
+# 3 seeds of every method at 2:4, 1:16 and 1:32 on every block kernel
+# (`python -m experiments.nm_table --task=lm --jobs=2`). Lower bits per byte is better;
+# `docs/results/nm_lm.md` gives a verdict per claim.
+
+# %%
+import json
+
+recorded = Path("docs/results/nm_lm.json")
+if recorded.exists():
+    table = json.loads(recorded.read_text())
+    summary = analysis.Table(table["summary"])
+    bits = 1 / np.log(2)
+    labels = {"nm_ste": "STE", "sr_ste": "SR-STE", "mdgf": "MDGF", "sdgf": "SDGF"}
+    patterns = table["patterns"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    dense = summary.where(method="dense")[0]
+    ax.axhline(dense["eval_loss_mean"] * bits, color="black", label="dense")
+    for i, (method, label) in enumerate(labels.items()):
+        rows = [summary.where(method=method, pattern=p)[0] for p in patterns]
+        ax.errorbar(np.arange(len(patterns)) + 0.08 * (i - 1.5),
+                    [r["eval_loss_mean"] * bits for r in rows],
+                    yerr=[r["eval_loss_std"] * bits for r in rows], marker="o", capsize=3,
+                    label=label)
+    ax.set(xticks=range(len(patterns)), xticklabels=patterns, xlabel="N:M pattern",
+           ylabel="eval bits per byte (lower is better)",
+           title=f"Byte LM, {table['config']['num_steps']} steps, {len(table['seeds'])} seeds")
+    ax.legend(fontsize=8)
+    plt.show()
+else:
+    print(f"{recorded} not found; run `python -m experiments.nm_table --task=lm` to make it")
+
+# %% [markdown]
 # ## What we saw
 #
 # - At 1:8 (87.5 % of the hidden weights pruned) every method trains the small MLP close

@@ -20,6 +20,7 @@ TABLES = {
     "dst_digits": ("dst", [], None),
     "dst_lm": ("dst", ["--task=lm"], None),
     "nm_digits": ("nm", [], "nm_digits_flip_rate.png"),
+    "nm_lm": ("nm", ["--task=lm"], "nm_lm_flip_rate.png"),
     "ift_digits": ("ift", [], "ift_digits.png"),
     "act_vit_digits": ("act", [], None),
 }
