@@ -274,3 +274,7 @@ else:
 #   dense warm-up and fine-tune phases, far from this setting.
 # - SDGF starts from 7:8, so nearly every weight is in the mask at some point; the other
 #   methods explore only a fraction of the network beyond the 1 in 8 they keep.
+# - On the byte LM, which underfits, the methods separate: 2:4 costs nothing, SR-STE
+#   again calms the mask but ends slightly worse than STE, MDGF is the best method at
+#   1:16 (inconclusive against SR-STE with three seeds), and SDGF, whose last frame starts
+#   at step 401 or 416 of 500, loses 0.16–0.23 bits per byte (`docs/results/nm_lm.md`).

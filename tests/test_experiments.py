@@ -19,6 +19,7 @@ import pytest
 TABLES = {
     "dst_digits": ("dst", [], None),
     "dst_lm": ("dst", ["--task=lm"], None),
+    "erk_lm": ("dst", ["--task=lm_erk"], None),
     "nm_digits": ("nm", [], "nm_digits_flip_rate.png"),
     "nm_lm": ("nm", ["--task=lm"], "nm_lm_flip_rate.png"),
     "ift_digits": ("ift", [], "ift_digits.png"),
