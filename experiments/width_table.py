@@ -2,7 +2,7 @@
 statistical top-k at 8% against dense (Spark) and random pruning with ERK against dense
 (random pruning), each with a verdict.
 
-    python -m experiments.width_table --jobs=2     # 18 runs → docs/results/width_lm.*
+    python -m experiments.width_table --jobs=2     # 15 runs → docs/results/width_lm.*
     python -m experiments.width_table --quick      # smoke test: seed 0, 100 steps
     python -m experiments.width_table --widths=base --variants=dense,stopk --seeds=0,1
     python -m experiments.width_table --render_only

@@ -23,6 +23,7 @@ TABLES = {
     "nm_digits": ("nm", [], "nm_digits_flip_rate.png"),
     "nm_lm": ("nm", ["--task=lm"], "nm_lm_flip_rate.png"),
     "ift_digits": ("ift", [], "ift_digits.png"),
+    "ift_lm": ("ift", ["--task=lm"], "ift_lm.png"),
     "act_vit_digits": ("act", [], None),
 }
 
