@@ -153,16 +153,10 @@ def add_flops(runs: list[dict], f_dense: dict) -> None:
 
 def config_summary(task: Task, num_steps: int, distributions: Sequence[str] = ("erk",)) -> dict:
     c = tables.task_config(task, "rigl,0.9", num_steps)
-    o, s, m = c.optimizer, c.method, c.model
-    if task.lm:
-        model = (f"decoder LM, {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} "
-                 f"heads, d_ff {m.d_ff}, {m.activation}, bytes (vocabulary 256), "
-                 f"context {c.data.seq_len}")
-    else:
-        model = f"MLP {' → '.join(map(str, (64, *m.hidden, 10)))}, {m.activation}"
+    o, s = c.optimizer, c.method
     return {
         "task": next(k for k, t in TASKS.items() if t is task),
-        "config": task.config, "model": model, "data": dict(c.data),
+        "config": task.config, "model": tables.model_summary(c), "data": dict(c.data),
         "num_steps": c.num_steps, "batch_size": c.batch_size,
         "optimizer": (f"{o.name} lr={o.learning_rate} wd={o.weight_decay} {o.schedule} "
                       f"schedule, {o.warmup_steps} warm-up steps"),
@@ -234,9 +228,7 @@ def make_table(task: Task) -> tables.Table:
                [Column("eval accuracy (%)", pm_of("eval_accuracy", 100)),
                 Column("eval loss", pm_of("eval_loss", 1, 3)),
                 Column("train loss", pm_of("train_loss", 1, 4))])
-    data = ("Data: the pinned standard-library corpus (`stdlib_bytes`: 167 modules, "
-            "4.7 MB; every file's last 10% is eval), windows of {cfg[data][seq_len]} bytes; "
-            "eval over the whole eval split. Bits per byte = loss / ln 2." if lm else
+    data = (tables.LM_DATA_NOTE if lm else
             "Model: {cfg[model]} on scikit-learn digits (8×8, 1,437 train / {eval_size} "
             "eval examples, fixed split).")
     return tables.Table(

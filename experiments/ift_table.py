@@ -245,16 +245,13 @@ def config_summary(task: Task, num_steps: int, hidden: tuple) -> dict:
     c = tables.task_config(task, "rigl,0.9", num_steps)  # end_step follows num_steps
     o, s, m = c.optimizer, c.method, c.model
     if task.lm:
-        model = (f"decoder LM, {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} "
-                 f"heads, d_ff {m.d_ff}, {m.activation}, bytes (vocabulary 256), "
-                 f"context {c.data.seq_len}")
         hidden = (m.d_model, m.d_ff)
     else:
-        model = f"MLP {' → '.join(map(str, (64, *hidden, 10)))}, {m.activation}"
+        m.hidden = tuple(hidden)
     return {
         "task": next(k for k, t in TASKS.items() if t is task), "metric": task.metric,
         "higher_is_better": task.higher_is_better,
-        "config": task.config, "model": model,
+        "config": task.config, "model": tables.model_summary(c),
         "hidden": list(hidden), "data": dict(c.data),
         "num_steps": c.num_steps, "batch_size": c.batch_size,
         "optimizer": (f"{o.name} lr={o.learning_rate} wd={o.weight_decay} {o.schedule} "
@@ -397,9 +394,7 @@ LM_TABLE = tables.Table(
         "but {cfg[num_steps]} steps and ΔT = {cfg[update_every]}; `config.seed` and (RigL) "
         "`config.method.seed` both set to the seed (seeds {seeds}).",
         "Model: {cfg[model]}.",
-        "Data: the pinned standard-library corpus (`stdlib_bytes`: 167 modules, 4.7 MB; "
-        "every file's last 10% is eval), windows of {cfg[data][seq_len]} bytes; eval over "
-        "the whole eval split. Bits per byte = loss / ln 2.",
+        tables.LM_DATA_NOTE,
         "Training: {cfg[num_steps]} steps, batch {cfg[batch_size]}, {cfg[optimizer]}.",
         "Sparse-IFT (`config.ift`, default layers): every block kernel is transformed "
         "(attention q, k, v, o: 128 → 128; FFN up 128 → 512, down 512 → 128); the "

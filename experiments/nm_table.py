@@ -235,18 +235,12 @@ def add_flops(runs: list[dict], f_dense: dict) -> None:
 
 def config_summary(task: Task, num_steps: int, alpha_total: float) -> dict:
     c = tables.task_config(task, "mdgf,1:8", num_steps)  # sparse_steps follows num_steps
-    o, s, m = c.optimizer, c.method, c.model
+    o, s = c.optimizer, c.method
     sparse_steps = s.sparse_steps
-    if task.lm:
-        model = (f"decoder LM, {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} "
-                 f"heads, d_ff {m.d_ff}, {m.activation}, bytes (vocabulary 256), "
-                 f"context {c.data.seq_len}")
-    else:
-        model = f"MLP {' → '.join(map(str, (64, *m.hidden, 10)))}, {m.activation}"
     return {
         "task": next(k for k, t in TASKS.items() if t is task), "metric": task.metric,
         "higher_is_better": task.higher_is_better,
-        "config": task.config, "model": model,
+        "config": task.config, "model": tables.model_summary(c),
         "data": dict(c.data), "num_steps": c.num_steps, "batch_size": c.batch_size,
         "optimizer": (f"{o.name} lr={o.learning_rate} wd={o.weight_decay} {o.schedule} "
                       f"schedule, {o.warmup_steps} warm-up steps"),
@@ -343,10 +337,7 @@ def make_table(task: Task) -> tables.Table:
             "Config: `{cfg[config]}:<method>,<N:M>` with its defaults; `config.seed` set to "
             "the seed (seeds {seeds}; N:M masks follow |w| and take no seed); "
             "`config.log_every = {cfg[log_every]}` for the curves.",
-            *(["Model: {cfg[model]}.",
-               "Data: the pinned standard-library corpus (`stdlib_bytes`: 167 modules, 4.7 MB; "
-               "every file's last 10% is eval), windows of {cfg[data][seq_len]} bytes; eval "
-               "over the whole eval split. Bits per byte = loss / ln 2."] if lm else
+            *(["Model: {cfg[model]}.", tables.LM_DATA_NOTE] if lm else
               ["Model: {cfg[model]} on scikit-learn digits (8×8, 1,437 train / {eval_size} "
                "eval examples, fixed split)."]),
             "Training: {cfg[num_steps]} steps, batch {cfg[batch_size]}, {cfg[optimizer]}.",

@@ -184,6 +184,27 @@ def task_config(task: Task, arg: str | None, num_steps: int = 0):
     return config
 
 
+LM_DATA_NOTE = ("Data: the pinned standard-library corpus (`stdlib_bytes`: 167 modules, 4.7 MB; "
+                "every file's last 10% is eval), windows of {cfg[data][seq_len]} bytes; eval "
+                "over the whole eval split. Bits per byte = loss / ln 2.")
+"""The LM pages' setup note on the data (a ``Table.setup`` template)."""
+
+
+def model_summary(config) -> str:
+    """One line on a table config's model: the byte LM's or the digits MLP's shape.
+
+    Example::
+
+        model_summary(lm_bytes.get_config())   # 'decoder LM, 2 layers, d_model 128, ...'
+    """
+    m = config.model
+    if config.model_name == "lm":
+        return (f"decoder LM, {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} "
+                f"heads, d_ff {m.d_ff}, {m.activation}, bytes (vocabulary 256), "
+                f"context {config.data.seq_len}")
+    return f"MLP {' → '.join(map(str, (64, *m.hidden, 10)))}, {m.activation}"
+
+
 def select_task(tasks: dict[str, Task]) -> Task:
     """The ``--task`` flag's task: points ``--out_md``/``--out_json``/``--out_png`` left
     at their defaults to the task's page (``docs/results/<stem>.*``), and with

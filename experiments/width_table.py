@@ -237,9 +237,7 @@ TABLE = tables.Table(
         "{cfg[batch_size]}, one eval at the end; `config.seed` (and the static masks' seed) "
         "set to the seed (seeds {seeds}).",
         "Model: {cfg[model]}; widths {widths_text}.",
-        "Data: the pinned standard-library corpus (`stdlib_bytes`: 167 modules, 4.7 MB; "
-        "every file's last 10% is eval), windows of {cfg[data][seq_len]} bytes; eval over "
-        "the whole eval split. Bits per byte = loss / ln 2.",
+        tables.LM_DATA_NOTE,
         "Training: {cfg[num_steps]} steps, batch {cfg[batch_size]}, {cfg[optimizer]}.",
         "Variants: dense ReLU FFN; statistical top-k FFN (`model.ffn = 'stopk'`, "
         "density {result[ffn_density]:g}: the threshold is the per-token mean + z·std of "
