@@ -25,6 +25,7 @@ TABLES = {
     "ift_digits": ("ift", [], "ift_digits.png"),
     "ift_lm": ("ift", ["--task=lm"], "ift_lm.png"),
     "act_vit_digits": ("act", [], None),
+    "width_lm": ("width", [], "width_lm.png"),
 }
 
 
